@@ -1,0 +1,1 @@
+"""vmorch's command line: parse, build operations, call the orchestrator's client, print."""

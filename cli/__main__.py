@@ -1,0 +1,5 @@
+"""``python -m cli``: the same as ``vmorch``."""
+
+from .app import main
+
+main()

@@ -1,0 +1,72 @@
+"""The root of the ``vmorch`` command: global options, error handling, exit codes.
+
+Exit codes: 0 ok, 1 a job failed, 2 bad input, 3 not found.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import click
+import typer
+from pydantic import ValidationError
+
+from orchestrator.errors import InvalidInput, VmorchError
+from orchestrator.names import check_namespace
+from orchestrator.settings import Settings
+
+from . import cluster, hosts, jobs, vms
+from .context import State
+from .render import error
+
+app = typer.Typer(
+    name="vmorch",
+    help="Distributed VM management: operations queued, ordered and locked across a cluster.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+app.add_typer(vms.app, name="vm")
+app.add_typer(jobs.app, name="job")
+app.add_typer(hosts.app, name="host")
+cluster.register(app)
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    redis_url: Annotated[str | None, typer.Option("--redis-url", envvar="VMORCH_REDIS_URL",
+                                                  help="Redis of the cluster (default: the local cluster's)")] = None,
+    namespace: Annotated[str, typer.Option("--namespace", "-n", envvar="VMORCH_NAMESPACE",
+                                           help="namespace of VMs and jobs")] = "default",
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output on stdout")] = False,
+) -> None:
+    overrides: dict[str, object] = {"namespace": check_namespace(namespace)}
+    if redis_url:
+        overrides["redis_url"] = redis_url
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidInput(f"bad setting {first['loc'][0]}: {first['msg']}",
+                           hint="check the VMORCH_* environment variables") from None
+    ctx.obj = State(settings=settings, json=as_json)
+
+
+def main(argv: list[str] | None = None) -> None:
+    as_json = "--json" in (argv if argv is not None else sys.argv[1:])
+    try:
+        code = app(args=argv, prog_name="vmorch", standalone_mode=False)
+    except click.UsageError as exc:
+        exc.show()
+        code = 2
+    except click.Abort:
+        code = 130
+    except VmorchError as exc:
+        error(exc, as_json=as_json)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,68 @@
+"""``vmorch up``, ``vmorch down`` and ``vmorch worker``: running the parts."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from orchestrator.names import check_name
+
+from . import render
+from .context import state
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(up)
+    app.command()(down)
+    app.command()(worker)
+
+
+def up(
+    ctx: typer.Context,
+    hosts: Annotated[int, typer.Option("--hosts", min=1, max=64, help="number of host workers")] = 2,
+    libvirt_uri: Annotated[str | None, typer.Option(
+        "--libvirt-uri", help="hypervisor of every host (default: embedded QEMU if installed, else test:///default)")
+    ] = None,
+    api_port: Annotated[int | None, typer.Option("--api-port", help="port of the HTTP API")] = None,
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="return once every host is up")] = False,
+) -> None:
+    """Start a local cluster (Redis, host workers) under VMORCH_HOME."""
+    from orchestrator import localcluster
+
+    st = state(ctx)
+    info = localcluster.up(st.settings, hosts=hosts, libvirt_uri=libvirt_uri, api_port=api_port, detach=detach,
+                           on_event=lambda line: render.err.print(line))
+    if st.json:
+        render.dump_json(info)
+    elif detach:
+        render.out.print(f"local cluster up: {len(info.hosts)} hosts, Redis at {info.redis_url}")
+        render.out.print("try: vmorch vm launch web1 --wait; stop it with: vmorch down")
+
+
+def down(
+    ctx: typer.Context,
+    purge: Annotated[bool, typer.Option("--purge", help="also delete the cluster's state under VMORCH_HOME")] = False,
+) -> None:
+    """Stop the local cluster: workers, QEMU domains, Redis."""
+    from orchestrator import localcluster
+
+    localcluster.down(state(ctx).settings, purge=purge, on_event=lambda line: render.err.print(line))
+
+
+def worker(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option("--host", help="this host's name in the cluster")],
+    libvirt_uri: Annotated[str, typer.Option("--libvirt-uri", help="this host's hypervisor")] = "qemu:///system",
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, max=256, help="worker threads")] = 4,
+    storage_dir: Annotated[Path | None, typer.Option("--storage-dir", help="where VM disks are created")] = None,
+    loglevel: Annotated[str, typer.Option("--loglevel")] = "INFO",
+) -> None:
+    """Run the worker of one host (consumes the queue host.<name>)."""
+    from worker.main import run
+
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    run(state(ctx).settings, check_name(host, "host name"), libvirt_uri, concurrency=concurrency,
+        storage_dir=storage_dir, loglevel=loglevel.upper())

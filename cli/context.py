@@ -1,0 +1,33 @@
+"""What every command gets: the settings made from the global options, and the client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import typer
+
+from orchestrator.client import Client, RedisClient
+from orchestrator.settings import Settings
+
+
+@dataclass
+class State:
+    settings: Settings
+    json: bool = False
+    _client: Client | None = field(default=None, repr=False)
+
+    @property
+    def namespace(self) -> str:
+        return self.settings.namespace
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = RedisClient(self.settings)
+        return self._client
+
+
+def state(ctx: typer.Context) -> State:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, State)
+    return obj

@@ -1,0 +1,146 @@
+"""Printing: rich tables for people, JSON on stdout for scripts, progress on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.errors import VmorchError
+from orchestrator.records import Host, Job, JobState, Vm
+
+# Piped output keeps whole lines (rich would cut tables at 80 columns) so scripts can grep them.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+STATE_STYLE = {
+    "succeeded": "green", "failed": "red", "canceled": "yellow", "running": "cyan", "waiting": "magenta",
+    "queued": "dim", "paused": "yellow", "shutoff": "dim", "crashed": "red", "missing": "red",
+    "unknown": "red", "up": "green", "down": "red", "draining": "yellow",
+}
+
+
+def dump_json(value: BaseModel | Sequence[BaseModel] | dict[str, Any]) -> None:
+    if isinstance(value, BaseModel):
+        data: Any = value.model_dump(mode="json")
+    elif isinstance(value, dict):
+        data = value
+    else:
+        data = [v.model_dump(mode="json") for v in value]
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def styled(value: str) -> str:
+    style = STATE_STYLE.get(value)
+    return f"[{style}]{value}[/{style}]" if style else value
+
+
+def when(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    return value.astimezone(UTC).strftime("%H:%M:%S.%f")[:-3]
+
+
+def took(job: Job) -> str:
+    if job.started_at and job.finished_at:
+        return f"{(job.finished_at - job.started_at).total_seconds():.2f}s"
+    return "-"
+
+
+def job_line(job: Job) -> str:
+    what = f"{job.op.value} {job.namespace}/{job.vm}"
+    line = f"job {job.id} {styled(job.state.value)}: {what} (seq {job.seq}, host {job.host})"
+    if job.error:
+        line += f" - {job.error.code}: {job.error.message}"
+    elif job.result and job.result.get("note"):
+        line += f" - {job.result['note']}"
+    return line
+
+
+def jobs_table(jobs: Sequence[Job]) -> Table:
+    table = Table(box=None, pad_edge=False)
+    for col in ("ID", "OP", "VM", "SEQ", "HOST", "STATE", "SUBMITTED", "STARTED", "FINISHED", "TRIES", "ERROR"):
+        table.add_column(col, no_wrap=col != "ERROR")
+    for j in jobs:
+        error = f"{j.error.code}: {j.error.message}" if j.error else ""
+        table.add_row(str(j.id), j.op.value, j.vm, str(j.seq), j.host, styled(j.state.value), when(j.submitted_at),
+                      when(j.started_at), when(j.finished_at), str(j.attempts), error)
+    return table
+
+
+def job_detail(job: Job) -> Table:
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows: list[tuple[str, str]] = [
+        ("id", str(job.id)), ("op", job.op.value), ("vm", f"{job.namespace}/{job.vm}"), ("host", job.host),
+        ("state", styled(job.state.value)), ("seq", str(job.seq)), ("submitted", _iso(job.submitted_at)),
+        ("started", _iso(job.started_at)), ("finished", _iso(job.finished_at)), ("took", took(job)),
+        ("attempts", str(job.attempts)), ("params", json.dumps(job.params)),
+    ]
+    if job.error:
+        rows.append(("error", f"[red]{job.error.code}[/red]: {job.error.message}"))
+    if job.result is not None:
+        rows.append(("result", json.dumps(job.result)))
+    if job.cancel_requested_by:
+        rows.append(("cancel", f"requested by {job.cancel_requested_by}"))
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+def vms_table(vms: Sequence[Vm]) -> Table:
+    table = Table(box=None, pad_edge=False)
+    for col in ("NAME", "HOST", "STATE", "MEMORY", "VCPUS", "TAGS", "NOTE"):
+        table.add_column(col, no_wrap=col not in ("TAGS", "NOTE"))
+    for v in vms:
+        tags = ",".join(f"{k}={val}" for k, val in sorted(v.tags.items()))
+        table.add_row(v.name, v.host, styled(v.state.value), f"{v.memory_mib} MiB", str(v.vcpus), tags, v.note or "")
+    return table
+
+
+def vm_detail(vm: Vm) -> Table:
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in [("name", vm.name), ("namespace", vm.namespace), ("host", vm.host), ("state", styled(vm.state.value)),
+                 ("memory", f"{vm.memory_mib} MiB"), ("vcpus", str(vm.vcpus)),
+                 ("disk", f"{vm.disk_gib} GiB" if vm.disk_gib else "none"), ("image", vm.image or "-"),
+                 ("tags", ", ".join(f"{k}={val}" for k, val in sorted(vm.tags.items())) or "-"),
+                 ("snapshots", ", ".join(vm.snapshots) or "-"), ("domain", vm.domain),
+                 ("created", _iso(vm.created_at)), ("updated", _iso(vm.updated_at)), ("note", vm.note or "-")]:
+        table.add_row(k, v)
+    return table
+
+
+def hosts_table(hosts: Sequence[Host]) -> Table:
+    table = Table(box=None, pad_edge=False)
+    for col in ("NAME", "STATE", "HEARTBEAT", "PID", "LIBVIRT", "CPUS", "MEMORY", "COMMITTED", "VMS"):
+        table.add_column(col, no_wrap=True)
+    for h in hosts:
+        table.add_row(h.name, styled(h.state.value), when(h.heartbeat_at), str(h.pid or "-"), h.libvirt_uri,
+                      str(h.cpus), f"{h.memory_mib} MiB", f"{h.committed_mib} MiB", str(h.vms))
+    return table
+
+
+def error(exc: VmorchError, *, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps({"error": exc.to_dict()}) + "\n")
+    err.print(f"[red]error:[/red] {exc.message}", markup=True)
+    if exc.hint:
+        err.print(f"[dim]hint: {exc.hint}[/dim]")
+
+
+def any_failed(jobs: Sequence[Job]) -> bool:
+    return any(j.state in (JobState.FAILED, JobState.CANCELED) for j in jobs)
+
+
+def _iso(value: datetime | None) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else "-"

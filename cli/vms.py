@@ -1,0 +1,150 @@
+"""``vmorch vm ...``: each command builds operations and hands them to the client."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from orchestrator.errors import InvalidInput
+from orchestrator.names import check_tag, expand_target
+from orchestrator.operation import Op, Operation
+
+from . import render
+from .context import state
+from .waiting import wait as wait_for
+
+app = typer.Typer(help="Operate on VMs. TARGET is a name or a range such as web[1-10].", no_args_is_help=True)
+
+Target = Annotated[str, typer.Argument(help="a VM name, or a range such as web[1-10] or web[1,3,5-7]")]
+Wait = Annotated[bool, typer.Option("--wait", "-w", help="wait until the jobs are final; exit 1 if one failed")]
+
+
+def submit(ctx: typer.Context, op: Op, target: str, wait: bool, **params: Any) -> None:
+    st = state(ctx)
+    params = {k: v for k, v in params.items() if v is not None}
+    ops = [Operation.build(op, st.namespace, name, **params) for name in expand_target(target)]
+    jobs = st.client.submit(ops)
+    if wait:
+        jobs = wait_for(st.client, jobs)
+    if st.json:
+        render.dump_json(jobs[0] if len(jobs) == 1 else jobs)
+    else:
+        for job in jobs:
+            render.out.print(render.job_line(job))
+    if wait and render.any_failed(jobs):
+        raise typer.Exit(1)
+
+
+def parse_tags(pairs: list[str] | None) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise InvalidInput(f"bad tag {pair!r}", hint="write tags as key=value")
+        check_tag(key, value)
+        tags[key] = value
+    return tags
+
+
+@app.command()
+def launch(
+    ctx: typer.Context, target: Target,
+    memory: Annotated[int, typer.Option("--memory", "-m", help="memory in MiB")] = 128,
+    vcpus: Annotated[int, typer.Option("--vcpus", "-c", help="virtual CPUs")] = 1,
+    disk: Annotated[int, typer.Option("--disk", help="size in GiB of the qcow2 disk vmorch creates (0: none)")] = 1,
+    image: Annotated[str | None, typer.Option("--image", help="backing image for the disk (path on the host)")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="pin to this host (default: placement chooses)")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="key=value, repeatable")] = None,
+    wait: Wait = False,
+) -> None:
+    """Define and start new VMs."""
+    submit(ctx, Op.LAUNCH, target, wait, memory_mib=memory, vcpus=vcpus, disk_gib=disk, image=image, host=host,
+           tags=parse_tags(tag))
+
+
+def _simple(op: Op, doc: str) -> None:
+    def command(ctx: typer.Context, target: Target, wait: Wait = False) -> None:
+        submit(ctx, op, target, wait)
+
+    command.__doc__ = doc
+    app.command(name=op.value)(command)
+
+
+_simple(Op.START, "Start shut-off VMs (a running VM is a successful no-op).")
+_simple(Op.KILL, "Power VMs off at once (a shut-off VM is a successful no-op).")
+_simple(Op.PAUSE, "Pause running VMs.")
+_simple(Op.RESUME, "Resume paused VMs.")
+_simple(Op.REBOOT, "Reboot running VMs.")
+_simple(Op.DELETE, "Delete VMs: power off, undefine, remove the storage vmorch created.")
+
+
+@app.command()
+def stop(
+    ctx: typer.Context, target: Target,
+    force: Annotated[bool, typer.Option("--force", help="power off when the guest doesn't shut down in time")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="seconds to wait for a graceful shutdown")] = 60.0,
+    wait: Wait = False,
+) -> None:
+    """Shut VMs down gracefully (ACPI), optionally forcing them off after the timeout."""
+    submit(ctx, Op.STOP, target, wait, force=force, timeout_s=timeout)
+
+
+@app.command(name="set")
+def set_(
+    ctx: typer.Context, target: Target,
+    memory: Annotated[int | None, typer.Option("--memory", "-m", help="memory in MiB")] = None,
+    vcpus: Annotated[int | None, typer.Option("--vcpus", "-c", help="virtual CPUs")] = None,
+    wait: Wait = False,
+) -> None:
+    """Change memory or vCPUs: always in the definition, live too where libvirt allows."""
+    submit(ctx, Op.SET, target, wait, memory_mib=memory, vcpus=vcpus)
+
+
+@app.command()
+def snapshot(ctx: typer.Context, target: Target, name: Annotated[str, typer.Argument(help="snapshot name")],
+             wait: Wait = False) -> None:
+    """Take a snapshot of VMs."""
+    submit(ctx, Op.SNAPSHOT, target, wait, name=name)
+
+
+@app.command()
+def revert(ctx: typer.Context, target: Target, name: Annotated[str, typer.Argument(help="snapshot name")],
+           wait: Wait = False) -> None:
+    """Revert VMs to a snapshot."""
+    submit(ctx, Op.REVERT, target, wait, name=name)
+
+
+@app.command()
+def tag(
+    ctx: typer.Context, target: Target,
+    pairs: Annotated[list[str] | None, typer.Argument(help="key=value to set")] = None,
+    remove: Annotated[list[str] | None, typer.Option("--remove", "-r", help="tag key to remove, repeatable")] = None,
+    wait: Wait = False,
+) -> None:
+    """Set or remove tags."""
+    submit(ctx, Op.TAG, target, wait, set=parse_tags(pairs), remove=remove or [])
+
+
+@app.command(name="list")
+def list_(ctx: typer.Context) -> None:
+    """List the VMs of the namespace."""
+    st = state(ctx)
+    vms = st.client.vms(st.namespace)
+    if st.json:
+        render.dump_json(vms)
+    elif vms:
+        render.out.print(render.vms_table(vms))
+    else:
+        render.err.print(f"no VMs in namespace {st.namespace!r}; launch one with 'vmorch vm launch NAME'")
+
+
+@app.command()
+def show(ctx: typer.Context, name: Annotated[str, typer.Argument(help="VM name")]) -> None:
+    """Show one VM."""
+    st = state(ctx)
+    vm = st.client.vm(st.namespace, name)
+    if st.json:
+        render.dump_json(vm)
+    else:
+        render.out.print(render.vm_detail(vm))

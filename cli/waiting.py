@@ -1,0 +1,35 @@
+"""``--wait``: follow jobs to their final state with a progress display on stderr."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from orchestrator.client import Client
+from orchestrator.records import Job
+
+from .render import err
+
+
+def wait(client: Client, jobs: Sequence[Job], *, timeout: float | None = None) -> list[Job]:
+    ids = [j.id for j in jobs]
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task(_describe(jobs), total=len(ids))
+
+        def update(current: list[Job]) -> None:
+            progress.update(task, completed=sum(j.state.final for j in current), description=_describe(current))
+
+        return client.wait(ids, timeout=timeout, on_update=update)
+
+
+def _describe(jobs: Sequence[Job]) -> str:
+    if len(jobs) == 1:
+        j = jobs[0]
+        return f"job {j.id} {j.op.value} {j.vm}: {j.state.value}"
+    counts: dict[str, int] = {}
+    for j in jobs:
+        counts[j.state.value] = counts.get(j.state.value, 0) + 1
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))

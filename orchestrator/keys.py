@@ -1,0 +1,88 @@
+"""Every Redis key vmorch uses, in one place, under one prefix.
+
+Keys (``P`` = ``vmorch``):
+
+==============================  =======  ===================================================
+key                             type     holds
+==============================  =======  ===================================================
+P:job:next                      string   the last job id handed out (INCR)
+P:job:<id>                      hash     one job record
+P:jobs:<ns>                     zset     job ids of a namespace, score = id
+P:ns                            set      namespaces that have ever held a VM
+P:vms:<ns>                      set      the VM registry of a namespace (names)
+P:vm:<ns>:<name>                hash     one VM record
+P:vm:<ns>:<name>:seq            string   the VM's last sequence number (INCR); outlives
+                                         the VM so a re-launched name keeps counting up
+P:vm:<ns>:<name>:mailbox        zset     the VM's unfinished job ids, score = seq
+P:hosts                         set      host names that ever registered
+P:host:<name>                   hash     one host record (heartbeat, capacity, pid)
+P:host:<name>:vms               set      "<ns>/<name>" of the VMs placed on that host
+P:fence:<lock name>             string   the lock's fencing counter (INCR on every acquire)
+P:updates                       pubsub   channel: "<job id> <state>" on every job change
+lock:<lock name>                string   python-redis-lock's lock key (its own prefix)
+lock-signal:<lock name>         list     python-redis-lock's wake-up list
+==============================  =======  ===================================================
+
+Lock names are themselves ``P:<level>:...`` (see ``orchestrator.locks``), so every key
+vmorch writes contains ``vmorch:``. Celery's broker keys (``host.<name>`` queues,
+``unacked``, ``_kombu.*``) live in the same database and are Celery's.
+"""
+
+from __future__ import annotations
+
+PREFIX = "vmorch"
+
+JOB_NEXT = f"{PREFIX}:job:next"
+NAMESPACES = f"{PREFIX}:ns"
+HOSTS = f"{PREFIX}:hosts"
+UPDATES = f"{PREFIX}:updates"
+
+
+def job(job_id: int) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def jobs(namespace: str) -> str:
+    return f"{PREFIX}:jobs:{namespace}"
+
+
+def vms(namespace: str) -> str:
+    return f"{PREFIX}:vms:{namespace}"
+
+
+def vm(namespace: str, name: str) -> str:
+    return f"{PREFIX}:vm:{namespace}:{name}"
+
+
+def vm_seq(namespace: str, name: str) -> str:
+    return f"{vm(namespace, name)}:seq"
+
+
+def vm_mailbox(namespace: str, name: str) -> str:
+    return f"{vm(namespace, name)}:mailbox"
+
+
+def host(name: str) -> str:
+    return f"{PREFIX}:host:{name}"
+
+
+def host_vms(name: str) -> str:
+    return f"{host(name)}:vms"
+
+
+def fence(lock_name: str) -> str:
+    return f"{PREFIX}:fence:{lock_name}"
+
+
+def lock_key(lock_name: str) -> str:
+    """python-redis-lock's key for a lock name (the library fixes the ``lock:`` prefix)."""
+    return f"lock:{lock_name}"
+
+
+def queue(host_name: str) -> str:
+    """The Celery queue that one host's worker consumes."""
+    return f"host.{host_name}"
+
+
+#: for Lua scripts that derive a job's key from its id (vmorch targets a single Redis, not Redis Cluster)
+JOB_PREFIX = f"{PREFIX}:job:"

@@ -1,0 +1,45 @@
+"""The Celery side: one app definition shared by submitters and workers.
+
+The message is only a wake-up call for a VM: ``(namespace, vm, job_id)``. The job itself
+(operation, order, state) lives in the job store, so a message that arrives late, early
+or twice changes nothing about the order in which the VM's jobs run.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import keys
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+RUN_TASK = "vmorch.run"
+
+
+def make_app(settings: Settings) -> Celery:
+    from celery import Celery  # imported here: a CLI command that only reads must not pay for Celery
+
+    url = settings.resolved_redis_url()
+    app = Celery("vmorch", broker=url, set_as_current=False)
+    app.conf.update(
+        # A job is acked only after it finished; a worker that dies mid-way gets it redelivered.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        task_create_missing_queues=True,
+        enable_utc=True,
+    )
+    return app
+
+
+def enqueue(app: Celery, host: str, namespace: str, vm: str, job_id: int) -> None:
+    app.send_task(RUN_TASK, args=[namespace, vm, job_id], queue=keys.queue(host))

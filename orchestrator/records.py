@@ -1,0 +1,190 @@
+"""Execution records stored beside operations: jobs, VMs and hosts as users see them.
+
+Records are read from Redis hashes (all values strings) and rendered as the JSON of the
+user-facing contract. Timestamps are kept in Redis as epoch seconds taken from Redis's
+own clock (``TIME`` inside the scripts), so every host agrees on one clock.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, field_serializer
+
+from .operation import Op
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    WAITING = "waiting"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
+
+
+class VmState(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+    MISSING = "missing"  # vmorch knows it, libvirt doesn't (yet, or any more)
+    UNKNOWN = "unknown"  # its host is down
+
+
+class HostState(StrEnum):
+    UP = "up"
+    DOWN = "down"
+    DRAINING = "draining"
+
+
+def ts(value: str | None) -> datetime | None:
+    if value in (None, ""):
+        return None
+    return datetime.fromtimestamp(float(value), tz=UTC)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    @field_serializer("*", when_used="json")
+    def _iso(self, value: Any) -> Any:
+        if isinstance(value, datetime):
+            return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        return value
+
+
+class JobError(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    code: str
+    message: str
+
+
+class Job(_Record):
+    id: int
+    op: Op
+    namespace: str
+    vm: str
+    host: str
+    state: JobState
+    seq: int
+    submitted_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    error: JobError | None
+    result: dict[str, Any] | None
+    params: dict[str, Any]
+    #: who asked to cancel this job while it was running (it stops at its next step)
+    cancel_requested_by: str | None = None
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Job:
+        return cls(
+            id=int(h["id"]),
+            op=Op(h["op"]),
+            namespace=h["namespace"],
+            vm=h["vm"],
+            host=h.get("host", ""),
+            state=JobState(h["state"]),
+            seq=int(h["seq"]),
+            submitted_at=ts(h.get("submitted_at")),
+            started_at=ts(h.get("started_at")),
+            finished_at=ts(h.get("finished_at")),
+            attempts=int(h.get("attempts") or 0),
+            error=JobError(**json.loads(h["error"])) if h.get("error") else None,
+            result=json.loads(h["result"]) if h.get("result") else None,
+            params=json.loads(h.get("params") or "{}"),
+            cancel_requested_by=h.get("cancel_requested") or None,
+        )
+
+
+class Vm(_Record):
+    name: str
+    namespace: str
+    host: str
+    state: VmState
+    memory_mib: int
+    vcpus: int
+    tags: dict[str, str]
+    disk_gib: int = 0
+    image: str | None = None
+    snapshots: list[str] = []
+    domain: str
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    #: what the last operation left to say (e.g. "vcpus apply at next boot")
+    note: str | None = None
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str], *, host_up: bool = True) -> Vm:
+        state = VmState(h["state"]) if host_up else VmState.UNKNOWN
+        return cls(
+            name=h["name"],
+            namespace=h["namespace"],
+            host=h["host"],
+            state=state,
+            memory_mib=int(h["memory_mib"]),
+            vcpus=int(h["vcpus"]),
+            tags=json.loads(h.get("tags") or "{}"),
+            disk_gib=int(h.get("disk_gib") or 0),
+            image=h.get("image") or None,
+            snapshots=json.loads(h.get("snapshots") or "[]"),
+            domain=h["domain"],
+            created_at=ts(h.get("created_at")),
+            updated_at=ts(h.get("updated_at")),
+            note=h.get("note") or None,
+        )
+
+
+class Host(_Record):
+    name: str
+    state: HostState
+    heartbeat_at: datetime | None
+    started_at: datetime | None
+    pid: int | None
+    libvirt_uri: str
+    cpus: int
+    memory_mib: int
+    #: memory committed to vmorch's VMs placed on this host
+    committed_mib: int = 0
+    vms: int
+    hostname: str = ""
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str], *, now: float, down_after: float, vms: int, committed_mib: int) -> Host:
+        beat = float(h.get("heartbeat_at") or 0)
+        if now - beat > down_after or h.get("stopped"):
+            state = HostState.DOWN
+        elif h.get("draining"):
+            state = HostState.DRAINING
+        else:
+            state = HostState.UP
+        return cls(
+            name=h["name"],
+            state=state,
+            heartbeat_at=ts(h.get("heartbeat_at")),
+            started_at=ts(h.get("started_at")),
+            pid=int(h["pid"]) if h.get("pid") else None,
+            libvirt_uri=h.get("libvirt_uri", ""),
+            cpus=int(h.get("cpus") or 0),
+            memory_mib=int(h.get("memory_mib") or 0),
+            committed_mib=committed_mib,
+            vms=vms,
+            hostname=h.get("hostname", ""),
+        )
+
+
+def domain_name(namespace: str, vm: str) -> str:
+    """The libvirt domain name of a VM: unique per host across namespaces (names have no dots)."""
+    return f"{namespace}.{vm}"

@@ -1,0 +1,136 @@
+"""Lua scripts for every multi-key change to the job store.
+
+Each runs atomically in Redis, so a job's id, its per-VM sequence number and its place
+in the VM's mailbox are assigned together; and every write a worker makes under a lock
+first checks the lock's fencing token (guarantee 3): a holder whose lock expired and was
+taken over finds a newer token and is refused.
+"""
+
+from __future__ import annotations
+
+# Timestamps come from Redis's clock, so every host agrees on one clock.
+_NOW = """
+local t = redis.call('TIME')
+local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+"""
+
+_FENCE = """
+local function fenced(fence_key, token)
+  if redis.call('GET', fence_key) ~= token then
+    return redis.error_reply('fenced_out')
+  end
+  return nil
+end
+"""
+
+# KEYS: job_next, vms(ns), vm_seq, mailbox, jobs(ns), vm record, updates channel
+# ARGV: job_prefix, ns, vm, op, params_json
+SUBMIT = _NOW + """
+if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 0 then
+  return redis.error_reply('not_found')
+end
+local host = redis.call('HGET', KEYS[6], 'host')
+local id = redis.call('INCR', KEYS[1])
+local seq = redis.call('INCR', KEYS[3])
+redis.call('HSET', ARGV[1] .. id, 'id', id, 'op', ARGV[4], 'namespace', ARGV[2], 'vm', ARGV[3],
+  'host', host, 'state', 'queued', 'seq', seq, 'submitted_at', now, 'attempts', 0, 'params', ARGV[5])
+redis.call('ZADD', KEYS[4], seq, id)
+redis.call('ZADD', KEYS[5], id, id)
+redis.call('PUBLISH', KEYS[7], id .. ' queued')
+return {id, seq, host}
+"""
+
+# The VM record, its registry entry and its launch job, in one step.
+# LOCK: the caller holds cmd:<ns> and vms:<ns> (name reservation and placement).
+# KEYS: job_next, vms(ns), vm_seq, mailbox, jobs(ns), vm record, updates, namespaces, host_vms
+# ARGV: job_prefix, ns, vm, params_json, host, memory_mib, vcpus, disk_gib, image, tags_json, domain
+SUBMIT_LAUNCH = _NOW + """
+if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 1 then
+  return redis.error_reply('already_exists')
+end
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('SADD', KEYS[8], ARGV[2])
+redis.call('SADD', KEYS[9], ARGV[2] .. '/' .. ARGV[3])
+redis.call('HSET', KEYS[6], 'name', ARGV[3], 'namespace', ARGV[2], 'host', ARGV[5], 'state', 'missing',
+  'memory_mib', ARGV[6], 'vcpus', ARGV[7], 'disk_gib', ARGV[8], 'image', ARGV[9], 'tags', ARGV[10],
+  'snapshots', '[]', 'domain', ARGV[11], 'created_at', now, 'updated_at', now, 'note', 'launch queued')
+local id = redis.call('INCR', KEYS[1])
+local seq = redis.call('INCR', KEYS[3])
+redis.call('HSET', ARGV[1] .. id, 'id', id, 'op', 'launch', 'namespace', ARGV[2], 'vm', ARGV[3],
+  'host', ARGV[5], 'state', 'queued', 'seq', seq, 'submitted_at', now, 'attempts', 0, 'params', ARGV[4])
+redis.call('ZADD', KEYS[4], seq, id)
+redis.call('ZADD', KEYS[5], id, id)
+redis.call('PUBLISH', KEYS[7], id .. ' queued')
+return {id, seq, ARGV[5]}
+"""
+
+# A worker picked the message up; the job now waits for its turn. Only from queued.
+# KEYS: job, updates; ARGV: id
+MARK_WAITING = """
+if redis.call('HGET', KEYS[1], 'state') == 'queued' then
+  redis.call('HSET', KEYS[1], 'state', 'waiting')
+  redis.call('PUBLISH', KEYS[2], ARGV[1] .. ' waiting')
+  return 1
+end
+return 0
+"""
+
+# Start (or restart, after a crash) an attempt. Refused if the job is final or fenced out.
+# KEYS: job, fence, updates; ARGV: token, id, worker
+BEGIN = _NOW + _FENCE + """
+local refused = fenced(KEYS[2], ARGV[1])
+if refused then return refused end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == false then return redis.error_reply('not_found') end
+if state == 'succeeded' or state == 'failed' or state == 'canceled' then return {0, state} end
+redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', now, 'worker', ARGV[3])
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('PUBLISH', KEYS[3], ARGV[2] .. ' running')
+return {1, attempts}
+"""
+
+# Finish a job and apply its effect on the VM record, atomically and fenced.
+# KEYS: job, fence, mailbox, vm record, vms(ns), host_vms, updates
+# ARGV: token, id, state, error_json, result_json, vm_update_json ('' = none), delete_vm ('1'/'0'), member
+FINISH = _NOW + _FENCE + """
+local refused = fenced(KEYS[2], ARGV[1])
+if refused then return refused end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'succeeded' or state == 'failed' or state == 'canceled' then
+  redis.call('ZREM', KEYS[3], ARGV[2])
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'finished_at', now, 'error', ARGV[4], 'result', ARGV[5])
+redis.call('ZREM', KEYS[3], ARGV[2])
+if ARGV[7] == '1' then
+  redis.call('DEL', KEYS[4])
+  redis.call('SREM', KEYS[5], ARGV[8])
+  redis.call('SREM', KEYS[6], redis.call('HGET', KEYS[1], 'namespace') .. '/' .. ARGV[8])
+elseif ARGV[6] ~= '' and redis.call('EXISTS', KEYS[4]) == 1 then
+  local update = cjson.decode(ARGV[6])
+  for field, value in pairs(update) do
+    redis.call('HSET', KEYS[4], field, value)
+  end
+  redis.call('HSET', KEYS[4], 'updated_at', now)
+end
+redis.call('PUBLISH', KEYS[7], ARGV[2] .. ' ' .. ARGV[3])
+return 1
+"""
+
+# Cancel: a job not yet running is canceled at once; a running one is asked to stop.
+# KEYS: job, mailbox, updates; ARGV: id, error_json, who
+CANCEL = _NOW + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == false then return redis.error_reply('not_found') end
+if state == 'queued' or state == 'waiting' then
+  redis.call('HSET', KEYS[1], 'state', 'canceled', 'finished_at', now, 'error', ARGV[2], 'canceled_by', ARGV[3])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('PUBLISH', KEYS[3], ARGV[1] .. ' canceled')
+  return 'canceled'
+end
+if state == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[3])
+  return 'requested'
+end
+return state
+"""

@@ -1,0 +1,53 @@
+"""One settings object, made at the edge (CLI, worker entry, API) and passed down."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def default_home() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "vmorch"
+
+
+class Settings(BaseSettings):
+    """Everything configurable, from ``VMORCH_*`` environment variables or keywords."""
+
+    model_config = SettingsConfigDict(env_prefix="VMORCH_", frozen=True, extra="ignore")
+
+    #: None means: the local cluster under ``home`` if one is up, else DEFAULT_REDIS_URL.
+    redis_url: str | None = None
+    namespace: str = "default"
+    home: Path = Field(default_factory=default_home)
+
+    #: seconds; python-redis-lock takes whole seconds. Locks are renewed every expire/3.
+    lock_expire: int = Field(default=10, ge=2)
+    #: how long a worker waits for a VM lock held by another worker before giving up
+    lock_wait_timeout: float = Field(default=3600.0, gt=0)
+    #: how long a submitter waits for the cmd/vms locks
+    submit_lock_timeout: float = Field(default=30.0, gt=0)
+    heartbeat_interval: float = Field(default=1.0, gt=0)
+    #: a host whose last heartbeat is older than this is ``down``
+    host_down_after: float = Field(default=6.0, gt=0)
+    #: must be longer than any operation: Celery redelivers an unacked message after it
+    visibility_timeout: int = Field(default=4 * 3600, ge=60)
+    #: how often (s) a waiting client re-reads a job when no notification arrived
+    wait_poll_interval: float = Field(default=1.0, gt=0)
+
+    def resolved_redis_url(self) -> str:
+        """The Redis URL to use: explicit setting, else the local cluster's, else the default."""
+        if self.redis_url:
+            return self.redis_url
+        state = self.home / "cluster.json"
+        try:
+            url = json.loads(state.read_text())["redis_url"]
+        except (OSError, ValueError, KeyError):
+            return DEFAULT_REDIS_URL
+        return str(url)

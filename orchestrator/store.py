@@ -1,0 +1,285 @@
+"""The job store: jobs, the VM registry and hosts, as they live in Redis.
+
+Every change that touches more than one key is one Lua script (``orchestrator.scripts``).
+Writes made under a lock carry the lock's ``Fence`` and are refused when a newer token
+was issued since (guarantee 3).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+from redis import Redis
+from redis.exceptions import ResponseError
+
+from . import keys, scripts
+from .errors import AlreadyExists, FencedOut, NotFound, VmorchError
+from .operation import LaunchParams, Op, Operation
+from .records import Host, HostState, Job, JobState, Vm, domain_name
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Proof of holding a lock: the fencing counter's key and the token this holder got."""
+
+    key: str
+    token: int
+
+
+@dataclass(frozen=True)
+class Submitted:
+    id: int
+    seq: int
+    host: str
+
+
+def _hash(value: object) -> dict[str, str]:
+    return cast(dict[str, str], value)  # every client vmorch makes decodes responses to str
+
+
+class Store:
+    def __init__(self, redis: Redis, *, host_down_after: float = 6.0) -> None:
+        self.redis = redis
+        self.host_down_after = host_down_after
+        self._submit = redis.register_script(scripts.SUBMIT)
+        self._submit_launch = redis.register_script(scripts.SUBMIT_LAUNCH)
+        self._mark_waiting = redis.register_script(scripts.MARK_WAITING)
+        self._begin = redis.register_script(scripts.BEGIN)
+        self._finish = redis.register_script(scripts.FINISH)
+        self._cancel = redis.register_script(scripts.CANCEL)
+
+    # -- submitting ---------------------------------------------------------------------
+
+    def submit(self, op: Operation) -> Submitted:
+        """Accept an operation on an existing VM: give it an id and its place in the VM's order."""
+        if op.op is Op.LAUNCH:
+            raise ValueError("launches go through submit_launch (they need the cmd lock)")
+        ns, vm = op.namespace, op.vm
+        try:
+            res = self._submit(
+                keys=[keys.JOB_NEXT, keys.vms(ns), keys.vm_seq(ns, vm), keys.vm_mailbox(ns, vm),
+                      keys.jobs(ns), keys.vm(ns, vm), keys.UPDATES],
+                args=[keys.JOB_PREFIX, ns, vm, op.op.value, op.params.model_dump_json()],
+            )
+        except ResponseError as exc:
+            raise _script_error(exc, op) from None
+        return Submitted(int(res[0]), int(res[1]), str(res[2]))
+
+    def submit_launch(self, op: Operation, host: str) -> Submitted:
+        """Register the VM on ``host`` and accept its launch job, atomically.
+
+        # LOCK: the caller holds cmd:<ns> and vms:<ns>.
+        """
+        params = op.params
+        assert isinstance(params, LaunchParams)
+        ns, vm = op.namespace, op.vm
+        try:
+            res = self._submit_launch(
+                keys=[keys.JOB_NEXT, keys.vms(ns), keys.vm_seq(ns, vm), keys.vm_mailbox(ns, vm), keys.jobs(ns),
+                      keys.vm(ns, vm), keys.UPDATES, keys.NAMESPACES, keys.host_vms(host)],
+                args=[keys.JOB_PREFIX, ns, vm, params.model_dump_json(), host, params.memory_mib, params.vcpus,
+                      params.disk_gib, params.image or "", json.dumps(params.tags), domain_name(ns, vm)],
+            )
+        except ResponseError as exc:
+            raise _script_error(exc, op) from None
+        return Submitted(int(res[0]), int(res[1]), str(res[2]))
+
+    def fail_unsent(self, submitted: Submitted, reason: str) -> None:
+        """A job accepted but whose message could not be sent: make it final, not stranded."""
+        job = self.get_job(submitted.id)
+        self.redis.hset(keys.job(job.id), mapping={
+            "state": JobState.FAILED.value, "finished_at": f"{time.time():.6f}",
+            "error": json.dumps({"code": "enqueue_failed", "message": reason})})
+        self.redis.zrem(keys.vm_mailbox(job.namespace, job.vm), job.id)
+        self.redis.publish(keys.UPDATES, f"{job.id} failed")
+
+    # -- reading ------------------------------------------------------------------------
+
+    def get_job(self, job_id: int) -> Job:
+        data = _hash(self.redis.hgetall(keys.job(job_id)))
+        if not data:
+            raise NotFound(f"no job {job_id}", hint="list jobs with 'vmorch job list'")
+        return Job.from_hash(data)
+
+    def get_jobs(self, ids: Iterable[int]) -> list[Job]:
+        ids = list(ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(keys.job(job_id))
+        return [Job.from_hash(h) for h in pipe.execute() if h]
+
+    def list_jobs(self, namespace: str, *, vm: str | None = None, state: JobState | None = None,
+                  op: Op | None = None, limit: int = 50) -> list[Job]:
+        """Newest first. Filters are applied while paging back through the namespace's index."""
+        out: list[Job] = []
+        start, page = 0, max(limit, 100)
+        while len(out) < limit:
+            ids = cast(list[str], self.redis.zrevrange(keys.jobs(namespace), start, start + page - 1))
+            if not ids:
+                break
+            start += len(ids)
+            for job in self.get_jobs(int(i) for i in ids):
+                if (vm is None or job.vm == vm) and (state is None or job.state is state) \
+                        and (op is None or job.op is op):
+                    out.append(job)
+                    if len(out) == limit:
+                        break
+        return out
+
+    def mailbox(self, namespace: str, vm: str, *, upto_seq: int | None = None) -> list[tuple[int, int]]:
+        """(job id, seq) of the VM's unfinished jobs, in sequence order, up to ``upto_seq``."""
+        hi: float | str = upto_seq if upto_seq is not None else "+inf"
+        rows = cast(list[tuple[str, float]],
+                    self.redis.zrangebyscore(keys.vm_mailbox(namespace, vm), "-inf", hi, withscores=True))
+        return [(int(i), int(s)) for i, s in rows]
+
+    def get_vm(self, namespace: str, name: str) -> Vm:
+        data = _hash(self.redis.hgetall(keys.vm(namespace, name)))
+        if not data:
+            raise NotFound(f"no VM {name!r} in namespace {namespace!r}",
+                           hint="list VMs with 'vmorch vm list' (and check --namespace)")
+        return Vm.from_hash(data, host_up=self._host_up(data["host"]))
+
+    def vm_names(self, namespace: str) -> list[str]:
+        return sorted(cast(set[str], self.redis.smembers(keys.vms(namespace))))
+
+    def list_vms(self, namespace: str) -> list[Vm]:
+        names = self.vm_names(namespace)
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(keys.vm(namespace, name))
+        up = {h.name for h in self.hosts() if h.state is not HostState.DOWN}
+        return [Vm.from_hash(_hash(h), host_up=h["host"] in up) for h in pipe.execute() if h]
+
+    # -- hosts --------------------------------------------------------------------------
+
+    def hosts(self) -> list[Host]:
+        names = sorted(cast(set[str], self.redis.smembers(keys.HOSTS)))
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(keys.host(name))
+            pipe.smembers(keys.host_vms(name))
+        raw = pipe.execute()
+        now = self.redis_time()
+        out = []
+        for data, members in zip(raw[::2], raw[1::2], strict=True):
+            if data:
+                committed = self._committed_mib(members)
+                out.append(Host.from_hash(data, now=now, down_after=self.host_down_after,
+                                          vms=len(members), committed_mib=committed))
+        return out
+
+    def host(self, name: str) -> Host:
+        for host in self.hosts():
+            if host.name == name:
+                return host
+        known = ", ".join(h.name for h in self.hosts()) or "none registered"
+        raise NotFound(f"unknown host {name!r}", hint=f"known hosts: {known} (see 'vmorch host list')")
+
+    def _committed_mib(self, members: Iterable[str]) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        for member in members:
+            ns, _, name = member.partition("/")
+            pipe.hget(keys.vm(ns, name), "memory_mib")
+        return sum(int(m) for m in pipe.execute() if m)
+
+    def _host_up(self, name: str) -> bool:
+        beat = self.redis.hget(keys.host(name), "heartbeat_at")
+        return beat is not None and self.redis_time() - float(beat) <= self.host_down_after
+
+    def redis_time(self) -> float:
+        sec, usec = self.redis.time()
+        return sec + usec / 1e6
+
+    def register_host(self, name: str, fields: Mapping[str, Any]) -> None:
+        now = self.redis_time()
+        pipe = self.redis.pipeline()
+        pipe.sadd(keys.HOSTS, name)
+        pipe.hset(keys.host(name), mapping={"name": name, "started_at": f"{now:.6f}",
+                                            "heartbeat_at": f"{now:.6f}", "stopped": "",
+                                            **{k: str(v) for k, v in fields.items()}})
+        pipe.execute()
+
+    def heartbeat(self, name: str) -> None:
+        self.redis.hset(keys.host(name), "heartbeat_at", f"{self.redis_time():.6f}")
+
+    def host_stopped(self, name: str) -> None:
+        """A clean worker shutdown: the host is down now, not after the heartbeat times out."""
+        self.redis.hset(keys.host(name), "stopped", "1")
+
+    def vms_on_host(self, name: str) -> list[tuple[str, str]]:
+        members = cast(set[str], self.redis.smembers(keys.host_vms(name)))
+        return sorted((ns, vm) for ns, _, vm in (m.partition("/") for m in members))
+
+    # -- running (worker side) ----------------------------------------------------------
+
+    def mark_waiting(self, job_id: int) -> None:
+        self._mark_waiting(keys=[keys.job(job_id), keys.UPDATES], args=[job_id])
+
+    def begin(self, job_id: int, fence: Fence, worker: str) -> int | None:
+        """Start an attempt; return its number, or None if the job is already final.
+
+        # LOCK: the caller holds vm:<ns>:<vm> with ``fence``.
+        """
+        try:
+            started, attempts = self._begin(keys=[keys.job(job_id), fence.key, keys.UPDATES],
+                                            args=[fence.token, job_id, worker])
+        except ResponseError as exc:
+            raise _script_error(exc) from None
+        return int(attempts) if int(started) else None
+
+    def finish(self, job: Job, fence: Fence, state: JobState, *, result: Mapping[str, Any] | None = None,
+               error: VmorchError | None = None, vm_update: Mapping[str, Any] | None = None,
+               delete_vm: bool = False) -> bool:
+        """Make a job final and apply its effect on the VM record in one fenced step.
+
+        # LOCK: the caller holds vm:<ns>:<vm> with ``fence``.
+        """
+        ns, vm = job.namespace, job.vm
+        update = json.dumps({k: _field(v) for k, v in vm_update.items()}) if vm_update else ""
+        try:
+            done = self._finish(
+                keys=[keys.job(job.id), fence.key, keys.vm_mailbox(ns, vm), keys.vm(ns, vm), keys.vms(ns),
+                      keys.host_vms(job.host), keys.UPDATES],
+                args=[fence.token, job.id, state.value,
+                      json.dumps({"code": error.code, "message": error.message}) if error else "",
+                      json.dumps(dict(result)) if result is not None else "", update,
+                      "1" if delete_vm else "0", vm],
+            )
+        except ResponseError as exc:
+            raise _script_error(exc) from None
+        return bool(done)
+
+    def cancel_requested_by(self, job_id: int) -> str | None:
+        return cast(str | None, self.redis.hget(keys.job(job_id), "cancel_requested")) or None
+
+    def cancel(self, job_id: int, who: str) -> str:
+        """Cancel a job: returns 'canceled', 'requested' (it is running) or its final state."""
+        job = self.get_job(job_id)
+        error = json.dumps({"code": "canceled", "message": f"canceled by {who}"})
+        res = self._cancel(keys=[keys.job(job_id), keys.vm_mailbox(job.namespace, job.vm), keys.UPDATES],
+                           args=[job_id, error, who])
+        return str(res)
+
+
+def _field(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _script_error(exc: ResponseError, op: Operation | None = None) -> VmorchError:
+    text = str(exc)
+    where = f" in namespace {op.namespace!r}" if op else ""
+    if "already_exists" in text and op:
+        return AlreadyExists(f"VM {op.vm!r} already exists{where}",
+                             hint="pick another name, or delete it first with 'vmorch vm delete'")
+    if "not_found" in text:
+        name = f"VM {op.vm!r}" if op else "job"
+        return NotFound(f"no {name}{where}", hint="list VMs with 'vmorch vm list' (and check --namespace)")
+    if "fenced_out" in text:
+        return FencedOut("a newer holder took this lock; this write was refused",
+                         hint="the job is retried by the new holder")
+    raise exc

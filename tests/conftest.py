@@ -1,0 +1,243 @@
+"""Fixtures: a real redis-server on a free loopback port, real Celery workers as hosts.
+
+Nothing is faked. Each test gets a namespace of its own; at its end the fixture deletes
+the VMs it left (through ordinary jobs), then asserts the keyspace: every job final, no
+lock held, no mailbox left, and no key of the namespace beyond the documented ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from orchestrator import keys
+from orchestrator.client import RedisClient
+from orchestrator.names import expand_target
+from orchestrator.operation import Op, Operation
+from orchestrator.records import HostState
+from orchestrator.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: object, timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class RedisServer:
+    port: int
+    dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is not installed: run scripts/install.sh")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # AOF on, as in the embedded cluster and compose: restarts lose no accepted job.
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+             "--logfile", str(self.dir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = Redis(port=self.port, socket_connect_timeout=0.2)
+        wait_until(lambda: _pings(client), what=f"redis-server on port {self.port}")
+        client.close()
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def _pings(client: Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def base_settings(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(redis_url=redis_server.url, home=tmp_path_factory.mktemp("home"), lock_expire=4,
+                    heartbeat_interval=0.5, host_down_after=3.0, wait_poll_interval=0.5)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMORCH_")}
+    env.update({
+        "VMORCH_REDIS_URL": settings.resolved_redis_url(), "VMORCH_HOME": str(settings.home),
+        "VMORCH_LOCK_EXPIRE": str(settings.lock_expire), "VMORCH_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
+        "VMORCH_HOST_DOWN_AFTER": str(settings.host_down_after), "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+@dataclass
+class WorkerProc:
+    host: str
+    libvirt_uri: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 20) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def start_worker(settings: Settings, host: str, libvirt_uri: str = "test:///default", *,
+                 concurrency: int = 4, env: dict[str, str] | None = None) -> WorkerProc:
+    log = settings.home / f"{host}-{time.monotonic_ns()}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "worker", "--host", host, "--libvirt-uri", libvirt_uri,
+             "--concurrency", str(concurrency), "--loglevel", "INFO"],
+            cwd=ROOT, env={**settings_env(settings), **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+        )
+    return WorkerProc(host, libvirt_uri, proc, log)
+
+
+def wait_hosts_up(settings: Settings, *workers: WorkerProc, timeout: float = 30) -> None:
+    client = RedisClient(settings)
+
+    def up() -> bool:
+        for w in workers:
+            if w.proc.poll() is not None:
+                raise AssertionError(f"worker {w.host} exited with {w.proc.returncode}:\n{w.log_tail()}")
+        states = {h.name: h for h in client.hosts()}
+        return all(w.host in states and states[w.host].state is HostState.UP and states[w.host].pid == w.proc.pid
+                   for w in workers)
+
+    wait_until(up, timeout=timeout, what=f"hosts {[w.host for w in workers]} up")
+
+
+@pytest.fixture(scope="session")
+def cluster(base_settings: Settings) -> Iterator[list[WorkerProc]]:
+    """Two hosts, each a real Celery worker with its own libvirt test hypervisor."""
+    workers = [start_worker(base_settings, "t1"), start_worker(base_settings, "t2")]
+    try:
+        wait_hosts_up(base_settings, *workers)
+        yield workers
+    finally:
+        for w in workers:
+            w.stop()
+
+
+_ns_counter = itertools.count(1)
+
+
+@pytest.fixture
+def ns(request: pytest.FixtureRequest) -> str:
+    return f"t{os.getpid() % 10000}-{next(_ns_counter)}"
+
+
+@pytest.fixture
+def settings(base_settings: Settings, ns: str) -> Settings:
+    return base_settings.model_copy(update={"namespace": ns})
+
+
+@pytest.fixture
+def redis(redis_server: RedisServer) -> Iterator[Redis]:
+    client = Redis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def client(settings: Settings, redis: Redis) -> Iterator[RedisClient]:
+    """A client in the test's namespace; at the end, the namespace is cleaned and its keyspace asserted."""
+    c = RedisClient(settings)
+    yield c
+    cleanup_namespace(c, redis, settings.namespace)
+
+
+def cleanup_namespace(c: RedisClient, redis: Redis, namespace: str) -> None:
+    ids = [int(i) for i in redis.zrange(keys.jobs(namespace), 0, -1)]
+    if ids:
+        leftover = [j for j in c.wait(ids, timeout=60) if not j.state.final]
+        assert not leftover, f"jobs never finished: {leftover}"
+    names = c.store.vm_names(namespace)
+    if names and any(h.state is HostState.UP for h in c.hosts()):
+        jobs = c.submit([Operation.build(Op.DELETE, namespace, n) for n in names])
+        done = c.wait([j.id for j in jobs], timeout=60)
+        assert all(j.state.final for j in done), done
+    assert_keyspace_clean(redis, namespace)
+    for key in redis.scan_iter(f"*{namespace}*"):
+        redis.delete(key)
+
+
+def assert_keyspace_clean(redis: Redis, namespace: str) -> None:
+    """After a test: no lock held, no unfinished job, nothing but history left of the namespace."""
+    locks = [k for k in redis.scan_iter("lock:*") if f":{namespace}" in k]
+    assert not locks, f"lock keys left behind: {locks}"
+    for job_id in redis.zrange(keys.jobs(namespace), 0, -1):
+        state = redis.hget(keys.job(int(job_id)), "state")
+        assert state in ("succeeded", "failed", "canceled"), f"job {job_id} left {state}"
+    allowed = (f"{keys.PREFIX}:jobs:{namespace}", f"{keys.PREFIX}:fence:", f"{keys.PREFIX}:job:")
+    for key in redis.scan_iter(f"*{namespace}*"):
+        if key.startswith(allowed) or (key.startswith(f"{keys.PREFIX}:vm:{namespace}:") and key.endswith(":seq")):
+            continue
+        if key.startswith("lock-signal:"):  # python-redis-lock's wake-up list; expires within 1 s
+            continue
+        raise AssertionError(f"unexpected key left behind: {key} ({redis.type(key)})")
+
+
+def ops(op: Op, namespace: str, target: str, **params: object) -> list[Operation]:
+    return [Operation.build(op, namespace, n, **params) for n in expand_target(target)]
+
+
+def run_cli(settings: Settings, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The real ``vmorch`` command in a subprocess, as a user runs it."""
+    return subprocess.run([PYTHON, "-m", "cli", "--namespace", settings.namespace, *args], cwd=ROOT,
+                          env=settings_env(settings), capture_output=True, text=True, timeout=timeout)
+

@@ -1,0 +1,46 @@
+"""Host registration and heartbeat: how the cluster knows this host is up."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+from redis.exceptions import RedisError
+
+from orchestrator import __version__
+from orchestrator.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    def __init__(self, store: Store, host: str, *, libvirt_uri: str, cpus: int, memory_mib: int,
+                 interval: float) -> None:
+        self.store = store
+        self.host = host
+        self.fields = {"libvirt_uri": libvirt_uri, "cpus": cpus, "memory_mib": memory_mib, "pid": os.getpid(),
+                       "hostname": socket.gethostname(), "version": __version__}
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="vmorch-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.store.register_host(self.host, self.fields)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.store.heartbeat(self.host)
+            except RedisError as exc:  # Redis restarting: keep trying; the host shows down meanwhile
+                log.warning("heartbeat failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self.store.host_stopped(self.host)
+        except RedisError as exc:
+            log.warning("could not mark host %s stopped: %s", self.host, exc)

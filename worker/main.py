@@ -1,0 +1,73 @@
+"""The worker of one host: opens libvirt, registers the host, consumes ``host.<name>``."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+from celery import Celery
+
+from orchestrator import keys
+from orchestrator.locks import LockManager
+from orchestrator.queue import enqueue, make_app
+from orchestrator.redisconn import connect
+from orchestrator.settings import Settings
+from orchestrator.store import Store
+
+from .driver import Driver
+from .heartbeat import Heartbeat
+from .runner import Worker
+from .tasks import register
+
+log = logging.getLogger(__name__)
+
+
+def default_storage(settings: Settings, host: str) -> Path:
+    return settings.home / "hosts" / host / "disks"
+
+
+def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4,
+        storage_dir: Path | None = None, loglevel: str = "INFO") -> None:
+    """Run until SIGTERM/SIGINT. ``test:///default`` keeps its state in this process: never fork."""
+    url = settings.resolved_redis_url()
+    driver = Driver(libvirt_uri, storage_dir or default_storage(settings, host))
+    store = Store(connect(url), host_down_after=settings.host_down_after)
+    locks = LockManager(url, owner=host, expire=settings.lock_expire)
+    worker = Worker(settings, host, store, locks, driver)
+    app = make_app(settings)
+    register(app, worker)
+    cpus, memory_mib = driver.capacity()
+    heartbeat = Heartbeat(store, host, libvirt_uri=libvirt_uri, cpus=cpus, memory_mib=memory_mib,
+                          interval=settings.heartbeat_interval)
+    heartbeat.start()
+    try:
+        kick_mailboxes(app, store, host)
+        celery_worker = app.Worker(
+            queues=[keys.queue(host)], pool="threads", concurrency=concurrency,
+            hostname=f"{host}@{socket.gethostname()}", loglevel=loglevel,
+            without_gossip=True, without_mingle=True, without_heartbeat=True,
+        )
+        celery_worker.start()
+    finally:
+        heartbeat.stop()
+        locks.close()
+        driver.close()
+
+
+def kick_mailboxes(app: Celery, store: Store, host: str) -> int:
+    """Send one wake-up per VM of this host with unfinished jobs.
+
+    A submitter that died between accepting a job and sending its message, or a message
+    lost with a broker, would otherwise leave the job queued until the VM's next job.
+    Duplicate wake-ups are harmless (see ``worker.runner``).
+    """
+    kicked = 0
+    for namespace, vm in store.vms_on_host(host):
+        pending = store.mailbox(namespace, vm)
+        if pending:
+            enqueue(app, host, namespace, vm, pending[-1][0])
+            kicked += 1
+    if kicked:
+        log.info("woke %d VM mailboxes with unfinished jobs", kicked)
+    return kicked
