@@ -8,7 +8,6 @@ from __future__ import annotations
 import sys
 from typing import Annotated
 
-import click
 import typer
 from pydantic import ValidationError
 
@@ -56,17 +55,12 @@ def root(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point. typer reports usage errors itself (exit 2); vmorch's errors are one line and a hint."""
     as_json = "--json" in (argv if argv is not None else sys.argv[1:])
     try:
-        code = app(args=argv, prog_name="vmorch", standalone_mode=False)
-    except click.UsageError as exc:
-        exc.show()
-        code = 2
-    except click.Abort:
-        code = 130
+        app(args=argv, prog_name="vmorch")
     except VmorchError as exc:
         error(exc, as_json=as_json)
-        code = exc.exit_code
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        code = 130
-    sys.exit(code if isinstance(code, int) else 0)
+        sys.exit(130)

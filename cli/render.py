@@ -59,6 +59,8 @@ def job_line(job: Job) -> str:
     line = f"job {job.id} {styled(job.state.value)}: {what} (seq {job.seq}, host {job.host})"
     if job.error:
         line += f" - {job.error.code}: {job.error.message}"
+        if job.error.hint:
+            line += f" (hint: {job.error.hint})"
     elif job.result and job.result.get("note"):
         line += f" - {job.result['note']}"
     return line

@@ -68,6 +68,8 @@ class JobError(BaseModel):
     model_config = ConfigDict(frozen=True)
     code: str
     message: str
+    #: what the user can do about it, when vmorch knows
+    hint: str | None = None
 
 
 class Job(_Record):

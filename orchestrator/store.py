@@ -246,7 +246,7 @@ class Store:
                 keys=[keys.job(job.id), fence.key, keys.vm_mailbox(ns, vm), keys.vm(ns, vm), keys.vms(ns),
                       keys.host_vms(job.host), keys.UPDATES],
                 args=[fence.token, job.id, state.value,
-                      json.dumps({"code": error.code, "message": error.message}) if error else "",
+                      json.dumps(error.to_dict()) if error else "",
                       json.dumps(dict(result)) if result is not None else "", update,
                       "1" if delete_vm else "0", vm],
             )

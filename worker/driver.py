@@ -366,7 +366,8 @@ class Driver:
             if state == target:
                 return _result(state, False, f"already {target.value}")
             if state not in sources:
-                raise InvalidState(f"cannot {verb} {domain}: {_IT_IS[state]}{if_paused * (state == VmState.PAUSED)}")
+                advice = if_paused if state == VmState.PAUSED else ""
+                raise InvalidState(f"cannot {verb} {domain}: {_IT_IS[state]}{advice}")
             call(dom)
             return _result(_state_of(dom), True)
 

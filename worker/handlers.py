@@ -100,7 +100,8 @@ def _revert(ctx: Context) -> Outcome:
     p = SnapshotParams.model_validate(ctx.job.params)
     ctx.check()
     result = ctx.driver.revert(ctx.vm.domain, p.name)
-    return Outcome(result, _state_update(result))
+    # A revert restores the definition of the snapshot's time, memory and vCPUs included.
+    return Outcome(result, _state_update(result, memory_mib=result["memory_mib"], vcpus=result["vcpus"]))
 
 
 def _tag(ctx: Context) -> Outcome:

@@ -1,0 +1,393 @@
+"""The libvirt driver against libvirt's test hypervisor and against real QEMU (embedded driver).
+
+No mocks: ``test:///default`` runs in-process; ``qemu:///embed`` starts real (software
+emulated, OS-less) QEMU guests, whose processes outlive Python, so teardown destroys them
+and checks that none is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from orchestrator.errors import (
+    AlreadyExists,
+    Canceled,
+    HypervisorError,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+    OperationTimeout,
+    VmGone,
+)
+from orchestrator.records import VmState
+from worker import domxml
+from worker.driver import DomainSpec, Driver
+from worker.eventloop import ensure_event_loop
+
+HOSTILE = "<&\"']]></vmorch:tag><vmorch:fence>999</vmorch:fence>"
+HAVE_QEMU_IMG = shutil.which("qemu-img") is not None
+
+
+def _noop() -> None:
+    pass
+
+
+@pytest.fixture
+def vmns() -> str:
+    """A namespace of this test's own: test:///default is shared by every connection of the process."""
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def drv(tmp_path: Path, vmns: str) -> Iterator[Driver]:
+    driver = Driver("test:///default", tmp_path / "disks")
+    yield driver
+    for status in driver.list_domains():
+        if status.domain.startswith(f"{vmns}."):
+            driver.delete(status.domain)
+    driver.close()
+
+
+def spec(ns: str, vm: str = "vm1", **kw: object) -> DomainSpec:
+    return DomainSpec(namespace=ns, vm=vm, **{"memory_mib": 64, "vcpus": 1, **kw})  # type: ignore[arg-type]
+
+
+# -- test:///default --------------------------------------------------------------------
+
+
+def test_event_loop_is_started_once() -> None:
+    ensure_event_loop()
+    ensure_event_loop()
+    assert [t.name for t in threading.enumerate()].count("libvirt-events") == 1
+
+
+def test_launch_status_and_redelivered_launch(drv: Driver, vmns: str, tmp_path: Path) -> None:
+    s = spec(vmns, tags={"role": "db", "evil": HOSTILE}, job_id=11, fence=4, memory_mib=96, vcpus=2)
+    result = drv.launch(s)
+    assert result["state"] == "running" and result["changed"] is True
+
+    status = drv.status(s.domain)
+    assert (status.state, status.memory_mib, status.vcpus, status.snapshots) == (VmState.RUNNING, 96, 2, [])
+    disk = str(tmp_path / "disks" / f"{vmns}.vm1.qcow2")
+    assert status.metadata == {
+        "namespace": vmns, "vm": "vm1", "tags": {"role": "db", "evil": HOSTILE}, "job_id": 11, "fence": 4, "disk": disk,
+    }  # fmt: skip
+    if HAVE_QEMU_IMG:
+        assert Path(disk).is_file()
+
+    again = drv.launch(s)  # the same job, redelivered after a worker crash
+    assert again == {**again, "state": "running", "changed": False, "note": "already launched"}
+    drv.kill(s.domain)
+    again = drv.launch(s)
+    assert (again["state"], again["changed"]) == ("running", True)
+
+
+def test_launch_over_a_foreign_domain_is_refused(drv: Driver, vmns: str) -> None:
+    foreign = domxml.domain_xml(
+        name=f"{vmns}.vm1", virt_type="test", memory_mib=64, vcpus=1, disk=None, meta=domxml.VmorchMeta(vmns, "other")
+    )
+    drv.conn.defineXML(foreign)
+    with pytest.raises(AlreadyExists, match="vmorch did not create it"):
+        drv.launch(spec(vmns))
+
+
+def test_list_domains_ignores_the_builtin_test_domain(drv: Driver, vmns: str) -> None:
+    drv.launch(spec(vmns, "a"))
+    drv.launch(spec(vmns, "b", disk_gib=0))
+    names = [s.domain for s in drv.list_domains()]
+    assert "test" not in names
+    assert {f"{vmns}.a", f"{vmns}.b"} <= set(names)
+    assert drv.status("test").metadata == {}  # libvirt has it; it simply isn't vmorch's
+
+
+def test_start_pause_resume_are_idempotent_and_conflicts_are_named(drv: Driver, vmns: str) -> None:
+    d = spec(vmns).domain
+    drv.launch(spec(vmns))
+    assert drv.start(d) == {"state": "running", "changed": False, "note": "already running"}
+    assert drv.resume(d)["note"] == "already running"
+    assert drv.pause(d) == {"state": "paused", "changed": True}
+    assert drv.pause(d) == {"state": "paused", "changed": False, "note": "already paused"}
+    with pytest.raises(InvalidState, match="it is paused; use resume"):
+        drv.start(d)
+    with pytest.raises(InvalidState, match=r"cannot reboot .*: it is paused"):
+        drv.reboot(d)
+    assert drv.resume(d) == {"state": "running", "changed": True}
+    assert drv.reboot(d)["state"] == "running"
+
+    assert drv.kill(d) == {"state": "shutoff", "changed": True}
+    assert drv.kill(d)["changed"] is False
+    for op, verb in [(drv.pause, "pause"), (drv.resume, "resume"), (drv.reboot, "reboot")]:
+        with pytest.raises(InvalidState) as err:
+            op(d)
+        assert err.value.message == f"cannot {verb} {d}: it is shut off"
+    assert drv.start(d) == {"state": "running", "changed": True}
+
+
+def test_missing_domain(drv: Driver, vmns: str) -> None:
+    d = f"{vmns}.ghost"
+    assert drv.status(d).state == VmState.MISSING
+    for op in (drv.start, drv.pause, drv.resume, drv.reboot):
+        with pytest.raises(VmGone):
+            op(d)
+    with pytest.raises(VmGone):
+        drv.stop(d, timeout_s=1, force=True, check=_noop)
+    with pytest.raises(VmGone):
+        drv.set_metadata(d, tags={})
+    assert drv.kill(d) == {"state": "missing", "changed": False, "note": "no such domain"}
+    assert drv.delete(d)["changed"] is False
+
+
+def test_delete_is_idempotent_and_removes_the_disk(drv: Driver, vmns: str, tmp_path: Path) -> None:
+    s = spec(vmns)
+    drv.launch(s)
+    drv.snapshot(s.domain, "s1", job_id=1)
+    disk = tmp_path / "disks" / f"{s.domain}.qcow2"
+    result = drv.delete(s.domain)
+    assert (result["state"], result["changed"]) == ("missing", True)
+    assert not disk.exists()
+    assert drv.status(s.domain).state == VmState.MISSING
+    assert drv.delete(s.domain) == {"state": "missing", "changed": False, "note": "no such domain", "disks_removed": []}
+
+    disk.write_bytes(b"left over by a crash between delete's undefine and unlink")
+    assert drv.delete(s.domain)["disks_removed"] == [str(disk)]
+
+
+def test_stop(drv: Driver, vmns: str) -> None:
+    d = spec(vmns).domain
+    drv.launch(spec(vmns))
+    calls: list[float] = []
+    result = drv.stop(d, timeout_s=5, force=True, check=lambda: calls.append(time.monotonic()))
+    assert (result["state"], result["changed"]) == ("shutoff", True)
+    assert calls, "check() must be called while polling"
+    assert drv.stop(d, timeout_s=5, force=False, check=_noop)["changed"] is False
+
+    drv.start(d)
+
+    def cancel() -> None:
+        raise Canceled("job canceled")
+
+    with pytest.raises(Canceled):
+        drv.stop(d, timeout_s=5, force=True, check=cancel)
+
+    drv.start(d)
+    drv.pause(d)
+    with pytest.raises(InvalidState, match="gracefully: it is paused"):
+        drv.stop(d, timeout_s=1, force=False, check=_noop)
+    assert drv.stop(d, timeout_s=1, force=True, check=_noop)["state"] == "shutoff"
+
+
+def test_set_resources_running(drv: Driver, vmns: str) -> None:
+    d = spec(vmns).domain
+    drv.launch(spec(vmns, memory_mib=128, vcpus=1))
+
+    result = drv.set_resources(d, memory_mib=96, vcpus=None)  # below the live maximum: balloon
+    assert result == {"state": "running", "changed": True, "memory_mib": 96, "vcpus": 1, "live": True}
+
+    result = drv.set_resources(d, memory_mib=256, vcpus=2)
+    assert (result["memory_mib"], result["vcpus"], result["live"]) == (256, 2, False)
+    assert "memory applies at the next boot" in result["note"]
+    assert "vcpus applies at the next boot" in result["note"]
+    status = drv.status(d)
+    assert (status.memory_mib, status.vcpus) == (256, 2)
+
+    again = drv.set_resources(d, memory_mib=256, vcpus=2)  # redelivered: nothing more to change
+    assert (again["changed"], again["live"], again["note"]) == (False, False, result["note"])
+
+    drv.kill(d)
+    drv.start(d)
+    assert drv.conn.lookupByName(d).info()[1:4:2] == [256 * 1024, 2]
+
+
+def test_set_resources_shut_off(drv: Driver, vmns: str) -> None:
+    d = spec(vmns).domain
+    drv.launch(spec(vmns, memory_mib=128, vcpus=2))
+    drv.kill(d)
+    result = drv.set_resources(d, memory_mib=64, vcpus=1)
+    assert result == {"state": "shutoff", "changed": True, "memory_mib": 64, "vcpus": 1, "live": False}
+    assert domxml.parse_resources(drv.conn.lookupByName(d).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) == (64, 64, 1, 1)
+    result = drv.set_resources(d, memory_mib=512, vcpus=4)
+    assert (result["memory_mib"], result["vcpus"], result["changed"]) == (512, 4, True)
+    assert drv.set_resources(d, memory_mib=512, vcpus=None)["changed"] is False
+
+
+def test_snapshot_and_revert(drv: Driver, vmns: str) -> None:
+    d = spec(vmns).domain
+    drv.launch(spec(vmns, memory_mib=64))
+    assert drv.snapshot(d, "s1", job_id=7) == {"state": "running", "changed": True, "snapshot": "s1"}
+    assert drv.snapshot(d, "s1", job_id=7)["changed"] is False  # redelivered
+    with pytest.raises(AlreadyExists, match="already has a snapshot named 's1'"):
+        drv.snapshot(d, "s1", job_id=8)
+    with pytest.raises(NotFound, match="no snapshot named 'nope'"):
+        drv.revert(d, "nope")
+
+    drv.set_resources(d, memory_mib=128, vcpus=None)
+    drv.set_metadata(d, tags={"after": "snapshot"}, fence=9)
+    drv.kill(d)
+    assert drv.status(d).snapshots == ["s1"]
+
+    result = drv.revert(d, "s1")
+    assert result == {"state": "running", "changed": True, "snapshot": "s1", "memory_mib": 64, "vcpus": 1}
+    # The VM goes back; vmorch's own bookkeeping (tags, fence) does not.
+    meta = drv.status(d).metadata
+    assert (meta["tags"], meta["fence"]) == ({"after": "snapshot"}, 9)
+
+
+def test_tag_metadata_update_round_trips_through_libvirt(drv: Driver, vmns: str) -> None:
+    d = spec(vmns).domain
+    drv.launch(spec(vmns, tags={"a": "1"}, job_id=3))
+    tags = {"evil": HOSTILE, "spaces": "  padded  ", "empty": "", "unicode": "naïve ✓"}
+    drv.set_metadata(d, tags=tags)
+    status = drv.status(d)
+    assert status.metadata["tags"] == tags
+    assert (status.metadata["fence"], status.metadata["job_id"]) == (0, 3)
+    live = domxml.parse_metadata(drv.conn.lookupByName(d).XMLDesc(0))
+    assert live is not None and live.tags == tags  # the running definition too
+
+    drv.set_metadata(d, fence=12, job_id=4)
+    assert drv.status(d).metadata == {**status.metadata, "fence": 12, "job_id": 4}
+
+    drv.kill(d)
+    drv.set_metadata(d, tags={})
+    assert drv.status(d).metadata["tags"] == {}
+
+
+def test_threads_share_one_driver(drv: Driver, vmns: str) -> None:
+    names = [f"vm{i}" for i in range(12)]
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda n: drv.launch(spec(vmns, n, disk_gib=0)), names))
+        assert all(r["changed"] for r in results)
+        list(pool.map(lambda n: drv.pause(f"{vmns}.{n}"), names))
+    states = {s.domain: s.state for s in drv.list_domains() if s.domain.startswith(vmns)}
+    assert states == {f"{vmns}.{n}": VmState.PAUSED for n in names}
+
+
+# -- real QEMU through the embedded driver ----------------------------------------------
+
+qemu = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 is not installed")
+
+
+def _qemu_pids(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "qemu-system" in cmdline and marker in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def qdrv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Driver]:
+    # One Driver for the module: libvirt allows one embedded root per process, ever.
+    base = tmp_path_factory.mktemp("qemu")
+    root = base / "root"
+    driver = Driver(f"qemu:///embed?root={root}", base / "disks")
+    assert (root / "etc" / "qemu.conf").is_file()
+    try:
+        yield driver
+    finally:
+        driver.destroy_all(vmorch_only=False)
+        for status in driver.list_domains():
+            driver.delete(status.domain)
+        driver.close()
+        deadline = time.monotonic() + 10
+        while _qemu_pids(str(base)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = _qemu_pids(str(base))
+        for pid in left:  # don't leak guests into the machine even when the assertion fails
+            os.kill(pid, 9)
+        assert not left, f"QEMU processes left behind: {left}"
+
+
+@qemu
+@pytest.mark.qemu
+def test_qemu_lifecycle(qdrv: Driver) -> None:
+    s = DomainSpec(namespace="q", vm="life", memory_mib=64, vcpus=1, disk_gib=1, job_id=1)
+    d = s.domain
+    try:
+        assert qdrv.launch(s)["state"] == "running"
+        assert qdrv.launch(s)["note"] == "already launched"
+        assert qdrv.pause(d)["state"] == "paused"
+        assert qdrv.resume(d)["state"] == "running"
+        assert qdrv.snapshot(d, "s1", job_id=2) == {"state": "running", "changed": True, "snapshot": "s1"}
+        assert qdrv.set_resources(d, memory_mib=48, vcpus=None)["live"] is True  # virtio balloon
+        assert qdrv.kill(d)["state"] == "shutoff"
+        assert qdrv.kill(d)["changed"] is False
+        result = qdrv.revert(d, "s1")
+        assert (result["state"], result["memory_mib"]) == ("running", 64)
+        assert qdrv.status(d).snapshots == ["s1"]
+    finally:
+        disk = Path(qdrv.status(d).metadata.get("disk") or "/nonexistent")
+        result = qdrv.delete(d)
+    assert result["changed"] is True and result["disks_removed"] == [str(disk)]
+    assert not disk.exists()
+    assert qdrv.status(d).state == VmState.MISSING
+
+
+@qemu
+@pytest.mark.qemu
+def test_qemu_stop_timeout(qdrv: Driver) -> None:
+    # An OS-less guest never answers the ACPI power button: graceful stop can only time out.
+    s = DomainSpec(namespace="q", vm="stop", memory_mib=64, vcpus=1, disk_gib=0)
+    try:
+        qdrv.launch(s)
+        checks: list[int] = []
+        started = time.monotonic()
+        with pytest.raises(OperationTimeout, match="did not shut down within 1s") as err:
+            qdrv.stop(s.domain, timeout_s=1, force=False, check=lambda: checks.append(1))
+        assert err.value.hint is not None and "--force" in err.value.hint
+        assert 1 <= time.monotonic() - started < 5 and len(checks) >= 3
+        assert qdrv.status(s.domain).state == VmState.RUNNING
+
+        result = qdrv.stop(s.domain, timeout_s=1, force=True, check=_noop)
+        assert result == {"state": "shutoff", "changed": True, "note": "forced off after 1s"}
+    finally:
+        qdrv.delete(s.domain)
+
+
+@pytest.mark.skipif(not HAVE_QEMU_IMG, reason="qemu-img is not installed")
+def test_launch_on_a_backing_image(drv: Driver, vmns: str, tmp_path: Path) -> None:
+    base = tmp_path / "base.img"
+    base.write_bytes(b"\0" * (3 * 1024 * 1024))  # raw: qemu-img must detect it, not guess
+    drv.launch(spec(vmns, image=str(base), disk_gib=1))
+    disk = tmp_path / "disks" / f"{vmns}.vm1.qcow2"
+    info = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(disk)], capture_output=True, check=True)
+    data = json.loads(info.stdout)
+    assert (data["backing-filename"], data["backing-filename-format"]) == (str(base), "raw")
+    assert data["virtual-size"] == 1024**3
+
+    with pytest.raises(InvalidInput, match="does not exist"):
+        drv.launch(spec(vmns, "vm2", image=str(tmp_path / "nope.img")))
+    assert drv.status(f"{vmns}.vm2").state == VmState.MISSING
+
+
+def test_failed_launch_leaves_nothing_behind(drv: Driver, vmns: str, tmp_path: Path) -> None:
+    with pytest.raises(HypervisorError) as err:
+        drv.launch(spec(vmns, vcpus=100_000))
+    assert "cannot define" in err.value.message
+    assert drv.status(f"{vmns}.vm1").state == VmState.MISSING
+    assert not (tmp_path / "disks" / f"{vmns}.vm1.qcow2").exists()
+
+
+@qemu
+@pytest.mark.qemu
+def test_qemu_second_embedded_root_is_refused_with_a_hint(qdrv: Driver, tmp_path: Path) -> None:
+    with pytest.raises(HypervisorError) as err:
+        Driver(f"qemu:///embed?root={tmp_path / 'other'}", tmp_path / "disks")
+    assert err.value.hint is not None and "one embedded QEMU root per process" in err.value.hint

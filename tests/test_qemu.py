@@ -1,0 +1,98 @@
+"""Real QEMU through libvirt's embedded driver, driven through the queue by a real worker."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from orchestrator.client import RedisClient
+from orchestrator.operation import Op
+from orchestrator.records import JobState, VmState
+from orchestrator.settings import Settings
+
+from .conftest import WorkerProc, ops, start_worker, wait_hosts_up, wait_until
+from .test_operations import ok, one, state
+from .test_ordering import assert_serialized_in_order, submit_together
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 is not installed"),
+]
+
+
+def qemu_pids(root: Path) -> list[int]:
+    """PIDs of QEMU processes started from this embedded root (they outlive the worker)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if b"qemu-system" in cmdline and str(root).encode() in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def qemu_host(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProc]:
+    root = tmp_path_factory.mktemp("qemu-root")
+    worker = start_worker(base_settings, "q1", f"qemu:///embed?root={root}", concurrency=2)
+    try:
+        wait_hosts_up(base_settings, worker, timeout=60)
+        yield worker
+    finally:
+        worker.stop()
+        leftover = qemu_pids(root)
+        for pid in leftover:  # don't leave them running even when the assertion below fails
+            os.kill(pid, signal.SIGKILL)
+        assert not leftover, f"QEMU processes outlived the test: {leftover}"
+
+
+def test_real_vm_lifecycle(qemu_host: WorkerProc, client: RedisClient) -> None:
+    root = qemu_host.libvirt_uri.split("root=", 1)[1]
+    launch = ok(client, Op.LAUNCH, "real", memory_mib=64, host="q1")
+    assert launch.result is not None and launch.result["state"] == "running"
+    wait_until(lambda: len(qemu_pids(Path(root))) == 1, what="one QEMU process")
+    ok(client, Op.PAUSE, "real")
+    assert state(client, "real") is VmState.PAUSED
+    ok(client, Op.RESUME, "real")
+    ok(client, Op.SNAPSHOT, "real", name="s1")
+    assert client.vm(client.settings.namespace, "real").snapshots == ["s1"]
+    ok(client, Op.PAUSE, "real")
+    ok(client, Op.REVERT, "real", name="s1")
+    assert state(client, "real") is VmState.RUNNING
+    ok(client, Op.KILL, "real")
+    assert state(client, "real") is VmState.SHUTOFF
+    wait_until(lambda: not qemu_pids(Path(root)), what="QEMU to exit after kill")
+    refused = one(client, Op.RESUME, "real")
+    assert refused.state is JobState.FAILED and refused.error is not None and "shut off" in refused.error.message
+    ok(client, Op.DELETE, "real")
+    assert client.vms(client.settings.namespace) == []
+
+
+def test_seed_scenario_on_real_qemu(qemu_host: WorkerProc, client: RedisClient, settings: Settings,
+                                    redis: Redis) -> None:
+    ok(client, Op.LAUNCH, "seedq", memory_mib=64, host="q1")
+    for _ in range(3):
+        first, second = submit_together(settings, redis, ["vm", "set", "seedq", "--memory", "48"],
+                                        ["vm", "kill", "seedq"])
+        done = client.wait([first.id, second.id], timeout=60)
+        assert all(j.state is JobState.SUCCEEDED for j in done), [j.error for j in done]
+        assert_serialized_in_order(done)
+        vm = client.vm(settings.namespace, "seedq")
+        assert (vm.state, vm.memory_mib) == (VmState.SHUTOFF, 48)
+        ok(client, Op.START, "seedq")
+    stopped = one(client, Op.STOP, "seedq", timeout_s=1)
+    # a guest with no OS ignores ACPI: a graceful stop times out and says how to force it
+    assert stopped.state is JobState.FAILED and stopped.error is not None and "--force" in (stopped.error.hint or "")
+    ok(client, Op.STOP, "seedq", timeout_s=1, force=True)
+    assert state(client, "seedq") is VmState.SHUTOFF
+    launches = client.submit(ops(Op.LAUNCH, settings.namespace, "multi[1-3]", memory_mib=64, host="q1"))
+    assert all(j.state is JobState.SUCCEEDED for j in client.wait([j.id for j in launches], timeout=120))
