@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -11,10 +12,12 @@ from redis import Redis
 from orchestrator import keys
 from orchestrator.client import RedisClient
 from orchestrator.errors import AlreadyExists, InvalidInput, NoCapacity, NotFound, VmorchError
+from orchestrator.locks import LockManager, vm_lock
 from orchestrator.operation import Op
 from orchestrator.records import Job, JobState, VmState
+from orchestrator.settings import Settings
 
-from .conftest import WorkerProc, ops
+from .conftest import WorkerProc, ops, wait_until
 
 
 def run(client: RedisClient, op: Op, target: str, **params: object) -> list[Job]:
@@ -178,3 +181,20 @@ def test_cancel_a_queued_job(cluster: list[WorkerProc], client: RedisClient) -> 
     later = ok(client, Op.PAUSE, "can")  # the VM's next job is not blocked by the canceled one
     assert later.seq == accepted.seq + 1
     assert client.cancel(later.id).state is JobState.SUCCEEDED  # canceling a final job changes nothing
+
+
+def test_a_job_waits_while_another_holder_has_the_vm_lock(cluster: list[WorkerProc], client: RedisClient,
+                                                          base_settings: Settings) -> None:
+    ok(client, Op.LAUNCH, "held", memory_mib=32)
+    ns = client.settings.namespace
+    other = LockManager(base_settings.resolved_redis_url(), owner="test-holder", expire=4)
+    try:
+        with other.hold(vm_lock(ns, "held"), timeout=5):
+            [job] = client.submit(ops(Op.PAUSE, ns, "held"))
+            wait_until(lambda: client.job(job.id).state is JobState.WAITING, what="the job to wait for the lock")
+            time.sleep(0.5)  # it keeps waiting while the lock is held
+            assert client.job(job.id).state is JobState.WAITING
+        [done] = client.wait([job.id], timeout=30)
+        assert done.state is JobState.SUCCEEDED and state(client, "held") is VmState.PAUSED
+    finally:
+        other.close()

@@ -1,0 +1,98 @@
+"""Starts what a benchmark needs (its own Redis, workers) and stops it by PID afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from redis import Redis
+
+from orchestrator.records import HostState
+from orchestrator.settings import Settings
+from orchestrator.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Env:
+    settings: Settings
+    home: Path
+    procs: list[subprocess.Popen[bytes]]
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VMORCH_")}
+        env.update({"VMORCH_REDIS_URL": self.settings.resolved_redis_url(), "VMORCH_HOME": str(self.home)})
+        return env
+
+    def spawn(self, *argv: str, log: str) -> subprocess.Popen[bytes]:
+        with (self.home / log).open("wb") as out:
+            proc = subprocess.Popen(list(argv), cwd=ROOT, env=self.env(), stdout=out, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def worker(self, host: str, uri: str = "test:///default", concurrency: int = 4) -> subprocess.Popen[bytes]:
+        return self.spawn(sys.executable, "-m", "worker", "--host", host, "--libvirt-uri", uri,
+                          "--concurrency", str(concurrency), "--loglevel", "WARNING", log=f"{host}.log")
+
+    def wait_hosts(self, *hosts: str, timeout: float = 60) -> None:
+        store = Store(Redis.from_url(self.settings.resolved_redis_url(), decode_responses=True))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            up = {h.name for h in store.hosts() if h.state is HostState.UP}
+            if set(hosts) <= up:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"hosts {hosts} never came up; see logs in {self.home}")
+
+
+@contextmanager
+def environment() -> Iterator[Env]:
+    home = Path(tempfile.mkdtemp(prefix="vmorch-bench-"))
+    port = free_port()
+    redis_proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(home), "--appendonly", "yes",
+         "--appendfsync", "everysec", "--save", "", "--logfile", str(home / "redis.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = Redis.from_url(url)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except Exception:
+            time.sleep(0.05)
+    env = Env(Settings(redis_url=url, home=home), home, [])
+    try:
+        yield env
+    finally:
+        for proc in reversed(env.procs):
+            proc.send_signal(signal.SIGTERM)
+        for proc in env.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        redis_proc.terminate()
+        redis_proc.wait()
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
