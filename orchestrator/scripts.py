@@ -134,3 +134,16 @@ if state == 'running' then
 end
 return state
 """
+
+# Update fields of a VM record under its lock (reconciliation). Fenced; a deleted VM stays deleted.
+# KEYS: vm record, fence; ARGV: token, fields_json
+UPDATE_VM = _NOW + _FENCE + """
+local refused = fenced(KEYS[2], ARGV[1])
+if refused then return refused end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for field, value in pairs(cjson.decode(ARGV[2])) do
+  redis.call('HSET', KEYS[1], field, value)
+end
+redis.call('HSET', KEYS[1], 'updated_at', now)
+return 1
+"""

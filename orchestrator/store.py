@@ -51,6 +51,7 @@ class Store:
         self._begin = redis.register_script(scripts.BEGIN)
         self._finish = redis.register_script(scripts.FINISH)
         self._cancel = redis.register_script(scripts.CANCEL)
+        self._update_vm = redis.register_script(scripts.UPDATE_VM)
 
     # -- submitting ---------------------------------------------------------------------
 
@@ -250,6 +251,18 @@ class Store:
                       json.dumps(dict(result)) if result is not None else "", update,
                       "1" if delete_vm else "0", vm],
             )
+        except ResponseError as exc:
+            raise _script_error(exc) from None
+        return bool(done)
+
+    def update_vm(self, namespace: str, name: str, fence: Fence, fields: Mapping[str, Any]) -> bool:
+        """Change fields of a VM record; False if the VM no longer exists.
+
+        # LOCK: the caller holds vm:<ns>:<name> with ``fence``.
+        """
+        try:
+            done = self._update_vm(keys=[keys.vm(namespace, name), fence.key],
+                                   args=[fence.token, json.dumps({k: _field(v) for k, v in fields.items()})])
         except ResponseError as exc:
             raise _script_error(exc) from None
         return bool(done)

@@ -17,6 +17,7 @@ from orchestrator.store import Store
 
 from .driver import Driver
 from .heartbeat import Heartbeat
+from .reconcile import reconcile
 from .runner import Worker
 from .tasks import register
 
@@ -42,6 +43,7 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
                           interval=settings.heartbeat_interval)
     heartbeat.start()
     try:
+        reconcile(worker)
         kick_mailboxes(app, store, host)
         celery_worker = app.Worker(
             queues=[keys.queue(host)], pool="threads", concurrency=concurrency,
