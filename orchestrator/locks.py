@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -52,6 +52,18 @@ from .redisconn import connect_for_locks
 from .store import Fence
 
 log = logging.getLogger(__name__)
+
+# Delete a lock only if it still has the id we judged dead, and wake its waiters at once
+# (the same wake-up python-redis-lock sends on release). KEYS: lock key, signal key; ARGV: id
+_CLEAR_IF_OWNED = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('LPUSH', KEYS[2], 1)
+  redis.call('PEXPIRE', KEYS[2], 1000)
+  return 1
+end
+return 0
+"""
 
 #: a waiter re-tries at least this often, so it sees a dead holder's expired lock within
 #: expiry + this, not after a whole second BLPOP of the expiry (the library's default)
@@ -257,6 +269,28 @@ class LockManager:
             h.renewed_at = time.monotonic()
             return
         # Still unrenewed: Holding.check() reports the loss once the expiry is near.
+
+    def clear_dead_holders(self, is_alive: Callable[[int], bool]) -> list[str]:
+        """Free the locks of this owner's processes that are gone, instead of waiting for expiry.
+
+        A worker calls this at start: its owner id names its host and machine, so the
+        process ids in its lock ids are ones it can check. Returns the freed lock names.
+        """
+        clear = self.client.register_script(_CLEAR_IF_OWNED)
+        freed = []
+        for key in self.client.scan_iter(f"lock:{keys.PREFIX}:*", count=1000):
+            lock_id = self.client.get(key)
+            parts = str(lock_id).rsplit(":", 2) if lock_id else []
+            if len(parts) != 3 or parts[0] != self.owner or not parts[1].isdigit():
+                continue
+            pid = int(parts[1])
+            if pid == os.getpid() or is_alive(pid):
+                continue
+            name = str(key).removeprefix("lock:")
+            if clear(keys=[key, f"lock-signal:{name}"], args=[lock_id]):
+                log.warning("freed lock %s of dead process %s", name, pid)
+                freed.append(name)
+        return freed
 
     def close(self) -> None:
         self._stop.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
     url = settings.resolved_redis_url()
     driver = Driver(libvirt_uri, storage_dir or default_storage(settings, host))
     store = Store(connect(url), host_down_after=settings.host_down_after)
-    locks = LockManager(url, owner=host, expire=settings.lock_expire)
+    # The machine's name in the owner id makes the pids in this host's lock ids checkable here.
+    locks = LockManager(url, owner=f"{host}@{socket.gethostname()}", expire=settings.lock_expire)
     worker = Worker(settings, host, store, locks, driver)
     app = make_app(settings)
     register(app, worker)
@@ -43,6 +45,7 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
                           interval=settings.heartbeat_interval)
     heartbeat.start()
     try:
+        locks.clear_dead_holders(pid_alive)
         reconcile(worker)
         kick_mailboxes(app, store, host)
         celery_worker = app.Worker(
@@ -55,6 +58,16 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
         heartbeat.stop()
         locks.close()
         driver.close()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def kick_mailboxes(app: Celery, store: Store, host: str) -> int:
