@@ -279,8 +279,8 @@ class LockManager:
         clear = self.client.register_script(_CLEAR_IF_OWNED)
         freed = []
         for key in self.client.scan_iter(f"lock:{keys.PREFIX}:*", count=1000):
-            lock_id = self.client.get(key)
-            parts = str(lock_id).rsplit(":", 2) if lock_id else []
+            lock_id = str(self.client.get(key) or "")
+            parts = lock_id.rsplit(":", 2)
             if len(parts) != 3 or parts[0] != self.owner or not parts[1].isdigit():
                 continue
             pid = int(parts[1])
