@@ -1,0 +1,214 @@
+"""The supervisor: the one process that owns a local cluster's Redis and host workers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from ..errors import ClusterUnavailable
+from ..redisconn import connect
+from ..settings import Settings
+from .environment import OnEvent, child_env, redis_server, resolved
+from .home import Paths, prepare_home
+from .homelock import HomeLock
+from .processes import Child, describe_exit, start_ticks, tail
+from .readiness import hosts_up
+from .state import ClusterHost, ClusterInfo, State, write_state
+from .stopping import stop_all
+from .timeouts import BACKOFF_MAX, BACKOFF_MIN, POLL, REDIS_START_TIMEOUT, STABLE_AFTER
+
+
+class Supervisor:
+    """Runs Redis and the host workers until SIGTERM/SIGINT; restarts what crashes."""
+
+    def __init__(self, settings: Settings, hosts: Sequence[tuple[str, str]], *, api_port: int | None = None,
+                 on_event: OnEvent = print) -> None:
+        self.settings = resolved(settings)
+        self.paths = Paths(self.settings.home)
+        self.plan = list(hosts)
+        # Issue 5 adds the HTTP API process; until then the port is only recorded in cluster.json.
+        self.api_port = api_port
+        self.on_event = on_event
+        self.started_at = datetime.now(UTC)
+        self.redis_url = ""
+        self.redis: Child | None = None
+        self.workers: dict[str, Child] = {}  # host name -> its worker, in plan order
+        self._stop_requested = False
+        self._stopped_by: str | None = None  # the signal that asked us to stop
+        self._announced = False
+        self._next_ready_check = 0.0
+
+    # -- lifecycle --
+
+    def run(self) -> ClusterInfo:
+        redis_server()
+        prepare_home(self.paths)
+        with HomeLock(self.paths):
+            previous = self._trap_signals()
+            try:
+                self._start()
+                self._announce_start()
+                while not self._stop_requested:
+                    self._tick()
+                    time.sleep(POLL)
+            finally:
+                self._stop()
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+        return self._info()
+
+    def _announce_start(self) -> None:
+        if self._stop_requested:
+            return
+        hosts = ", ".join(f"{name} (pid {child.pid})" for name, child in self.workers.items())
+        self.on_event(f"local cluster running under {self.paths.home}: Redis at {self.redis_url}, hosts {hosts}; "
+                      f"logs in {self.paths.logs}")
+
+    def _trap_signals(self) -> dict[signal.Signals, Any]:
+        # Python only lets the main thread set handlers; elsewhere the caller uses request_stop().
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, self._on_signal)
+        return previous
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        # Only set flags: printing here could re-enter a print the main loop is in the middle of.
+        self._stopped_by = self._stopped_by or signal.Signals(signum).name
+        self._stop_requested = True
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+
+    # -- starting --
+
+    def _start(self) -> None:
+        self._start_redis()
+        if self._stop_requested:
+            return
+        env = child_env(self.settings, VMORCH_REDIS_URL=self.redis_url)
+        for name, uri in self.plan:
+            argv = [sys.executable, "-m", "worker", "--host", name, "--libvirt-uri", uri]
+            child = Child(f"{name} worker", argv, env, self.paths.host_log(name), self.paths.home)
+            child.start()
+            self.workers[name] = child
+        self._save()
+
+    def _start_redis(self) -> None:
+        log = self.paths.logs / "redis.log"
+        # A free port can be taken between probing and binding: try a few.
+        for _attempt in range(3):
+            port = _free_port()
+            argv = [redis_server(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(self.paths.redis_dir),
+                    "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+                    "--logfile", str(log)]
+            self.redis = Child("redis-server", argv, child_env(self.settings), log, self.paths.home)
+            self.redis.start()
+            self.redis_url = f"redis://127.0.0.1:{port}/0"
+            if self._wait_redis(self.redis):
+                return
+        raise ClusterUnavailable(f"redis-server did not start; last lines of {log}:\n{tail(log)}",
+                                 hint="see the log above")
+
+    def _wait_redis(self, redis: Child) -> bool:
+        deadline = time.monotonic() + REDIS_START_TIMEOUT
+        with connect(self.redis_url, retries=0) as client:
+            while time.monotonic() < deadline and not self._stop_requested:
+                if redis.exit_code() is not None:
+                    return False
+                with contextlib.suppress(RedisError, OSError):
+                    client.ping()
+                    return True
+                time.sleep(0.05)
+        if self._stop_requested:
+            return True  # _stop() takes it from here
+        raise ClusterUnavailable(f"redis-server did not answer within {REDIS_START_TIMEOUT:.0f}s",
+                                 hint=f"see {redis.log}")
+
+    # -- running --
+
+    def _tick(self) -> None:
+        changed = False
+        for child in self._children():
+            changed |= self._check(child)
+        if changed:
+            self._save()
+        self._announce_ready()
+
+    def _children(self) -> list[Child]:
+        return ([self.redis] if self.redis else []) + list(self.workers.values())
+
+    def _check(self, child: Child) -> bool:
+        """Notice a crash and restart after a backoff; True when the child was restarted now."""
+        now = time.monotonic()
+        if child.restart_at is None:
+            code = child.exit_code()
+            if code is None:
+                return False
+            if now - child.started >= STABLE_AFTER:
+                child.backoff = BACKOFF_MIN
+            child.restart_at = now + child.backoff
+            self.on_event(f"{child.name} (pid {child.pid}) exited ({describe_exit(code)}); "
+                          f"restarting in {child.backoff:.0f}s; see {child.log}")
+            child.backoff = min(child.backoff * 2, BACKOFF_MAX)
+            return False
+        if now < child.restart_at:
+            return False
+        child.start()
+        child.restarts += 1
+        self.on_event(f"restarted {child.name} (pid {child.pid}, restart {child.restarts})")
+        return True
+
+    def _announce_ready(self) -> None:
+        if self._announced or time.monotonic() < self._next_ready_check:
+            return
+        self._next_ready_check = time.monotonic() + 1.0
+        expected = {name: child.pid for name, child in self.workers.items()}
+        if hosts_up(self.redis_url, expected, self.settings.host_down_after) == set(expected):
+            self.on_event(f"all {len(expected)} hosts up")
+            self._announced = True
+
+    # -- state --
+
+    def _info(self) -> ClusterInfo:
+        assert self.redis is not None
+        hosts = tuple(ClusterHost(name=name, libvirt_uri=uri, pid=self.workers[name].pid,
+                                  restarts=self.workers[name].restarts)
+                      for name, uri in self.plan if name in self.workers)
+        return ClusterInfo(home=self.paths.home, redis_url=self.redis_url, redis_pid=self.redis.pid,
+                           supervisor_pid=os.getpid(), hosts=hosts, started_at=self.started_at,
+                           api_port=self.api_port, logs=self.paths.logs)
+
+    def _save(self) -> None:
+        ticks = {p.pid: p.ticks for p in self._children()}
+        ticks[os.getpid()] = start_ticks(os.getpid())
+        write_state(self.paths, State(self._info(), ticks))
+
+    # -- stopping --
+
+    def _stop(self) -> None:
+        self._stop_requested = True
+        if self._stopped_by:
+            self.on_event(f"{self._stopped_by}: stopping the local cluster")
+        started = [(name, uri) for name, uri in self.plan if name in self.workers]
+        stop_all(self.settings, list(self.workers.values()), started, self.redis_url, self.redis, self.on_event)
+        self.paths.state.unlink(missing_ok=True)
+        self.on_event("local cluster stopped")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
