@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from . import render
@@ -21,3 +23,24 @@ def list_(ctx: typer.Context) -> None:
         render.out.print(render.hosts_table(hosts))
     else:
         render.err.print("no host registered; start a worker with 'vmorch up' or 'vmorch worker --host NAME'")
+
+
+@app.command()
+def drain(ctx: typer.Context, name: Annotated[str, typer.Argument(help="host name")]) -> None:
+    """Place no new VMs on a host; its VMs and their jobs carry on."""
+    _set_draining(ctx, name, True)
+
+
+@app.command()
+def undrain(ctx: typer.Context, name: Annotated[str, typer.Argument(help="host name")]) -> None:
+    """Let placement use a drained host again."""
+    _set_draining(ctx, name, False)
+
+
+def _set_draining(ctx: typer.Context, name: str, draining: bool) -> None:
+    st = state(ctx)
+    host = st.client.drain(name, draining)
+    if st.json:
+        render.dump_json(host)
+    else:
+        render.out.print(render.hosts_table([host]))

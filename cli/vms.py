@@ -6,9 +6,11 @@ from typing import Annotated, Any
 
 import typer
 
+from orchestrator.client import Client
 from orchestrator.errors import InvalidInput
 from orchestrator.names import check_tag, expand_target
 from orchestrator.operation import Op, Operation
+from orchestrator.records import HostState, Job
 
 from . import render
 from .context import state
@@ -25,6 +27,7 @@ def submit(ctx: typer.Context, op: Op, target: str, wait: bool, **params: Any) -
     params = {k: v for k, v in params.items() if v is not None}
     ops = [Operation.build(op, st.namespace, name, **params) for name in expand_target(target)]
     jobs = st.client.submit(ops)
+    warn_down_hosts(st.client, jobs, st.settings.host_down_deadline)
     if wait:
         jobs = wait_for(st.client, jobs)
     if st.json:
@@ -34,6 +37,13 @@ def submit(ctx: typer.Context, op: Op, target: str, wait: bool, **params: Any) -
             render.out.print(render.job_line(job))
     if wait and render.any_failed(jobs):
         raise typer.Exit(1)
+
+
+def warn_down_hosts(client: Client, jobs: list[Job], deadline: float) -> None:
+    down = {h.name for h in client.hosts() if h.state is HostState.DOWN}
+    for host in sorted({j.host for j in jobs} & down):
+        render.err.print(f"[yellow]warning:[/yellow] host {host} is down; its jobs wait for it up to "
+                         f"{deadline:.0f}s, then fail (see 'vmorch host list')")
 
 
 def parse_tags(pairs: list[str] | None) -> dict[str, str]:

@@ -38,6 +38,7 @@ class Client(Protocol):
     def vm(self, namespace: str, name: str) -> Vm: ...
     def vms(self, namespace: str) -> list[Vm]: ...
     def hosts(self) -> list[Host]: ...
+    def drain(self, host: str, draining: bool) -> Host: ...
 
 
 def who() -> str:
@@ -166,6 +167,9 @@ class RedisClient:
 
     def hosts(self) -> list[Host]:
         return self.store.hosts()
+
+    def drain(self, host: str, draining: bool) -> Host:
+        return self.store.set_draining(host, draining)
 
     def cancel(self, job_id: int) -> Job:
         self.store.cancel(job_id, who())

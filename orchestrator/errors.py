@@ -103,6 +103,12 @@ class Canceled(ExecError):
     code = "canceled"
 
 
+class HostDown(ExecError):
+    """The VM's host stopped heartbeating and didn't come back before the deadline."""
+
+    code = "host_down"
+
+
 class VmGone(ExecError):
     """The VM was deleted before this job's turn came."""
 

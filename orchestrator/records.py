@@ -165,16 +165,9 @@ class Host(_Record):
 
     @classmethod
     def from_hash(cls, h: dict[str, str], *, now: float, down_after: float, vms: int, committed_mib: int) -> Host:
-        beat = float(h.get("heartbeat_at") or 0)
-        if now - beat > down_after or h.get("stopped"):
-            state = HostState.DOWN
-        elif h.get("draining"):
-            state = HostState.DRAINING
-        else:
-            state = HostState.UP
         return cls(
             name=h["name"],
-            state=state,
+            state=host_state(h, now=now, down_after=down_after),
             heartbeat_at=ts(h.get("heartbeat_at")),
             started_at=ts(h.get("started_at")),
             pid=int(h["pid"]) if h.get("pid") else None,
@@ -185,6 +178,14 @@ class Host(_Record):
             vms=vms,
             hostname=h.get("hostname", ""),
         )
+
+
+def host_state(h: dict[str, str], *, now: float, down_after: float) -> HostState:
+    """The one place that decides whether a host is up, from its record and Redis's clock."""
+    beat = float(h.get("heartbeat_at") or 0)
+    if now - beat > down_after or h.get("stopped"):
+        return HostState.DOWN
+    return HostState.DRAINING if h.get("draining") else HostState.UP
 
 
 def domain_name(namespace: str, vm: str) -> str:

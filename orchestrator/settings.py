@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(default=1.0, gt=0)
     #: a host whose last heartbeat is older than this is ``down``
     host_down_after: float = Field(default=6.0, gt=0)
+    #: how long jobs of a VM whose host is down wait for it before failing with "host <name> is down"
+    host_down_deadline: float = Field(default=300.0, gt=0)
     #: must be longer than any operation: Celery redelivers an unacked message after it
     visibility_timeout: int = Field(default=4 * 3600, ge=60)
     #: how often (s) a waiting client re-reads a job when no notification arrived

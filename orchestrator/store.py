@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 from . import keys, scripts
 from .errors import AlreadyExists, FencedOut, NotFound, VmorchError
 from .operation import LaunchParams, Op, Operation
-from .records import Host, HostState, Job, JobState, Vm, domain_name
+from .records import Host, HostState, Job, JobState, Vm, domain_name, host_state
 
 
 @dataclass(frozen=True)
@@ -138,12 +138,13 @@ class Store:
                     self.redis.zrangebyscore(keys.vm_mailbox(namespace, vm), "-inf", hi, withscores=True))
         return [(int(i), int(s)) for i, s in rows]
 
-    def get_vm(self, namespace: str, name: str) -> Vm:
+    def get_vm(self, namespace: str, name: str, *, as_stored: bool = False) -> Vm:
+        """The VM; its state is ``unknown`` while its host is down, unless ``as_stored``."""
         data = _hash(self.redis.hgetall(keys.vm(namespace, name)))
         if not data:
             raise NotFound(f"no VM {name!r} in namespace {namespace!r}",
                            hint="list VMs with 'vmorch vm list' (and check --namespace)")
-        return Vm.from_hash(data, host_up=self._host_up(data["host"]))
+        return Vm.from_hash(data, host_up=as_stored or self._host_up(data["host"]))
 
     def vm_names(self, namespace: str) -> list[str]:
         return sorted(cast(set[str], self.redis.smembers(keys.vms(namespace))))
@@ -189,8 +190,9 @@ class Store:
         return sum(int(m) for m in pipe.execute() if m)
 
     def _host_up(self, name: str) -> bool:
-        beat = self.redis.hget(keys.host(name), "heartbeat_at")
-        return beat is not None and self.redis_time() - float(beat) <= self.host_down_after
+        data = _hash(self.redis.hgetall(keys.host(name)))
+        return bool(data) and host_state(data, now=self.redis_time(),
+                                         down_after=self.host_down_after) is not HostState.DOWN
 
     def redis_time(self) -> float:
         sec, usec = self.redis.time()
@@ -207,6 +209,12 @@ class Store:
 
     def heartbeat(self, name: str) -> None:
         self.redis.hset(keys.host(name), "heartbeat_at", f"{self.redis_time():.6f}")
+
+    def set_draining(self, name: str, draining: bool) -> Host:
+        """A draining host gets no new VMs; its VMs and their jobs carry on."""
+        self.host(name)  # NotFound for an unknown host
+        self.redis.hset(keys.host(name), "draining", "1" if draining else "")
+        return self.host(name)
 
     def host_stopped(self, name: str) -> None:
         """A clean worker shutdown: the host is down now, not after the heartbeat times out."""

@@ -102,7 +102,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture(scope="session")
 def base_settings(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return Settings(redis_url=redis_server.url, home=tmp_path_factory.mktemp("home"), lock_expire=4,
-                    heartbeat_interval=0.5, host_down_after=3.0, wait_poll_interval=0.5)
+                    heartbeat_interval=0.5, host_down_after=3.0, host_down_deadline=4.0, wait_poll_interval=0.5)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -110,7 +110,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env.update({
         "VMORCH_REDIS_URL": settings.resolved_redis_url(), "VMORCH_HOME": str(settings.home),
         "VMORCH_LOCK_EXPIRE": str(settings.lock_expire), "VMORCH_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
-        "VMORCH_HOST_DOWN_AFTER": str(settings.host_down_after), "PYTHONUNBUFFERED": "1",
+        "VMORCH_HOST_DOWN_AFTER": str(settings.host_down_after),
+        "VMORCH_HOST_DOWN_DEADLINE": str(settings.host_down_deadline), "PYTHONUNBUFFERED": "1",
     })
     return env
 

@@ -39,7 +39,8 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():  # stop() also runs when start-up failed before start()
+            self._thread.join(timeout=5)
         try:
             self.store.host_stopped(self.host)
         except RedisError as exc:

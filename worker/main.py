@@ -18,6 +18,7 @@ from orchestrator.store import Store
 
 from .driver import Driver
 from .heartbeat import Heartbeat
+from .janitor import Janitor
 from .reconcile import reconcile
 from .runner import Worker
 from .tasks import register
@@ -43,11 +44,14 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
     cpus, memory_mib = driver.capacity()
     heartbeat = Heartbeat(store, host, libvirt_uri=libvirt_uri, cpus=cpus, memory_mib=memory_mib,
                           interval=settings.heartbeat_interval)
-    heartbeat.start()
+    janitor = Janitor(worker, interval=max(1.0, settings.host_down_after / 2))
     try:
+        # Repair first, then announce: a host that shows "up" has a registry that tells the truth.
         locks.clear_dead_holders(pid_alive)
         reconcile(worker)
+        heartbeat.start()
         kick_mailboxes(app, store, host)
+        janitor.start()
         celery_worker = app.Worker(
             queues=[keys.queue(host)], pool="threads", concurrency=concurrency,
             hostname=f"{host}@{socket.gethostname()}", loglevel=loglevel,
@@ -55,6 +59,7 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
         )
         celery_worker.start()
     finally:
+        janitor.stop()
         heartbeat.stop()
         locks.close()
         driver.close()

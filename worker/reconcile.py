@@ -27,7 +27,7 @@ def reconcile(w: Worker) -> dict[str, tuple[str, str]]:
         lock = vm_lock(namespace, name)
         with w.locks.hold(lock, timeout=w.settings.lock_expire + 2) as holding:
             try:
-                vm = w.store.get_vm(namespace, name)  # LOCK: vm
+                vm = w.store.get_vm(namespace, name, as_stored=True)  # LOCK: vm
             except NotFound:
                 continue
             try:
@@ -35,7 +35,6 @@ def reconcile(w: Worker) -> dict[str, tuple[str, str]]:
             except VmorchError as exc:
                 log.warning("cannot read %s from libvirt: %s", vm.domain, exc)
                 continue
-            # the heartbeat registered this host before reconciling, so vm.state is the stored one
             if actual is not vm.state:
                 w.store.update_vm(namespace, name, holding.fence(lock), {
                     "state": actual.value, "note": f"reconciled at worker start: was {vm.state.value}"})

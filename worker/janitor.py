@@ -1,0 +1,69 @@
+"""Fails the jobs of VMs whose host has been down past the deadline, so none waits forever.
+
+Every worker runs one; they may overlap harmlessly: each VM is handled under its lock,
+writes are fenced, and a job that is already final is left alone. If the host comes back
+before the deadline, its worker runs the jobs as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from redis.exceptions import RedisError
+
+from orchestrator.errors import HostDown, LockError
+from orchestrator.locks import vm_lock
+from orchestrator.records import HostState, JobState
+
+from .runner import Worker
+
+log = logging.getLogger(__name__)
+
+
+def sweep(w: Worker) -> int:
+    """One pass; returns how many jobs were failed."""
+    failed = 0
+    now = w.store.redis_time()
+    for host in w.store.hosts():
+        if host.state is not HostState.DOWN or host.heartbeat_at is None:
+            continue
+        if now - host.heartbeat_at.timestamp() < w.settings.host_down_deadline:
+            continue
+        for namespace, name in w.store.vms_on_host(host.name):
+            if not w.store.mailbox(namespace, name):
+                continue
+            lock = vm_lock(namespace, name)
+            with w.locks.hold(lock, timeout=w.settings.lock_expire + 2) as holding:
+                error = HostDown(f"host {host.name} is down",
+                                 hint=f"it stopped heartbeating at {host.heartbeat_at:%Y-%m-%d %H:%M:%S}Z; "
+                                      "restart its worker, then retry the job")
+                for job in w.store.get_jobs(i for i, _ in w.store.mailbox(namespace, name)):  # LOCK: vm
+                    if w.store.finish(job, holding.fence(lock), JobState.FAILED, error=error):
+                        failed += 1
+    if failed:
+        log.warning("failed %d jobs of hosts down for more than %.0fs", failed, w.settings.host_down_deadline)
+    return failed
+
+
+class Janitor:
+    def __init__(self, worker: Worker, interval: float) -> None:
+        self.worker = worker
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="vmorch-janitor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                sweep(self.worker)
+            except (RedisError, LockError) as exc:  # Redis restarting, or a busy VM: next pass
+                log.warning("janitor pass skipped: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():  # stop() also runs when start-up failed before start()
+            self._thread.join(timeout=5)
