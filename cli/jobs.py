@@ -21,10 +21,13 @@ def show(ctx: typer.Context, job_id: Annotated[int, typer.Argument(metavar="ID")
     """Show one job."""
     st = state(ctx)
     job = st.client.job(job_id)
+    events = st.client.events(job.namespace, vm=job.vm, job_id=job.id)
     if st.json:
-        render.dump_json(job)
+        render.dump_json({**job.model_dump(mode="json"), "events": [e.model_dump(mode="json") for e in events]})
     else:
         render.out.print(render.job_detail(job))
+        if events:
+            render.out.print(render.events_table(events))
 
 
 @app.command(name="list")

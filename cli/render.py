@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.errors import VmorchError
-from orchestrator.records import Host, Job, JobState, Vm
+from orchestrator.records import Event, Host, Job, JobState, Vm
 
 # Piped output keeps whole lines (rich would cut tables at 80 columns) so scripts can grep them.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
@@ -95,6 +95,15 @@ def job_detail(job: Job) -> Table:
         rows.append(("cancel", f"requested by {job.cancel_requested_by}"))
     for k, v in rows:
         table.add_row(k, v)
+    return table
+
+
+def events_table(events: Sequence[Event]) -> Table:
+    table = Table(box=None, pad_edge=False)
+    for col in ("AT", "WHAT", "JOB", "OP", "STATE", "BY", "DETAIL"):
+        table.add_column(col, no_wrap=col != "DETAIL")
+    for e in events:
+        table.add_row(when(e.at), e.kind, str(e.job or ""), e.op, styled(e.state), e.by, e.detail)
     return table
 
 

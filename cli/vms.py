@@ -7,8 +7,8 @@ from typing import Annotated, Any
 import typer
 
 from orchestrator.client import Client
-from orchestrator.errors import InvalidInput
-from orchestrator.names import check_tag, expand_target
+from orchestrator.errors import InvalidInput, NotFound
+from orchestrator.names import check_name, check_tag, expand_target
 from orchestrator.operation import Op, Operation
 from orchestrator.records import HostState, Job
 
@@ -158,3 +158,18 @@ def show(ctx: typer.Context, name: Annotated[str, typer.Argument(help="VM name")
         render.dump_json(vm)
     else:
         render.out.print(render.vm_detail(vm))
+
+
+@app.command()
+def history(ctx: typer.Context, name: Annotated[str, typer.Argument(help="VM name")],
+            limit: Annotated[int, typer.Option("--limit", min=1, max=100_000)] = 100) -> None:
+    """Show what happened to a VM: its jobs' state changes and the changes of its record."""
+    st = state(ctx)
+    events = st.client.events(st.namespace, vm=check_name(name), limit=limit)
+    if st.json:
+        render.dump_json(events)
+    elif events:
+        render.out.print(render.events_table(events))
+    else:
+        raise NotFound(f"no history for VM {name!r} in namespace {st.namespace!r}",
+                       hint="list VMs with 'vmorch vm list' (and check --namespace)")

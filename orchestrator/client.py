@@ -16,7 +16,7 @@ from . import keys
 from .errors import AlreadyExists, ClusterUnavailable, InvalidInput, NoCapacity, NotFound
 from .locks import LockManager, cmd_lock, vms_lock
 from .operation import LaunchParams, Op, Operation
-from .records import Host, HostState, Job, JobState, Vm
+from .records import Event, Host, HostState, Job, JobState, Vm
 from .redisconn import connect, ping
 from .settings import Settings
 from .store import Store, Submitted
@@ -39,6 +39,8 @@ class Client(Protocol):
     def vms(self, namespace: str) -> list[Vm]: ...
     def hosts(self) -> list[Host]: ...
     def drain(self, host: str, draining: bool) -> Host: ...
+    def events(self, namespace: str, *, vm: str | None = None, job_id: int | None = None,
+               limit: int = 100) -> list[Event]: ...
 
 
 def who() -> str:
@@ -84,7 +86,7 @@ class RedisClient:
                 raise NotFound(f"no VM {op.vm!r} in namespace {op.namespace!r}",
                                hint="list VMs with 'vmorch vm list' (and check --namespace)")
         accepted = self._submit_launches(launches) if launches else []
-        accepted += [(self.store.submit(op), op) for op in others]
+        accepted += [(self.store.submit(op, who()), op) for op in others]
         self._enqueue(accepted)
         return self.store.get_jobs(s.id for s, _ in accepted)
 
@@ -102,7 +104,7 @@ class RedisClient:
                                         + (f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""),
                                         hint="pick other names, or delete them first with 'vmorch vm delete'")
                 placement = self._place(batch)  # LOCK: cmd:<ns>
-                out += [(self.store.submit_launch(op, placement[op.vm]), op) for op in batch]  # LOCK: cmd, vms
+                out += [(self.store.submit_launch(op, placement[op.vm], who()), op) for op in batch]  # LOCK: cmd, vms
         return out
 
     def _place(self, ops: list[Operation]) -> dict[str, str]:
@@ -170,6 +172,10 @@ class RedisClient:
 
     def drain(self, host: str, draining: bool) -> Host:
         return self.store.set_draining(host, draining)
+
+    def events(self, namespace: str, *, vm: str | None = None, job_id: int | None = None,
+               limit: int = 100) -> list[Event]:
+        return self.store.events(namespace, vm=vm, job_id=job_id, limit=limit)
 
     def cancel(self, job_id: int) -> Job:
         self.store.cancel(job_id, who())

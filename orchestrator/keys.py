@@ -17,6 +17,7 @@ P:vm:<ns>:<name>:mailbox        zset     the VM's unfinished job ids, score = se
 P:hosts                         set      host names that ever registered
 P:host:<name>                   hash     one host record (heartbeat, capacity, pid)
 P:host:<name>:vms               set      "<ns>/<name>" of the VMs placed on that host
+P:events:<ns>                   stream   history: every job state change and VM change
 P:fence:<lock name>             string   the lock's fencing counter (INCR on every acquire)
 P:updates                       pubsub   channel: "<job id> <state>" on every job change
 lock:<lock name>                string   python-redis-lock's lock key (its own prefix)
@@ -44,6 +45,10 @@ def job(job_id: int) -> str:
 
 def jobs(namespace: str) -> str:
     return f"{PREFIX}:jobs:{namespace}"
+
+
+def events(namespace: str) -> str:
+    return f"{PREFIX}:events:{namespace}"
 
 
 def vms(namespace: str) -> str:

@@ -180,6 +180,26 @@ class Host(_Record):
         )
 
 
+class Event(_Record):
+    """One entry of a namespace's history: a job's state change, or a change of a VM record."""
+
+    id: str
+    at: datetime | None
+    kind: str  # "job" or "vm"
+    job: int | None
+    vm: str
+    op: str
+    state: str
+    by: str
+    detail: str
+
+    @classmethod
+    def from_fields(cls, entry_id: str, f: dict[str, str]) -> Event:
+        return cls(id=entry_id, at=ts(f.get("at")), kind=f.get("kind", ""),
+                   job=int(f["job"]) if f.get("job") else None, vm=f.get("vm", ""), op=f.get("op", ""),
+                   state=f.get("state", ""), by=f.get("by", ""), detail=f.get("detail", ""))
+
+
 def host_state(h: dict[str, str], *, now: float, down_after: float) -> HostState:
     """The one place that decides whether a host is up, from its record and Redis's clock."""
     beat = float(h.get("heartbeat_at") or 0)

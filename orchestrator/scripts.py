@@ -14,6 +14,15 @@ local t = redis.call('TIME')
 local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
 """
 
+# History: every script that changes a job or a VM appends what changed to the namespace's
+# event stream (its last KEY), in the same atomic step, so history can't disagree with state.
+_EVENT = """
+local function event(kind, job, vm, op, state, by, detail)
+  redis.call('XADD', KEYS[#KEYS], 'MAXLEN', '~', 100000, '*', 'at', now, 'kind', kind, 'job', job,
+    'vm', vm, 'op', op, 'state', state, 'by', by, 'detail', detail)
+end
+"""
+
 _FENCE = """
 local function fenced(fence_key, token)
   if redis.call('GET', fence_key) ~= token then
@@ -23,9 +32,9 @@ local function fenced(fence_key, token)
 end
 """
 
-# KEYS: job_next, vms(ns), vm_seq, mailbox, jobs(ns), vm record, updates channel
-# ARGV: job_prefix, ns, vm, op, params_json
-SUBMIT = _NOW + """
+# KEYS: job_next, vms(ns), vm_seq, mailbox, jobs(ns), vm record, updates channel, events(ns)
+# ARGV: job_prefix, ns, vm, op, params_json, who
+SUBMIT = _NOW + _EVENT + """
 if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 0 then
   return redis.error_reply('not_found')
 end
@@ -37,14 +46,15 @@ redis.call('HSET', ARGV[1] .. id, 'id', id, 'op', ARGV[4], 'namespace', ARGV[2],
 redis.call('ZADD', KEYS[4], seq, id)
 redis.call('ZADD', KEYS[5], id, id)
 redis.call('PUBLISH', KEYS[7], id .. ' queued')
+event('job', id, ARGV[3], ARGV[4], 'queued', ARGV[6], 'seq ' .. seq .. ' on host ' .. host)
 return {id, seq, host}
 """
 
 # The VM record, its registry entry and its launch job, in one step.
 # LOCK: the caller holds cmd:<ns> and vms:<ns> (name reservation and placement).
-# KEYS: job_next, vms(ns), vm_seq, mailbox, jobs(ns), vm record, updates, namespaces, host_vms
-# ARGV: job_prefix, ns, vm, params_json, host, memory_mib, vcpus, disk_gib, image, tags_json, domain
-SUBMIT_LAUNCH = _NOW + """
+# KEYS: job_next, vms(ns), vm_seq, mailbox, jobs(ns), vm record, updates, namespaces, host_vms, events(ns)
+# ARGV: job_prefix, ns, vm, params_json, host, memory_mib, vcpus, disk_gib, image, tags_json, domain, who
+SUBMIT_LAUNCH = _NOW + _EVENT + """
 if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 1 then
   return redis.error_reply('already_exists')
 end
@@ -61,23 +71,27 @@ redis.call('HSET', ARGV[1] .. id, 'id', id, 'op', 'launch', 'namespace', ARGV[2]
 redis.call('ZADD', KEYS[4], seq, id)
 redis.call('ZADD', KEYS[5], id, id)
 redis.call('PUBLISH', KEYS[7], id .. ' queued')
+event('vm', '', ARGV[3], 'launch', 'missing', ARGV[12], 'registered on host ' .. ARGV[5])
+event('job', id, ARGV[3], 'launch', 'queued', ARGV[12], 'seq ' .. seq .. ' on host ' .. ARGV[5])
 return {id, seq, ARGV[5]}
 """
 
 # A worker picked the message up; the job now waits for its turn. Only from queued.
-# KEYS: job, updates; ARGV: id
-MARK_WAITING = """
+# KEYS: job, updates, events(ns); ARGV: id, worker
+MARK_WAITING = _NOW + _EVENT + """
 if redis.call('HGET', KEYS[1], 'state') == 'queued' then
   redis.call('HSET', KEYS[1], 'state', 'waiting')
   redis.call('PUBLISH', KEYS[2], ARGV[1] .. ' waiting')
+  local job = redis.call('HMGET', KEYS[1], 'vm', 'op')
+  event('job', ARGV[1], job[1], job[2], 'waiting', ARGV[2], 'waiting for its turn')
   return 1
 end
 return 0
 """
 
 # Start (or restart, after a crash) an attempt. Refused if the job is final or fenced out.
-# KEYS: job, fence, updates; ARGV: token, id, worker
-BEGIN = _NOW + _FENCE + """
+# KEYS: job, fence, updates, events(ns); ARGV: token, id, worker
+BEGIN = _NOW + _EVENT + _FENCE + """
 local refused = fenced(KEYS[2], ARGV[1])
 if refused then return refused end
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -86,13 +100,16 @@ if state == 'succeeded' or state == 'failed' or state == 'canceled' then return 
 redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', now, 'worker', ARGV[3])
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('PUBLISH', KEYS[3], ARGV[2] .. ' running')
+local job = redis.call('HMGET', KEYS[1], 'vm', 'op')
+event('job', ARGV[2], job[1], job[2], 'running', ARGV[3], 'attempt ' .. attempts .. ', fence ' .. ARGV[1])
 return {1, attempts}
 """
 
 # Finish a job and apply its effect on the VM record, atomically and fenced.
-# KEYS: job, fence, mailbox, vm record, vms(ns), host_vms, updates
-# ARGV: token, id, state, error_json, result_json, vm_update_json ('' = none), delete_vm ('1'/'0'), member
-FINISH = _NOW + _FENCE + """
+# KEYS: job, fence, mailbox, vm record, vms(ns), host_vms, updates, events(ns)
+# ARGV: token, id, state, error_json, result_json, vm_update_json ('' = none), delete_vm ('1'/'0'), member,
+#       worker, detail
+FINISH = _NOW + _EVENT + _FENCE + """
 local refused = fenced(KEYS[2], ARGV[1])
 if refused then return refused end
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -102,42 +119,50 @@ if state == 'succeeded' or state == 'failed' or state == 'canceled' then
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'finished_at', now, 'error', ARGV[4], 'result', ARGV[5])
 redis.call('ZREM', KEYS[3], ARGV[2])
+local op = redis.call('HGET', KEYS[1], 'op')
+event('job', ARGV[2], ARGV[8], op, ARGV[3], ARGV[9], ARGV[10])
 if ARGV[7] == '1' then
   redis.call('DEL', KEYS[4])
   redis.call('SREM', KEYS[5], ARGV[8])
   redis.call('SREM', KEYS[6], redis.call('HGET', KEYS[1], 'namespace') .. '/' .. ARGV[8])
+  event('vm', ARGV[2], ARGV[8], op, 'deleted', ARGV[9], '')
 elseif ARGV[6] ~= '' and redis.call('EXISTS', KEYS[4]) == 1 then
   local update = cjson.decode(ARGV[6])
   for field, value in pairs(update) do
     redis.call('HSET', KEYS[4], field, value)
   end
   redis.call('HSET', KEYS[4], 'updated_at', now)
+  event('vm', ARGV[2], ARGV[8], op, redis.call('HGET', KEYS[4], 'state'), ARGV[9], ARGV[6])
 end
 redis.call('PUBLISH', KEYS[7], ARGV[2] .. ' ' .. ARGV[3])
 return 1
 """
 
 # Cancel: a job not yet running is canceled at once; a running one is asked to stop.
-# KEYS: job, mailbox, updates; ARGV: id, error_json, who
-CANCEL = _NOW + """
+# KEYS: job, mailbox, updates, events(ns); ARGV: id, error_json, who
+CANCEL = _NOW + _EVENT + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == false then return redis.error_reply('not_found') end
 if state == 'queued' or state == 'waiting' then
   redis.call('HSET', KEYS[1], 'state', 'canceled', 'finished_at', now, 'error', ARGV[2], 'canceled_by', ARGV[3])
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('PUBLISH', KEYS[3], ARGV[1] .. ' canceled')
+  local job = redis.call('HMGET', KEYS[1], 'vm', 'op')
+  event('job', ARGV[1], job[1], job[2], 'canceled', ARGV[3], 'canceled before it ran')
   return 'canceled'
 end
 if state == 'running' then
   redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[3])
+  local job = redis.call('HMGET', KEYS[1], 'vm', 'op')
+  event('job', ARGV[1], job[1], job[2], 'running', ARGV[3], 'cancel requested')
   return 'requested'
 end
 return state
 """
 
 # Update fields of a VM record under its lock (reconciliation). Fenced; a deleted VM stays deleted.
-# KEYS: vm record, fence; ARGV: token, fields_json
-UPDATE_VM = _NOW + _FENCE + """
+# KEYS: vm record, fence, events(ns); ARGV: token, fields_json, vm, who
+UPDATE_VM = _NOW + _EVENT + _FENCE + """
 local refused = fenced(KEYS[2], ARGV[1])
 if refused then return refused end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -145,5 +170,6 @@ for field, value in pairs(cjson.decode(ARGV[2])) do
   redis.call('HSET', KEYS[1], field, value)
 end
 redis.call('HSET', KEYS[1], 'updated_at', now)
+event('vm', '', ARGV[3], '', redis.call('HGET', KEYS[1], 'state'), ARGV[4], ARGV[2])
 return 1
 """

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(default=1.0, gt=0)
     #: a host whose last heartbeat is older than this is ``down``
     host_down_after: float = Field(default=6.0, gt=0)
+    #: an operation past this many seconds fails with ``timeout`` at its next step
+    job_soft_time_limit: float = Field(default=1800.0, gt=0)
+    #: past this, a job stuck inside libvirt is failed and its worker process exits (a thread can't be
+    #: killed; the supervisor or systemd restarts the worker, which frees the dead process's locks)
+    job_hard_time_limit: float = Field(default=2400.0, gt=0)
     #: how long jobs of a VM whose host is down wait for it before failing with "host <name> is down"
     host_down_deadline: float = Field(default=300.0, gt=0)
     #: must be longer than any operation: Celery redelivers an unacked message after it

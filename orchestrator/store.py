@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 from . import keys, scripts
 from .errors import AlreadyExists, FencedOut, NotFound, VmorchError
 from .operation import LaunchParams, Op, Operation
-from .records import Host, HostState, Job, JobState, Vm, domain_name, host_state
+from .records import Event, Host, HostState, Job, JobState, Vm, domain_name, host_state
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Store:
 
     # -- submitting ---------------------------------------------------------------------
 
-    def submit(self, op: Operation) -> Submitted:
+    def submit(self, op: Operation, who: str = "") -> Submitted:
         """Accept an operation on an existing VM: give it an id and its place in the VM's order."""
         if op.op is Op.LAUNCH:
             raise ValueError("launches go through submit_launch (they need the cmd lock)")
@@ -63,14 +63,14 @@ class Store:
         try:
             res = self._submit(
                 keys=[keys.JOB_NEXT, keys.vms(ns), keys.vm_seq(ns, vm), keys.vm_mailbox(ns, vm),
-                      keys.jobs(ns), keys.vm(ns, vm), keys.UPDATES],
-                args=[keys.JOB_PREFIX, ns, vm, op.op.value, op.params.model_dump_json()],
+                      keys.jobs(ns), keys.vm(ns, vm), keys.UPDATES, keys.events(ns)],
+                args=[keys.JOB_PREFIX, ns, vm, op.op.value, op.params.model_dump_json(), who],
             )
         except ResponseError as exc:
             raise _script_error(exc, op) from None
         return Submitted(int(res[0]), int(res[1]), str(res[2]))
 
-    def submit_launch(self, op: Operation, host: str) -> Submitted:
+    def submit_launch(self, op: Operation, host: str, who: str = "") -> Submitted:
         """Register the VM on ``host`` and accept its launch job, atomically.
 
         # LOCK: the caller holds cmd:<ns> and vms:<ns>.
@@ -81,9 +81,9 @@ class Store:
         try:
             res = self._submit_launch(
                 keys=[keys.JOB_NEXT, keys.vms(ns), keys.vm_seq(ns, vm), keys.vm_mailbox(ns, vm), keys.jobs(ns),
-                      keys.vm(ns, vm), keys.UPDATES, keys.NAMESPACES, keys.host_vms(host)],
+                      keys.vm(ns, vm), keys.UPDATES, keys.NAMESPACES, keys.host_vms(host), keys.events(ns)],
                 args=[keys.JOB_PREFIX, ns, vm, params.model_dump_json(), host, params.memory_mib, params.vcpus,
-                      params.disk_gib, params.image or "", json.dumps(params.tags), domain_name(ns, vm)],
+                      params.disk_gib, params.image or "", json.dumps(params.tags), domain_name(ns, vm), who],
             )
         except ResponseError as exc:
             raise _script_error(exc, op) from None
@@ -96,6 +96,9 @@ class Store:
             "state": JobState.FAILED.value, "finished_at": f"{time.time():.6f}",
             "error": json.dumps({"code": "enqueue_failed", "message": reason})})
         self.redis.zrem(keys.vm_mailbox(job.namespace, job.vm), job.id)
+        self.redis.xadd(keys.events(job.namespace), {"at": f"{time.time():.6f}", "kind": "job", "job": job.id,
+                                                     "vm": job.vm, "op": job.op.value, "state": "failed",
+                                                     "by": "", "detail": reason}, maxlen=100_000)
         self.redis.publish(keys.UPDATES, f"{job.id} failed")
 
     # -- reading ------------------------------------------------------------------------
@@ -226,24 +229,25 @@ class Store:
 
     # -- running (worker side) ----------------------------------------------------------
 
-    def mark_waiting(self, job_id: int) -> None:
-        self._mark_waiting(keys=[keys.job(job_id), keys.UPDATES], args=[job_id])
+    def mark_waiting(self, job: Job, worker: str) -> None:
+        self._mark_waiting(keys=[keys.job(job.id), keys.UPDATES, keys.events(job.namespace)], args=[job.id, worker])
 
-    def begin(self, job_id: int, fence: Fence, worker: str) -> int | None:
+    def begin(self, job: Job, fence: Fence, worker: str) -> int | None:
         """Start an attempt; return its number, or None if the job is already final.
 
         # LOCK: the caller holds vm:<ns>:<vm> with ``fence``.
         """
         try:
-            started, attempts = self._begin(keys=[keys.job(job_id), fence.key, keys.UPDATES],
-                                            args=[fence.token, job_id, worker])
+            started, attempts = self._begin(keys=[keys.job(job.id), fence.key, keys.UPDATES,
+                                                  keys.events(job.namespace)],
+                                            args=[fence.token, job.id, worker])
         except ResponseError as exc:
             raise _script_error(exc) from None
         return int(attempts) if int(started) else None
 
     def finish(self, job: Job, fence: Fence, state: JobState, *, result: Mapping[str, Any] | None = None,
                error: VmorchError | None = None, vm_update: Mapping[str, Any] | None = None,
-               delete_vm: bool = False) -> bool:
+               delete_vm: bool = False, by: str = "") -> bool:
         """Make a job final and apply its effect on the VM record in one fenced step.
 
         # LOCK: the caller holds vm:<ns>:<vm> with ``fence``.
@@ -253,24 +257,25 @@ class Store:
         try:
             done = self._finish(
                 keys=[keys.job(job.id), fence.key, keys.vm_mailbox(ns, vm), keys.vm(ns, vm), keys.vms(ns),
-                      keys.host_vms(job.host), keys.UPDATES],
+                      keys.host_vms(job.host), keys.UPDATES, keys.events(ns)],
                 args=[fence.token, job.id, state.value,
                       json.dumps(error.to_dict()) if error else "",
                       json.dumps(dict(result)) if result is not None else "", update,
-                      "1" if delete_vm else "0", vm],
+                      "1" if delete_vm else "0", vm, by,
+                      f"{error.code}: {error.message}" if error else str((result or {}).get("note", ""))],
             )
         except ResponseError as exc:
             raise _script_error(exc) from None
         return bool(done)
 
-    def update_vm(self, namespace: str, name: str, fence: Fence, fields: Mapping[str, Any]) -> bool:
+    def update_vm(self, namespace: str, name: str, fence: Fence, fields: Mapping[str, Any], by: str = "") -> bool:
         """Change fields of a VM record; False if the VM no longer exists.
 
         # LOCK: the caller holds vm:<ns>:<name> with ``fence``.
         """
         try:
-            done = self._update_vm(keys=[keys.vm(namespace, name), fence.key],
-                                   args=[fence.token, json.dumps({k: _field(v) for k, v in fields.items()})])
+            done = self._update_vm(keys=[keys.vm(namespace, name), fence.key, keys.events(namespace)],
+                                   args=[fence.token, json.dumps({k: _field(v) for k, v in fields.items()}), name, by])
         except ResponseError as exc:
             raise _script_error(exc) from None
         return bool(done)
@@ -282,9 +287,32 @@ class Store:
         """Cancel a job: returns 'canceled', 'requested' (it is running) or its final state."""
         job = self.get_job(job_id)
         error = json.dumps({"code": "canceled", "message": f"canceled by {who}"})
-        res = self._cancel(keys=[keys.job(job_id), keys.vm_mailbox(job.namespace, job.vm), keys.UPDATES],
+        res = self._cancel(keys=[keys.job(job_id), keys.vm_mailbox(job.namespace, job.vm), keys.UPDATES,
+                                 keys.events(job.namespace)],
                            args=[job_id, error, who])
         return str(res)
+
+    # -- history ------------------------------------------------------------------------
+
+    def events(self, namespace: str, *, vm: str | None = None, job_id: int | None = None,
+               limit: int = 100) -> list[Event]:
+        """The newest ``limit`` events matching, oldest first."""
+        out: list[Event] = []
+        last = "+"
+        while len(out) < limit:
+            batch = cast(list[tuple[str, dict[str, str]]],
+                         self.redis.xrevrange(keys.events(namespace), max=last, count=500))
+            if last != "+":
+                batch = batch[1:]  # the boundary entry was in the previous batch
+            if not batch:
+                break
+            for entry_id, fields in batch:
+                if (vm is None or fields.get("vm") == vm) and (job_id is None or fields.get("job") == str(job_id)):
+                    out.append(Event.from_fields(entry_id, fields))
+                    if len(out) == limit:
+                        break
+            last = batch[-1][0]
+        return out[::-1]
 
 
 def _field(value: Any) -> str:

@@ -140,13 +140,15 @@ def test_a_lost_lock_is_noticed_before_the_next_side_effect(manager: LockManager
         with pytest.raises(LockLost, match="lost lock"):
             holding.check()
         # a write with the stale token is refused, whatever the holder believes
-        redis.hset(keys.job(999_999), mapping={"state": "running", "namespace": "ns", "vm": "lost"})
+        redis.hset(keys.job(999_999), mapping={"id": 999_999, "op": "pause", "state": "running", "namespace": "ns",
+                                               "vm": "lost", "seq": 1})
+        job = store.get_job(999_999)
         with pytest.raises(FencedOut):
-            store.begin(999_999, old_fence, "stale-worker")
-        assert store.begin(999_999, stolen.fence(name), "new-worker") == 1
+            store.begin(job, old_fence, "stale-worker")
+        assert store.begin(job, stolen.fence(name), "new-worker") == 1
         redis.delete(keys.lock_key(name.name))  # the thief's thread is gone; drop what it held
         thief.close()
-    redis.delete(keys.job(999_999))
+    redis.delete(keys.job(999_999), keys.events("ns"))
 
 
 def test_a_killed_holders_lock_is_taken_within_expiry_plus_one_second(redis_server: RedisServer,

@@ -22,6 +22,7 @@ from .janitor import Janitor
 from .reconcile import reconcile
 from .runner import Worker
 from .tasks import register
+from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
     store = Store(connect(url), host_down_after=settings.host_down_after)
     # The machine's name in the owner id makes the pids in this host's lock ids checkable here.
     locks = LockManager(url, owner=f"{host}@{socket.gethostname()}", expire=settings.lock_expire)
-    worker = Worker(settings, host, store, locks, driver)
+    watchdog = Watchdog(store, f"{host}:{os.getpid()}", settings.job_hard_time_limit)
+    worker = Worker(settings, host, store, locks, driver, watchdog)
     app = make_app(settings)
     register(app, worker)
     cpus, memory_mib = driver.capacity()
@@ -52,6 +54,7 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
         heartbeat.start()
         kick_mailboxes(app, store, host)
         janitor.start()
+        watchdog.start()
         celery_worker = app.Worker(
             queues=[keys.queue(host)], pool="threads", concurrency=concurrency,
             hostname=f"{host}@{socket.gethostname()}", loglevel=loglevel,
@@ -59,6 +62,7 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
         )
         celery_worker.start()
     finally:
+        watchdog.stop()
         janitor.stop()
         heartbeat.stop()
         locks.close()

@@ -37,7 +37,8 @@ def reconcile(w: Worker) -> dict[str, tuple[str, str]]:
                 continue
             if actual is not vm.state:
                 w.store.update_vm(namespace, name, holding.fence(lock), {
-                    "state": actual.value, "note": f"reconciled at worker start: was {vm.state.value}"})
+                    "state": actual.value, "note": f"reconciled at worker start: was {vm.state.value}"},
+                    by=f"reconcile@{w.name}")
                 repaired[f"{namespace}/{name}"] = (vm.state.value, actual.value)
     for vm_name, (was, now) in sorted(repaired.items()):
         log.info("reconciled %s: registry said %s, libvirt says %s", vm_name, was, now)

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
 from dataclasses import dataclass
 
-from orchestrator.errors import Canceled, LockError, NotFound, VmGone, VmorchError
+from orchestrator.errors import Canceled, LockError, NotFound, OperationTimeout, VmGone, VmorchError
 from orchestrator.locks import Holding, LockManager, vm_lock
 from orchestrator.operation import Op
 from orchestrator.records import Job, JobState, VmState
@@ -29,7 +30,8 @@ from orchestrator.settings import Settings
 from orchestrator.store import Fence, Store
 
 from .driver import Driver
-from .handlers import HANDLERS, Context, failure_note
+from .handlers import HANDLERS, Context, Outcome, failure_note
+from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class Worker:
     store: Store
     locks: LockManager
     driver: Driver
+    watchdog: Watchdog
 
     @property
     def name(self) -> str:
@@ -58,7 +61,7 @@ def run_message(w: Worker, namespace: str, vm: str, job_id: int) -> None:
         return
     if job.state.final:
         return  # a duplicate, or already run by the worker that drained an earlier message
-    w.store.mark_waiting(job_id)
+    w.store.mark_waiting(job, w.name)
     lock = vm_lock(namespace, vm)
     with w.locks.hold(lock, timeout=w.settings.lock_wait_timeout) as holding:
         fence = holding.fence(lock)
@@ -73,50 +76,73 @@ def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job) -> None:
     if job.state.final:
         return
     if job.cancel_requested_by:
-        w.store.finish(job, fence, JobState.CANCELED, error=Canceled(f"canceled by {job.cancel_requested_by}"))
+        w.store.finish(job, fence, JobState.CANCELED, error=Canceled(f"canceled by {job.cancel_requested_by}"),
+                       by=w.name)
         return
-    if w.store.begin(job.id, fence, w.name) is None:
+    if w.store.begin(job, fence, w.name) is None:
         return
     log.info("job %s %s %s/%s seq=%s: running", job.id, job.op.value, job.namespace, job.vm, job.seq)
     try:
         vm = w.store.get_vm(job.namespace, job.vm)
     except NotFound:
         w.store.finish(job, fence, JobState.FAILED,
-                       error=VmGone(f"VM {job.vm!r} was deleted before this job's turn"))
+                       error=VmGone(f"VM {job.vm!r} was deleted before this job's turn"), by=w.name)
         return
+
+    started = time.monotonic()
+    soft_limit = w.settings.job_soft_time_limit
 
     def check() -> None:
         holding.check()
+        if time.monotonic() - started > soft_limit:
+            raise OperationTimeout(f"soft time limit of {soft_limit:g}s reached",
+                                   hint="raise VMORCH_JOB_SOFT_TIME_LIMIT for long operations")
         by = w.store.cancel_requested_by(job.id)
         if by:
             raise Canceled(f"canceled by {by} while running")
 
-    handler = HANDLERS[job.op]
+    w.watchdog.track(job, fence)
     try:
-        with w.locks.hold(*handler.extra_locks(job), timeout=w.settings.lock_wait_timeout) as extra:
+        outcome, error = _execute(w, Context(job, vm, w.driver, check, fence.token))
+        if error is None:
+            assert outcome is not None
+            w.store.finish(job, fence, JobState.SUCCEEDED, result=outcome.result, vm_update=outcome.vm_update,
+                           delete_vm=outcome.delete_vm, by=w.name)
+        else:
+            state = JobState.CANCELED if isinstance(error, Canceled) else JobState.FAILED
+            w.store.finish(job, fence, state, error=error, vm_update=_observed(w, job, vm.domain, error), by=w.name)
+    finally:
+        w.watchdog.untrack(job)
+    log.info("job %s %s %s/%s seq=%s: %s", job.id, job.op.value, job.namespace, job.vm, job.seq,
+             "succeeded" if error is None else f"{error.code}: {error.message}")
+
+
+def _execute(w: Worker, ctx: Context) -> tuple[Outcome | None, VmorchError | None]:
+    """Run the job's handler with the extra locks it declares; an error is returned, not raised.
+
+    Lock errors are raised: nothing may be written without the lock, so the task retries
+    and whoever holds the lock next re-runs the job.
+    """
+    handler = HANDLERS[ctx.job.op]
+    try:
+        with w.locks.hold(*handler.extra_locks(ctx.job), timeout=w.settings.lock_wait_timeout) as extra:
+            vm_check = ctx.check
+
             def check_all() -> None:
-                check()
+                vm_check()
                 extra.check()
 
-            outcome = handler.run(Context(job, vm, w.driver, check_all, fence.token))
+            ctx.check = check_all
+            outcome = handler.run(ctx)
             check_all()
+            return outcome, None
     except LockError:
-        raise  # nothing may be written without the lock: the task retries, a new holder re-runs the job
-    except Canceled as exc:
-        w.store.finish(job, fence, JobState.CANCELED, error=exc, vm_update=_observed(w, job, vm.domain, exc))
-        return
+        raise
     except VmorchError as exc:
-        log.info("job %s failed: %s", job.id, exc.message)
-        w.store.finish(job, fence, JobState.FAILED, error=exc, vm_update=_observed(w, job, vm.domain, exc))
-        return
+        return None, exc
     except Exception as exc:
-        log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
-        error = VmorchError(f"internal error: {type(exc).__name__}: {exc}")
-        w.store.finish(job, fence, JobState.FAILED, error=error, vm_update=_observed(w, job, vm.domain, error))
-        return
-    w.store.finish(job, fence, JobState.SUCCEEDED, result=outcome.result, vm_update=outcome.vm_update,
-                   delete_vm=outcome.delete_vm)
-    log.info("job %s %s %s/%s seq=%s: succeeded", job.id, job.op.value, job.namespace, job.vm, job.seq)
+        log.error("job %s crashed:\n%s", ctx.job.id, traceback.format_exc())
+        return None, VmorchError(f"internal error: {type(exc).__name__}: {exc}")
 
 
 def _observed(w: Worker, job: Job, domain: str, error: VmorchError) -> dict[str, str]:

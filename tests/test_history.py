@@ -1,0 +1,39 @@
+"""History: every job state change and VM change lands in the namespace's event stream."""
+
+from __future__ import annotations
+
+import json
+
+from orchestrator.client import RedisClient
+from orchestrator.operation import Op
+from orchestrator.settings import Settings
+
+from .conftest import WorkerProc, ops, run_cli
+
+
+def test_vm_history_and_job_timeline(cluster: list[WorkerProc], client: RedisClient, settings: Settings) -> None:
+    ns = settings.namespace
+    jobs = client.submit(ops(Op.LAUNCH, ns, "hist", memory_mib=32))
+    jobs += client.submit(ops(Op.PAUSE, ns, "hist") + ops(Op.KILL, ns, "hist") + ops(Op.PAUSE, ns, "hist"))
+    launch, pause, kill, refused = client.wait([j.id for j in jobs])
+
+    events = client.events(ns, vm="hist")
+    job_states = [(e.job, e.state) for e in events if e.kind == "job"]
+    for job in (launch, pause, kill, refused):
+        mine = [state for job_id, state in job_states if job_id == job.id]
+        assert mine[0] == "queued" and mine[-1] == job.state.value and "running" in mine, (job.id, mine)
+        assert set(mine) <= {"queued", "waiting", "running", job.state.value}
+    # the jobs ran in seq order, so their "running" events are in seq order too
+    running = [job_id for job_id, state in job_states if state == "running"]
+    assert running == [launch.id, pause.id, kill.id, refused.id]
+    vm_states = [e.state for e in events if e.kind == "vm"]
+    assert vm_states == ["missing", "running", "paused", "shutoff", "shutoff"]
+    failed = next(e for e in events if e.job == refused.id and e.state == "failed")
+    assert "invalid_state" in failed.detail and failed.by.startswith(refused.host)
+
+    shown = run_cli(settings, "--json", "job", "show", str(kill.id))
+    timeline = json.loads(shown.stdout)["events"]
+    assert [e["state"] for e in timeline if e["kind"] == "job"][-1] == "succeeded"
+    human = run_cli(settings, "vm", "history", "hist")
+    assert human.returncode == 0 and "invalid_state" in human.stdout and "registered on host" in human.stdout
+    assert run_cli(settings, "vm", "history", "nohist").returncode == 3
