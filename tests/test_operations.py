@@ -198,3 +198,4 @@ def test_a_job_waits_while_another_holder_has_the_vm_lock(cluster: list[WorkerPr
         assert done.state is JobState.SUCCEEDED and state(client, "held") is VmState.PAUSED
     finally:
         other.close()
+
