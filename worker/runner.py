@@ -135,7 +135,7 @@ def _execute(w: Worker, ctx: Context) -> tuple[Outcome | None, VmorchError | Non
             ctx.check = check_all
             outcome = handler.run(ctx)
             check_all()
-            if not outcome.delete_vm:
+            if not outcome.delete_vm and outcome.result.get("state") != VmState.MISSING.value:
                 # libvirt's own record says which lock generation last changed the domain
                 ctx.driver.set_metadata(ctx.vm.domain, fence=ctx.fence_token)
             return outcome, None
