@@ -15,7 +15,7 @@ from orchestrator.errors import InvalidInput, VmorchError
 from orchestrator.names import check_namespace
 from orchestrator.settings import Settings
 
-from . import cluster, hosts, jobs, vms
+from . import cluster, hosts, jobs, namespaces, vms
 from .context import State
 from .render import error
 
@@ -30,6 +30,7 @@ app = typer.Typer(
 app.add_typer(vms.app, name="vm")
 app.add_typer(jobs.app, name="job")
 app.add_typer(hosts.app, name="host")
+app.add_typer(namespaces.app, name="ns")
 cluster.register(app)
 
 

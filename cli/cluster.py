@@ -12,6 +12,7 @@ from orchestrator.names import check_name
 
 from . import render
 from .context import state
+from .vms import parse_tags
 
 
 def register(app: typer.Typer) -> None:
@@ -59,10 +60,11 @@ def worker(
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, max=256, help="worker threads")] = 4,
     storage_dir: Annotated[Path | None, typer.Option("--storage-dir", help="where VM disks are created")] = None,
     loglevel: Annotated[str, typer.Option("--loglevel")] = "INFO",
+    label: Annotated[list[str] | None, typer.Option("--label", "-l", help="key=value, repeatable")] = None,
 ) -> None:
     """Run the worker of one host (consumes the queue host.<name>)."""
     from worker.main import run
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     run(state(ctx).settings, check_name(host, "host name"), libvirt_uri, concurrency=concurrency,
-        storage_dir=storage_dir, loglevel=loglevel.upper())
+        storage_dir=storage_dir, loglevel=loglevel.upper(), labels=parse_tags(label))

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from orchestrator.errors import NotFound
+
 from . import render
 from .context import state
 
@@ -23,6 +25,19 @@ def list_(ctx: typer.Context) -> None:
         render.out.print(render.hosts_table(hosts))
     else:
         render.err.print("no host registered; start a worker with 'vmorch up' or 'vmorch worker --host NAME'")
+
+
+@app.command()
+def show(ctx: typer.Context, name: Annotated[str, typer.Argument(help="host name")]) -> None:
+    """Show one host: state, capacity and what is committed, labels, its VMs."""
+    st = state(ctx)
+    host = next((h for h in st.client.hosts() if h.name == name), None)
+    if host is None:
+        raise NotFound(f"unknown host {name!r}", hint="see 'vmorch host list'")
+    if st.json:
+        render.dump_json(host)
+    else:
+        render.out.print(render.hosts_table([host]))
 
 
 @app.command()

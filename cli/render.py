@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.errors import VmorchError
-from orchestrator.records import Event, Host, Job, JobState, Vm
+from orchestrator.records import Event, Host, Job, JobState, Namespace, Vm
 
 # Piped output keeps whole lines (rich would cut tables at 80 columns) so scripts can grep them.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
@@ -133,11 +133,22 @@ def vm_detail(vm: Vm) -> Table:
 
 def hosts_table(hosts: Sequence[Host]) -> Table:
     table = Table(box=None, pad_edge=False)
-    for col in ("NAME", "STATE", "HEARTBEAT", "PID", "LIBVIRT", "CPUS", "MEMORY", "COMMITTED", "VMS"):
+    for col in ("NAME", "STATE", "HEARTBEAT", "PID", "LIBVIRT", "MEMORY USED", "VCPUS USED", "VMS", "LABELS"):
         table.add_column(col, no_wrap=True)
     for h in hosts:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(h.labels.items()))
         table.add_row(h.name, styled(h.state.value), when(h.heartbeat_at), str(h.pid or "-"), h.libvirt_uri,
-                      str(h.cpus), f"{h.memory_mib} MiB", f"{h.committed_mib} MiB", str(h.vms))
+                      f"{h.committed_mib}/{h.memory_mib} MiB", f"{h.committed_vcpus}/{h.cpus}", str(h.vms), labels)
+    return table
+
+
+def namespaces_table(namespaces: Sequence[Namespace]) -> Table:
+    table = Table(box=None, pad_edge=False)
+    for col in ("NAME", "STATE", "VMS", "HOSTS", "CREATED"):
+        table.add_column(col, no_wrap=True)
+    for ns in namespaces:
+        table.add_row(ns.name, ns.state, str(ns.vms), ",".join(ns.hosts) if ns.hosts else "(all)",
+                      _iso(ns.created_at))
     return table
 
 

@@ -65,12 +65,29 @@ def launch(
     disk: Annotated[int, typer.Option("--disk", help="size in GiB of the qcow2 disk vmorch creates (0: none)")] = 1,
     image: Annotated[str | None, typer.Option("--image", help="backing image for the disk (path on the host)")] = None,
     host: Annotated[str | None, typer.Option("--host", help="pin to this host (default: placement chooses)")] = None,
+    host_label: Annotated[list[str] | None, typer.Option("--host-label", help="only hosts with key=value")] = None,
+    colocate: Annotated[str | None, typer.Option("--colocate", help="on the same host as this VM")] = None,
+    spread: Annotated[bool, typer.Option("--spread", help="a range goes round the hosts")] = False,
     tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="key=value, repeatable")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print where the VMs would go; change nothing")] = False,
     wait: Wait = False,
 ) -> None:
-    """Define and start new VMs."""
-    submit(ctx, Op.LAUNCH, target, wait, memory_mib=memory, vcpus=vcpus, disk_gib=disk, image=image, host=host,
-           tags=parse_tags(tag))
+    """Define and start new VMs, placed on the up host with the least committed memory that fits."""
+    params: dict[str, Any] = dict(memory_mib=memory, vcpus=vcpus, disk_gib=disk, image=image, host=host,
+                                  host_labels=parse_tags(host_label), colocate=colocate, spread=spread,
+                                  tags=parse_tags(tag))
+    if dry_run:
+        st = state(ctx)
+        ops = [Operation.build(Op.LAUNCH, st.namespace, name, **params) for name in expand_target(target)]
+        plan = st.client.plan(ops)
+        if st.json:
+            render.dump_json({"plan": [{"vm": vm, "host": host} for vm, host in plan.items()]})
+        else:
+            for vm, chosen in plan.items():
+                render.out.print(f"{vm} -> {chosen}")
+            render.err.print("dry run: nothing was launched")
+        return
+    submit(ctx, Op.LAUNCH, target, wait, **params)
 
 
 def _simple(op: Op, doc: str) -> None:

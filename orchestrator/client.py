@@ -12,11 +12,12 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from . import keys
-from .errors import AlreadyExists, ClusterUnavailable, InvalidInput, NoCapacity, NotFound
-from .locks import LockManager, cmd_lock, vms_lock
+from . import keys, placement
+from .errors import AlreadyExists, ExecError, InvalidInput, NotFound
+from .locks import LockManager, cmd_lock, host_lock, vms_lock
+from .names import check_namespace
 from .operation import LaunchParams, Op, Operation
-from .records import Event, Host, HostState, Job, JobState, Vm
+from .records import Event, Host, Job, JobState, Namespace, Vm
 from .redisconn import connect, ping
 from .settings import Settings
 from .store import Store, Submitted
@@ -41,6 +42,11 @@ class Client(Protocol):
     def drain(self, host: str, draining: bool) -> Host: ...
     def events(self, namespace: str, *, vm: str | None = None, job_id: int | None = None,
                limit: int = 100) -> list[Event]: ...
+    def plan(self, ops: Sequence[Operation]) -> dict[str, str]: ...
+    def namespaces(self) -> list[Namespace]: ...
+    def create_namespace(self, name: str, hosts: list[str] | None) -> Namespace: ...
+    def delete_namespace(self, name: str, *, force: bool) -> list[Job]: ...
+    def finish_namespace_delete(self, name: str) -> int: ...
 
 
 def who() -> str:
@@ -96,52 +102,90 @@ class RedisClient:
             by_ns[op.namespace].append(op)
         out: list[tuple[Submitted, Operation]] = []
         for ns, batch in sorted(by_ns.items()):
-            # cmd: the name reservation and placement decision; vms: the registry write.
-            with self.locks.hold(cmd_lock(ns), vms_lock(ns), timeout=self.settings.submit_lock_timeout):
-                taken = [op.vm for op in batch if self.redis.sismember(keys.vms(ns), op.vm)]
-                if taken:
-                    raise AlreadyExists(f"VM {taken[0]!r} already exists in namespace {ns!r}"
-                                        + (f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""),
-                                        hint="pick other names, or delete them first with 'vmorch vm delete'")
-                placement = self._place(batch)  # LOCK: cmd:<ns>
-                out += [(self.store.submit_launch(op, placement[op.vm], who()), op) for op in batch]  # LOCK: cmd, vms
+            # cmd: the name reservation and placement decision; vms: the registry write; host:*: the
+            # reservations on every candidate, so placements in other namespaces can't race for the same room.
+            candidates = [h.name for h in self.store.hosts()]
+            host_locks = [host_lock(name) for name in candidates]
+            with self.locks.hold(cmd_lock(ns), vms_lock(ns), *host_locks, timeout=self.settings.submit_lock_timeout):
+                chosen = self._plan(ns, batch, locked=set(candidates))
+                out += [(self.store.submit_launch(op, chosen[op.vm], who()), op) for op in batch]  # LOCK: all
         return out
 
-    def _place(self, ops: list[Operation]) -> dict[str, str]:
-        """Choose a host per launch: the pinned one, else the up host with the least committed memory that fits.
+    def _plan(self, ns: str, batch: list[Operation], locked: set[str] | None = None) -> dict[str, str]:
+        """# LOCK: for a real launch the caller holds cmd:<ns>, vms:<ns> and the candidate hosts' locks."""
+        info = self.store.namespace(ns)
+        if info is not None and info.state == "deleting":
+            raise InvalidInput(f"namespace {ns!r} is being deleted", hint="use another namespace, or wait")
+        taken = [op.vm for op in batch if self.redis.sismember(keys.vms(ns), op.vm)]
+        if taken:
+            raise AlreadyExists(f"VM {taken[0]!r} already exists in namespace {ns!r}"
+                                + (f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""),
+                                hint="pick other names, or delete them first with 'vmorch vm delete'")
+        hosts = [h for h in self.store.hosts() if locked is None or h.name in locked]
+        requests, spread = [], False
+        for op in batch:
+            p = op.params
+            assert isinstance(p, LaunchParams)
+            colocate_host = self.store.get_vm(ns, p.colocate).host if p.colocate else None
+            requests.append(placement.Request(op.vm, p.memory_mib, p.vcpus, p.host, p.host_labels, colocate_host))
+            spread = spread or p.spread
+        limits = placement.Limits(self.settings.memory_allocation_ratio, self.settings.cpu_allocation_ratio)
+        allowed = set(info.hosts) if info is not None and info.hosts else None
+        return placement.plan(requests, hosts, allowed=allowed, spread=spread, limits=limits)
 
-        # LOCK: the caller holds cmd:<ns>, so two placements in a namespace never race.
-        """
-        hosts = {h.name: h for h in self.store.hosts()}
-        committed = {name: h.committed_mib for name, h in hosts.items()}
-        placement: dict[str, str] = {}
+    def plan(self, ops: Sequence[Operation]) -> dict[str, str]:
+        """Where launches would go, changing nothing (``vm launch --dry-run``)."""
+        out: dict[str, str] = {}
+        by_ns: dict[str, list[Operation]] = defaultdict(list)
         for op in ops:
-            params = op.params
-            assert isinstance(params, LaunchParams)
-            if params.host is not None:
-                host = hosts.get(params.host)
-                if host is None:
-                    known = ", ".join(sorted(hosts)) or "none registered"
-                    raise InvalidInput(f"unknown host {params.host!r}", hint=f"known hosts: {known}")
-                if host.state is not HostState.UP:
-                    raise InvalidInput(f"host {params.host!r} is {host.state.value}",
-                                       hint="pick a host that is up (see 'vmorch host list')")
-                chosen = host.name
-            else:
-                candidates = [h for h in hosts.values() if h.state is HostState.UP]
-                if not candidates:
-                    raise ClusterUnavailable("no host is up to place the VM on",
-                                             hint="start a worker ('vmorch up', or 'vmorch worker --host NAME')")
-                fitting = [h for h in candidates if committed[h.name] + params.memory_mib <= h.memory_mib]
-                if not fitting:
-                    free = max(h.memory_mib - committed[h.name] for h in candidates)
-                    raise NoCapacity(f"no host has {params.memory_mib} MiB of memory free for {op.vm!r} "
-                                     f"(the most free on one host is {free} MiB)",
-                                     hint="ask for less memory, delete VMs, or add a host")
-                chosen = min(fitting, key=lambda h: (committed[h.name], h.name)).name
-            committed[chosen] += params.memory_mib
-            placement[op.vm] = chosen
-        return placement
+            by_ns[op.namespace].append(op)
+        for ns, batch in sorted(by_ns.items()):
+            out.update(self._plan(ns, batch))
+        return out
+
+    # -- namespaces ---------------------------------------------------------------------
+
+    def namespaces(self) -> list[Namespace]:
+        return self.store.namespaces()
+
+    def create_namespace(self, name: str, hosts: list[str] | None) -> Namespace:
+        check_namespace(name)
+        known = {h.name for h in self.store.hosts()}
+        unknown = sorted(set(hosts or []) - known)
+        if unknown:
+            raise InvalidInput(f"unknown host {unknown[0]!r}", hint=f"known hosts: {', '.join(sorted(known))}")
+        with self.locks.hold(cmd_lock(name), timeout=self.settings.submit_lock_timeout):
+            if self.store.namespace(name) is not None:
+                raise AlreadyExists(f"namespace {name!r} already exists", hint="see 'vmorch ns list'")
+            return self.store.create_namespace(name, hosts)  # LOCK: cmd
+
+    def delete_namespace(self, name: str, *, force: bool) -> list[Job]:
+        """Start deleting a namespace: its VMs go through ordinary delete jobs.
+
+        The cmd lock is held only for the decision; the caller waits for the jobs without
+        any lock, then calls ``finish_namespace_delete``.
+        """
+        with self.locks.hold(cmd_lock(name), timeout=self.settings.submit_lock_timeout):
+            info = self.store.namespace(name)
+            if info is None:
+                raise NotFound(f"no namespace {name!r}", hint="see 'vmorch ns list'")
+            names = self.store.vm_names(name)
+            if names and not force:
+                raise InvalidInput(f"namespace {name!r} has {len(names)} VMs",
+                                   hint="delete them first, or pass --force to delete them with it")
+            self.store.mark_namespace_deleting(name)  # LOCK: cmd -- no launch gets in from now on
+            accepted = [(self.store.submit(op, who()), op)
+                        for op in (Operation.build(Op.DELETE, name, vm) for vm in names)]
+        self._enqueue(accepted)
+        return self.store.get_jobs(s.id for s, _ in accepted)
+
+    def finish_namespace_delete(self, name: str) -> int:
+        with self.locks.hold(cmd_lock(name), timeout=self.settings.submit_lock_timeout):
+            left = self.store.vm_names(name)
+            if left:
+                raise ExecError(f"namespace {name!r} still has VMs: {', '.join(left[:5])}",
+                                hint="see their delete jobs with 'vmorch job list --state failed', then retry")
+            return self.store.purge_namespace(name)  # LOCK: cmd
 
     def _enqueue(self, accepted: list[tuple[Submitted, Operation]]) -> None:
         from .queue import enqueue

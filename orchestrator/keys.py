@@ -8,14 +8,16 @@ key                             type     holds
 P:job:next                      string   the last job id handed out (INCR)
 P:job:<id>                      hash     one job record
 P:jobs:<ns>                     zset     job ids of a namespace, score = id
-P:ns                            set      namespaces that have ever held a VM
+P:ns                            set      the namespaces
+P:namespace:<ns>                hash     a namespace: its hosts (JSON list; empty = all), state
 P:vms:<ns>                      set      the VM registry of a namespace (names)
 P:vm:<ns>:<name>                hash     one VM record
 P:vm:<ns>:<name>:seq            string   the VM's last sequence number (INCR); outlives
                                          the VM so a re-launched name keeps counting up
 P:vm:<ns>:<name>:mailbox        zset     the VM's unfinished job ids, score = seq
 P:hosts                         set      host names that ever registered
-P:host:<name>                   hash     one host record (heartbeat, capacity, pid)
+P:host:<name>                   hash     one host record (heartbeat, capacity, pid, labels,
+                                         committed_mib/vcpus: what placement reserved)
 P:host:<name>:vms               set      "<ns>/<name>" of the VMs placed on that host
 P:events:<ns>                   stream   history: every job state change and VM change
 P:fence:<lock name>             string   the lock's fencing counter (INCR on every acquire)
@@ -41,6 +43,10 @@ UPDATES = f"{PREFIX}:updates"
 
 def job(job_id: int) -> str:
     return f"{PREFIX}:job:{job_id}"
+
+
+def namespace(name: str) -> str:
+    return f"{PREFIX}:namespace:{name}"
 
 
 def jobs(namespace: str) -> str:
@@ -89,5 +95,7 @@ def queue(host_name: str) -> str:
     return f"host.{host_name}"
 
 
+#: for Lua scripts that derive a host's key from its name
+HOST_PREFIX = f"{PREFIX}:host:"
 #: for Lua scripts that derive a job's key from its id (vmorch targets a single Redis, not Redis Cluster)
 JOB_PREFIX = f"{PREFIX}:job:"

@@ -50,9 +50,21 @@ class LaunchParams(Params):
     image: str | None = Field(default=None, max_length=4096)
     #: pin to this host; None lets placement choose
     host: Name | None = None
+    #: placement only considers hosts with all these labels
+    host_labels: dict[str, str] = Field(default_factory=dict)
+    #: place on the host of this VM
+    colocate: Name | None = None
+    #: a range goes round the hosts instead of filling the emptiest first
+    spread: bool = False
     tags: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("tags")
+    @model_validator(mode="after")
+    def _one_placement(self) -> LaunchParams:
+        if self.host is not None and self.colocate is not None:
+            raise ValueError("give --host or --colocate, not both")
+        return self
+
+    @field_validator("tags", "host_labels")
     @classmethod
     def _tags(cls, tags: dict[str, str]) -> dict[str, str]:
         for key, value in tags.items():

@@ -158,13 +158,15 @@ class Host(_Record):
     libvirt_uri: str
     cpus: int
     memory_mib: int
-    #: memory committed to vmorch's VMs placed on this host
+    #: what placement reserved on this host for vmorch's VMs
     committed_mib: int = 0
+    committed_vcpus: int = 0
     vms: int
+    labels: dict[str, str] = {}
     hostname: str = ""
 
     @classmethod
-    def from_hash(cls, h: dict[str, str], *, now: float, down_after: float, vms: int, committed_mib: int) -> Host:
+    def from_hash(cls, h: dict[str, str], *, now: float, down_after: float, vms: int) -> Host:
         return cls(
             name=h["name"],
             state=host_state(h, now=now, down_after=down_after),
@@ -174,8 +176,10 @@ class Host(_Record):
             libvirt_uri=h.get("libvirt_uri", ""),
             cpus=int(h.get("cpus") or 0),
             memory_mib=int(h.get("memory_mib") or 0),
-            committed_mib=committed_mib,
+            committed_mib=int(h.get("committed_mib") or 0),
+            committed_vcpus=int(h.get("committed_vcpus") or 0),
             vms=vms,
+            labels=json.loads(h.get("labels") or "{}"),
             hostname=h.get("hostname", ""),
         )
 
@@ -198,6 +202,20 @@ class Event(_Record):
         return cls(id=entry_id, at=ts(f.get("at")), kind=f.get("kind", ""),
                    job=int(f["job"]) if f.get("job") else None, vm=f.get("vm", ""), op=f.get("op", ""),
                    state=f.get("state", ""), by=f.get("by", ""), detail=f.get("detail", ""))
+
+
+class Namespace(_Record):
+    name: str
+    #: the hosts its VMs may be placed on; None = every host
+    hosts: list[str] | None
+    state: str  # "active" or "deleting"
+    created_at: datetime | None
+    vms: int
+
+    @classmethod
+    def from_hash(cls, name: str, h: dict[str, str], *, vms: int) -> Namespace:
+        return cls(name=name, hosts=json.loads(h["hosts"]) if h.get("hosts") else None,
+                   state=h.get("state") or "active", created_at=ts(h.get("created_at")), vms=vms)
 
 
 def host_state(h: dict[str, str], *, now: float, down_after: float) -> HostState:

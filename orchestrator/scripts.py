@@ -52,7 +52,8 @@ return {id, seq, host}
 
 # The VM record, its registry entry and its launch job, in one step.
 # LOCK: the caller holds cmd:<ns> and vms:<ns> (name reservation and placement).
-# KEYS: job_next, vms(ns), vm_seq, mailbox, jobs(ns), vm record, updates, namespaces, host_vms, events(ns)
+# KEYS: job_next, vms(ns), vm_seq, mailbox, jobs(ns), vm record, updates, namespaces, host_vms, host record,
+#       namespace record, events(ns)
 # ARGV: job_prefix, ns, vm, params_json, host, memory_mib, vcpus, disk_gib, image, tags_json, domain, who
 SUBMIT_LAUNCH = _NOW + _EVENT + """
 if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 1 then
@@ -60,7 +61,11 @@ if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 1 then
 end
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('SADD', KEYS[8], ARGV[2])
+redis.call('HSETNX', KEYS[11], 'created_at', now)  -- a first launch creates its namespace
 redis.call('SADD', KEYS[9], ARGV[2] .. '/' .. ARGV[3])
+-- the reservation: placement decided under this host's lock, and it counts from now on
+redis.call('HINCRBY', KEYS[10], 'committed_mib', ARGV[6])
+redis.call('HINCRBY', KEYS[10], 'committed_vcpus', ARGV[7])
 redis.call('HSET', KEYS[6], 'name', ARGV[3], 'namespace', ARGV[2], 'host', ARGV[5], 'state', 'missing',
   'memory_mib', ARGV[6], 'vcpus', ARGV[7], 'disk_gib', ARGV[8], 'image', ARGV[9], 'tags', ARGV[10],
   'snapshots', '[]', 'domain', ARGV[11], 'created_at', now, 'updated_at', now, 'note', 'launch queued')
@@ -108,7 +113,8 @@ return {1, attempts}
 # Finish a job and apply its effect on the VM record, atomically and fenced.
 # KEYS: job, fence, mailbox, vm record, vms(ns), host_vms, updates, events(ns)
 # ARGV: token, id, state, error_json, result_json, vm_update_json ('' = none), delete_vm ('1'/'0'), member,
-#       worker, detail
+#       worker, detail, host_prefix
+# A deleted VM gives its reservation back; a changed memory/vCPU count changes it.
 FINISH = _NOW + _EVENT + _FENCE + """
 local refused = fenced(KEYS[2], ARGV[1])
 if refused then return refused end
@@ -121,6 +127,11 @@ redis.call('HSET', KEYS[1], 'state', ARGV[3], 'finished_at', now, 'error', ARGV[
 redis.call('ZREM', KEYS[3], ARGV[2])
 local op = redis.call('HGET', KEYS[1], 'op')
 event('job', ARGV[2], ARGV[8], op, ARGV[3], ARGV[9], ARGV[10])
+local vm = redis.call('HMGET', KEYS[4], 'host', 'memory_mib', 'vcpus')
+if ARGV[7] == '1' and vm[1] then
+  redis.call('HINCRBY', ARGV[11] .. vm[1], 'committed_mib', -tonumber(vm[2]))
+  redis.call('HINCRBY', ARGV[11] .. vm[1], 'committed_vcpus', -tonumber(vm[3]))
+end
 if ARGV[7] == '1' then
   redis.call('DEL', KEYS[4])
   redis.call('SREM', KEYS[5], ARGV[8])
@@ -128,6 +139,12 @@ if ARGV[7] == '1' then
   event('vm', ARGV[2], ARGV[8], op, 'deleted', ARGV[9], '')
 elseif ARGV[6] ~= '' and redis.call('EXISTS', KEYS[4]) == 1 then
   local update = cjson.decode(ARGV[6])
+  if update['memory_mib'] then
+    redis.call('HINCRBY', ARGV[11] .. vm[1], 'committed_mib', tonumber(update['memory_mib']) - tonumber(vm[2]))
+  end
+  if update['vcpus'] then
+    redis.call('HINCRBY', ARGV[11] .. vm[1], 'committed_vcpus', tonumber(update['vcpus']) - tonumber(vm[3]))
+  end
   for field, value in pairs(update) do
     redis.call('HSET', KEYS[4], field, value)
   end

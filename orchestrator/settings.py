@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(default=1.0, gt=0)
     #: a host whose last heartbeat is older than this is ``down``
     host_down_after: float = Field(default=6.0, gt=0)
+    #: placement may commit a host's memory and CPUs up to these multiples of its size (as Nova's ratios)
+    memory_allocation_ratio: float = Field(default=1.0, gt=0)
+    cpu_allocation_ratio: float = Field(default=8.0, gt=0)
     #: an operation past this many seconds fails with ``timeout`` at its next step
     job_soft_time_limit: float = Field(default=1800.0, gt=0)
     #: past this, a job stuck inside libvirt is failed and its worker process exits (a thread can't be

@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 from . import keys, scripts
 from .errors import AlreadyExists, FencedOut, NotFound, VmorchError
 from .operation import LaunchParams, Op, Operation
-from .records import Event, Host, HostState, Job, JobState, Vm, domain_name, host_state
+from .records import Event, Host, HostState, Job, JobState, Namespace, Vm, domain_name, host_state
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ class Store:
         try:
             res = self._submit_launch(
                 keys=[keys.JOB_NEXT, keys.vms(ns), keys.vm_seq(ns, vm), keys.vm_mailbox(ns, vm), keys.jobs(ns),
-                      keys.vm(ns, vm), keys.UPDATES, keys.NAMESPACES, keys.host_vms(host), keys.events(ns)],
+                      keys.vm(ns, vm), keys.UPDATES, keys.NAMESPACES, keys.host_vms(host), keys.host(host),
+                      keys.namespace(ns), keys.events(ns)],
                 args=[keys.JOB_PREFIX, ns, vm, params.model_dump_json(), host, params.memory_mib, params.vcpus,
                       params.disk_gib, params.image or "", json.dumps(params.tags), domain_name(ns, vm), who],
             )
@@ -160,6 +161,51 @@ class Store:
         up = {h.name for h in self.hosts() if h.state is not HostState.DOWN}
         return [Vm.from_hash(_hash(h), host_up=h["host"] in up) for h in pipe.execute() if h]
 
+    # -- namespaces ---------------------------------------------------------------------
+
+    def namespace(self, name: str) -> Namespace | None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.namespace(name))
+        pipe.scard(keys.vms(name))
+        data, count = pipe.execute()
+        return Namespace.from_hash(name, _hash(data), vms=int(count)) if data else None
+
+    def namespaces(self) -> list[Namespace]:
+        names = sorted(cast(set[str], self.redis.smembers(keys.NAMESPACES)))
+        found = (self.namespace(n) for n in names)
+        return [ns for ns in found if ns is not None]
+
+    def create_namespace(self, name: str, hosts: list[str] | None) -> Namespace:
+        """# LOCK: the caller holds cmd:<name>."""
+        pipe = self.redis.pipeline()
+        pipe.sadd(keys.NAMESPACES, name)
+        pipe.hset(keys.namespace(name), mapping={"created_at": f"{self.redis_time():.6f}",
+                                                 "hosts": json.dumps(sorted(hosts)) if hosts else "",
+                                                 "state": "active"})
+        pipe.execute()
+        created = self.namespace(name)
+        assert created is not None
+        return created
+
+    def mark_namespace_deleting(self, name: str) -> None:
+        """# LOCK: the caller holds cmd:<name>."""
+        self.redis.hset(keys.namespace(name), "state", "deleting")
+
+    def purge_namespace(self, name: str) -> int:
+        """Remove an empty namespace and its history. Returns how many keys went.
+
+        # LOCK: the caller holds cmd:<name> and has checked the registry is empty.
+        Fencing counters stay: a lock's tokens must never go backwards, even if the name comes back.
+        """
+        doomed = [keys.job(int(i)) for i in cast(list[str], self.redis.zrange(keys.jobs(name), 0, -1))]
+        doomed += [keys.jobs(name), keys.events(name), keys.namespace(name), keys.vms(name)]
+        doomed += list(cast(Iterable[str], self.redis.scan_iter(f"{keys.PREFIX}:vm:{name}:*", count=1000)))
+        removed = 0
+        for start in range(0, len(doomed), 1000):
+            removed += int(self.redis.delete(*doomed[start:start + 1000]))
+        self.redis.srem(keys.NAMESPACES, name)
+        return removed
+
     # -- hosts --------------------------------------------------------------------------
 
     def hosts(self) -> list[Host]:
@@ -167,16 +213,11 @@ class Store:
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
             pipe.hgetall(keys.host(name))
-            pipe.smembers(keys.host_vms(name))
+            pipe.scard(keys.host_vms(name))
         raw = pipe.execute()
         now = self.redis_time()
-        out = []
-        for data, members in zip(raw[::2], raw[1::2], strict=True):
-            if data:
-                committed = self._committed_mib(members)
-                out.append(Host.from_hash(data, now=now, down_after=self.host_down_after,
-                                          vms=len(members), committed_mib=committed))
-        return out
+        return [Host.from_hash(_hash(data), now=now, down_after=self.host_down_after, vms=int(count))
+                for data, count in zip(raw[::2], raw[1::2], strict=True) if data]
 
     def host(self, name: str) -> Host:
         for host in self.hosts():
@@ -184,13 +225,6 @@ class Store:
                 return host
         known = ", ".join(h.name for h in self.hosts()) or "none registered"
         raise NotFound(f"unknown host {name!r}", hint=f"known hosts: {known} (see 'vmorch host list')")
-
-    def _committed_mib(self, members: Iterable[str]) -> int:
-        pipe = self.redis.pipeline(transaction=False)
-        for member in members:
-            ns, _, name = member.partition("/")
-            pipe.hget(keys.vm(ns, name), "memory_mib")
-        return sum(int(m) for m in pipe.execute() if m)
 
     def _host_up(self, name: str) -> bool:
         data = _hash(self.redis.hgetall(keys.host(name)))
@@ -262,7 +296,8 @@ class Store:
                       json.dumps(error.to_dict()) if error else "",
                       json.dumps(dict(result)) if result is not None else "", update,
                       "1" if delete_vm else "0", vm, by,
-                      f"{error.code}: {error.message}" if error else str((result or {}).get("note", ""))],
+                      f"{error.code}: {error.message}" if error else str((result or {}).get("note", "")),
+                      keys.HOST_PREFIX],
             )
         except ResponseError as exc:
             raise _script_error(exc) from None

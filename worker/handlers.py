@@ -12,7 +12,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.errors import Canceled, VmorchError
 from orchestrator.locks import LockName
 from orchestrator.operation import LaunchParams, Op, SetParams, SnapshotParams, StopParams, TagParams
 from orchestrator.records import Job, Vm
@@ -129,6 +128,3 @@ HANDLERS: dict[Op, Handler] = {
     Op.TAG: Handler(_tag),
 }
 
-
-def failure_note(error: VmorchError) -> str:
-    return "canceled" if isinstance(error, Canceled) else f"{error.code}: {error.message}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -17,11 +18,12 @@ log = logging.getLogger(__name__)
 
 class Heartbeat:
     def __init__(self, store: Store, host: str, *, libvirt_uri: str, cpus: int, memory_mib: int,
-                 interval: float) -> None:
+                 interval: float, labels: dict[str, str] | None = None) -> None:
         self.store = store
         self.host = host
         self.fields = {"libvirt_uri": libvirt_uri, "cpus": cpus, "memory_mib": memory_mib, "pid": os.getpid(),
-                       "hostname": socket.gethostname(), "version": __version__}
+                       "hostname": socket.gethostname(), "version": __version__,
+                       "labels": json.dumps(labels or {}, sort_keys=True)}
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vmorch-heartbeat", daemon=True)

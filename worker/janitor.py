@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 
 from orchestrator.errors import HostDown, LockError
 from orchestrator.locks import vm_lock
+from orchestrator.operation import Op
 from orchestrator.records import HostState, JobState
 
 from .runner import Worker
@@ -39,7 +40,9 @@ def sweep(w: Worker) -> int:
                                  hint=f"it stopped heartbeating at {host.heartbeat_at:%Y-%m-%d %H:%M:%S}Z; "
                                       "restart its worker, then retry the job")
                 for job in w.store.get_jobs(i for i, _ in w.store.mailbox(namespace, name)):  # LOCK: vm
-                    if w.store.finish(job, holding.fence(lock), JobState.FAILED, error=error, by=f"janitor@{w.name}"):
+                    # a launch that never ran gives its name and reservation back
+                    if w.store.finish(job, holding.fence(lock), JobState.FAILED, error=error,
+                                      delete_vm=job.op is Op.LAUNCH, by=f"janitor@{w.name}"):
                         failed += 1
     if failed:
         log.warning("failed %d jobs of hosts down for more than %.0fs", failed, w.settings.host_down_deadline)

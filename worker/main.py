@@ -32,7 +32,7 @@ def default_storage(settings: Settings, host: str) -> Path:
 
 
 def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4,
-        storage_dir: Path | None = None, loglevel: str = "INFO") -> None:
+        storage_dir: Path | None = None, loglevel: str = "INFO", labels: dict[str, str] | None = None) -> None:
     """Run until SIGTERM/SIGINT. ``test:///default`` keeps its state in this process: never fork."""
     url = settings.resolved_redis_url()
     driver = Driver(libvirt_uri, storage_dir or default_storage(settings, host))
@@ -45,7 +45,7 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
     register(app, worker)
     cpus, memory_mib = driver.capacity()
     heartbeat = Heartbeat(store, host, libvirt_uri=libvirt_uri, cpus=cpus, memory_mib=memory_mib,
-                          interval=settings.heartbeat_interval)
+                          interval=settings.heartbeat_interval, labels=labels)
     janitor = Janitor(worker, interval=max(1.0, settings.host_down_after / 2))
     try:
         # Repair first, then announce: a host that shows "up" has a registry that tells the truth.

@@ -30,7 +30,7 @@ from orchestrator.settings import Settings
 from orchestrator.store import Fence, Store
 
 from .driver import Driver
-from .handlers import HANDLERS, Context, Outcome, failure_note
+from .handlers import HANDLERS, Context, Outcome
 from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,9 @@ def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job) -> None:
                            delete_vm=outcome.delete_vm, by=w.name)
         else:
             state = JobState.CANCELED if isinstance(error, Canceled) else JobState.FAILED
-            w.store.finish(job, fence, state, error=error, vm_update=_observed(w, job, vm.domain, error), by=w.name)
+            # A launch that failed was rolled back by the driver: the name and the reservation go back too.
+            w.store.finish(job, fence, state, error=error, vm_update=_observed(w, job, vm.domain, error),
+                           delete_vm=job.op is Op.LAUNCH, by=w.name)
     finally:
         w.watchdog.untrack(job)
     log.info("job %s %s %s/%s seq=%s: %s", job.id, job.op.value, job.namespace, job.vm, job.seq,
@@ -149,15 +151,9 @@ def _execute(w: Worker, ctx: Context) -> tuple[Outcome | None, VmorchError | Non
 
 
 def _observed(w: Worker, job: Job, domain: str, error: VmorchError) -> dict[str, str]:
-    """After a failure the VM record takes libvirt's word for the state.
-
-    Only a failed launch leaves a note: a refused pause says nothing new about the VM.
-    """
+    """After a failure the VM record takes libvirt's word for the state."""
     try:
         state = w.driver.status(domain).state
     except VmorchError:
         state = VmState.UNKNOWN
-    update = {"state": state.value}
-    if job.op is Op.LAUNCH:
-        update["note"] = f"launch failed: {failure_note(error)}"
-    return update
+    return {"state": state.value}
