@@ -137,12 +137,12 @@ class WorkerProc:
 
 
 def start_worker(settings: Settings, host: str, libvirt_uri: str = "test:///default", *,
-                 concurrency: int = 4, env: dict[str, str] | None = None) -> WorkerProc:
+                 concurrency: int = 4, env: dict[str, str] | None = None, args: list[str] | None = None) -> WorkerProc:
     log = settings.home / f"{host}-{time.monotonic_ns()}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [PYTHON, "-m", "worker", "--host", host, "--libvirt-uri", libvirt_uri,
-             "--concurrency", str(concurrency), "--loglevel", "INFO"],
+             "--concurrency", str(concurrency), "--loglevel", "INFO", *(args or [])],
             cwd=ROOT, env={**settings_env(settings), **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
         )
     return WorkerProc(host, libvirt_uri, proc, log)
@@ -189,7 +189,8 @@ def settings(base_settings: Settings, ns: str) -> Settings:
 
 @pytest.fixture
 def redis(redis_server: RedisServer) -> Iterator[Redis]:
-    client = Redis.from_url(redis_server.url, decode_responses=True)
+    # no socket timeout: tests BLPOP on barriers for longer than redis-py's default 5 s
+    client = Redis.from_url(redis_server.url, decode_responses=True, socket_timeout=None)
     yield client
     client.close()
 
