@@ -153,6 +153,17 @@ def tag(
     submit(ctx, Op.TAG, target, wait, set=parse_tags(pairs), remove=remove or [])
 
 
+@app.command()
+def move(
+    ctx: typer.Context, target: Target,
+    to: Annotated[str, typer.Option("--to", help="the host to move to")],
+    live: Annotated[bool, typer.Option("--live", help="live migration (needs libvirtd on both hosts)")] = False,
+    wait: Wait = False,
+) -> None:
+    """Move shut-off VMs to another host: definition and disk go along (two jobs: out, then in)."""
+    submit(ctx, Op.MOVE_OUT, target, wait, to=to, live=live)
+
+
 @app.command(name="list")
 def list_(ctx: typer.Context) -> None:
     """List the VMs of the namespace."""

@@ -16,7 +16,7 @@ from . import keys, placement
 from .errors import AlreadyExists, ExecError, InvalidInput, NotFound
 from .locks import LockManager, cmd_lock, host_lock, vms_lock
 from .names import check_namespace
-from .operation import LaunchParams, Op, Operation
+from .operation import LaunchParams, MoveOutParams, Op, Operation
 from .records import Event, Host, Job, JobState, Namespace, Vm
 from .redisconn import connect, ping
 from .settings import Settings
@@ -84,15 +84,17 @@ class RedisClient:
 
     def submit(self, ops: Sequence[Operation]) -> list[Job]:
         """Accept operations: all of them or, on bad input, none."""
+        if any(o.op is Op.MOVE_IN for o in ops):
+            raise InvalidInput("move-in jobs are made by 'vm move'", hint="use 'vmorch vm move NAME --to HOST'")
         launches = [o for o in ops if o.op is Op.LAUNCH]
-        others = [o for o in ops if o.op is not Op.LAUNCH]
         # Refuse the whole batch before accepting any of it.
-        for op in others:
+        for op in [o for o in ops if o.op is not Op.LAUNCH]:
             if not self.redis.sismember(keys.vms(op.namespace), op.vm):
                 raise NotFound(f"no VM {op.vm!r} in namespace {op.namespace!r}",
                                hint="list VMs with 'vmorch vm list' (and check --namespace)")
         accepted = self._submit_launches(launches) if launches else []
-        accepted += [(self.store.submit(op, who()), op) for op in others]
+        for op in [o for o in ops if o.op is not Op.LAUNCH]:  # in the order given: it is the VMs' order
+            accepted += self._submit_move(op) if op.op is Op.MOVE_OUT else [(self.store.submit(op, who()), op)]
         self._enqueue(accepted)
         return self.store.get_jobs(s.id for s, _ in accepted)
 
@@ -132,6 +134,37 @@ class RedisClient:
         limits = placement.Limits(self.settings.memory_allocation_ratio, self.settings.cpu_allocation_ratio)
         allowed = set(info.hosts) if info is not None and info.hosts else None
         return placement.plan(requests, hosts, allowed=allowed, spread=spread, limits=limits)
+
+    def _submit_move(self, op: Operation) -> list[tuple[Submitted, Operation]]:
+        p = op.params
+        assert isinstance(p, MoveOutParams)
+        ns = op.namespace
+        vm = self.store.get_vm(ns, op.vm)
+        hosts = {h.name: h for h in self.store.hosts()}
+        if p.to not in hosts:
+            raise InvalidInput(f"unknown host {p.to!r}", hint=f"known hosts: {', '.join(sorted(hosts))}")
+        if p.to == vm.host:
+            raise InvalidInput(f"VM {op.vm!r} is already on host {p.to!r}", hint="pick another host")
+        if p.live:
+            uris = {name: hosts[name].libvirt_uri for name in (vm.host, p.to) if name in hosts}
+            raise InvalidInput(
+                f"live migration is not possible here: it needs libvirtd on both hosts, and vmorch does not drive "
+                f"it yet ({', '.join(f'{n}: {u}' for n, u in sorted(uris.items()))})",
+                hint="stop the VM ('vmorch vm stop NAME --force') and move it shut off")
+        if vm.state.value in ("running", "paused") and not self.store.mailbox(ns, op.vm):
+            raise InvalidInput(f"VM {op.vm!r} is {vm.state.value}; only a shut-off VM moves",
+                               hint="stop it first: 'vmorch vm stop NAME --force'")
+        # cmd: a placement decision; both hosts: the reservation on the target, the hand-over between them.
+        with self.locks.hold(cmd_lock(ns), host_lock(vm.host), host_lock(p.to),
+                             timeout=self.settings.submit_lock_timeout):
+            vm = self.store.get_vm(ns, op.vm, as_stored=True)
+            info = self.store.namespace(ns)
+            allowed = set(info.hosts) if info is not None and info.hosts else None
+            limits = placement.Limits(self.settings.memory_allocation_ratio, self.settings.cpu_allocation_ratio)
+            placement.plan([placement.Request(vm.name, vm.memory_mib, vm.vcpus, host=p.to)],
+                           [h for h in self.store.hosts() if h.name == p.to], allowed=allowed, limits=limits)
+            out, into = self.store.submit_move(op, p.to, vm.host, who())  # LOCK: cmd, host:source, host:target
+        return [(out, op), (into, op)]
 
     def plan(self, ops: Sequence[Operation]) -> dict[str, str]:
         """Where launches would go, changing nothing (``vm launch --dry-run``)."""

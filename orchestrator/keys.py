@@ -19,6 +19,8 @@ P:hosts                         set      host names that ever registered
 P:host:<name>                   hash     one host record (heartbeat, capacity, pid, labels,
                                          committed_mib/vcpus: what placement reserved)
 P:host:<name>:vms               set      "<ns>/<name>" of the VMs placed on that host
+P:transfer:<job id>             hash     a VM on its way to another host: definition, disk size
+P:transfer:<job id>:disk        list     its disk, in chunks (deleted once imported; expires)
 P:events:<ns>                   stream   history: every job state change and VM change
 P:fence:<lock name>             string   the lock's fencing counter (INCR on every acquire)
 P:updates                       pubsub   channel: "<job id> <state>" on every job change
@@ -79,6 +81,10 @@ def host(name: str) -> str:
 
 def host_vms(name: str) -> str:
     return f"{host(name)}:vms"
+
+
+def transfer(job_id: int) -> str:
+    return f"{PREFIX}:transfer:{job_id}"
 
 
 def fence(lock_name: str) -> str:

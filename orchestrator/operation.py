@@ -31,6 +31,9 @@ class Op(StrEnum):
     SNAPSHOT = "snapshot"
     REVERT = "revert"
     TAG = "tag"
+    #: ``vm move`` is two jobs in the VM's order: out on the source host, in on the target
+    MOVE_OUT = "move-out"
+    MOVE_IN = "move-in"
 
 
 class Params(BaseModel):
@@ -114,6 +117,15 @@ class TagParams(Params):
         return self
 
 
+class MoveOutParams(Params):
+    to: Name
+    live: bool = False
+
+
+class MoveInParams(Params):
+    source: Name
+
+
 def _check_tag(key: str, value: str) -> None:
     try:
         check_tag(key, value)
@@ -134,6 +146,8 @@ PARAMS: dict[Op, type[Params]] = {
     Op.SNAPSHOT: SnapshotParams,
     Op.REVERT: SnapshotParams,
     Op.TAG: TagParams,
+    Op.MOVE_OUT: MoveOutParams,
+    Op.MOVE_IN: MoveInParams,
 }
 
 

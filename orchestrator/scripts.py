@@ -94,6 +94,37 @@ end
 return 0
 """
 
+# A move: its two jobs in one step, so nothing slips between them in the VM's order, and the
+# target's reservation. LOCK: the caller holds cmd:<ns> and both hosts' locks.
+# KEYS: job_next, vms(ns), vm_seq, mailbox, jobs(ns), vm record, updates, target host record, events(ns)
+# ARGV: job_prefix, ns, vm, out_params, in_params, source, target, who
+SUBMIT_MOVE = _NOW + _EVENT + """
+if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 0 then
+  return redis.error_reply('not_found')
+end
+local vm = redis.call('HMGET', KEYS[6], 'host', 'memory_mib', 'vcpus')
+if vm[1] ~= ARGV[6] then
+  return redis.error_reply('moved')
+end
+redis.call('HINCRBY', KEYS[8], 'committed_mib', vm[2])
+redis.call('HINCRBY', KEYS[8], 'committed_vcpus', vm[3])
+local out = {}
+local jobs = {{'move-out', ARGV[4], ARGV[6]}, {'move-in', ARGV[5], ARGV[7]}}
+for i, j in ipairs(jobs) do
+  local id = redis.call('INCR', KEYS[1])
+  local seq = redis.call('INCR', KEYS[3])
+  redis.call('HSET', ARGV[1] .. id, 'id', id, 'op', j[1], 'namespace', ARGV[2], 'vm', ARGV[3],
+    'host', j[3], 'state', 'queued', 'seq', seq, 'submitted_at', now, 'attempts', 0, 'params', j[2])
+  redis.call('ZADD', KEYS[4], seq, id)
+  redis.call('ZADD', KEYS[5], id, id)
+  redis.call('PUBLISH', KEYS[7], id .. ' queued')
+  event('job', id, ARGV[3], j[1], 'queued', ARGV[8], 'seq ' .. seq .. ' on host ' .. j[3])
+  table.insert(out, id)
+  table.insert(out, seq)
+end
+return out
+"""
+
 # Start (or restart, after a crash) an attempt. Refused if the job is final or fenced out.
 # KEYS: job, fence, updates, events(ns); ARGV: token, id, worker
 BEGIN = _NOW + _EVENT + _FENCE + """
@@ -113,8 +144,9 @@ return {1, attempts}
 # Finish a job and apply its effect on the VM record, atomically and fenced.
 # KEYS: job, fence, mailbox, vm record, vms(ns), host_vms, updates, events(ns)
 # ARGV: token, id, state, error_json, result_json, vm_update_json ('' = none), delete_vm ('1'/'0'), member,
-#       worker, detail, host_prefix
-# A deleted VM gives its reservation back; a changed memory/vCPU count changes it.
+#       worker, detail, host_prefix, adjust_json ('' or [[host, mib, vcpus], ...])
+# A deleted VM gives its reservation back; a changed memory/vCPU count changes it; a moved VM
+# changes host (adjust carries the reservations a move gives back).
 FINISH = _NOW + _EVENT + _FENCE + """
 local refused = fenced(KEYS[2], ARGV[1])
 if refused then return refused end
@@ -128,6 +160,12 @@ redis.call('ZREM', KEYS[3], ARGV[2])
 local op = redis.call('HGET', KEYS[1], 'op')
 event('job', ARGV[2], ARGV[8], op, ARGV[3], ARGV[9], ARGV[10])
 local vm = redis.call('HMGET', KEYS[4], 'host', 'memory_mib', 'vcpus')
+if ARGV[12] ~= '' then
+  for _, a in ipairs(cjson.decode(ARGV[12])) do
+    redis.call('HINCRBY', ARGV[11] .. a[1], 'committed_mib', a[2])
+    redis.call('HINCRBY', ARGV[11] .. a[1], 'committed_vcpus', a[3])
+  end
+end
 if ARGV[7] == '1' and vm[1] then
   redis.call('HINCRBY', ARGV[11] .. vm[1], 'committed_mib', -tonumber(vm[2]))
   redis.call('HINCRBY', ARGV[11] .. vm[1], 'committed_vcpus', -tonumber(vm[3]))
@@ -144,6 +182,10 @@ elseif ARGV[6] ~= '' and redis.call('EXISTS', KEYS[4]) == 1 then
   end
   if update['vcpus'] then
     redis.call('HINCRBY', ARGV[11] .. vm[1], 'committed_vcpus', tonumber(update['vcpus']) - tonumber(vm[3]))
+  end
+  if update['host'] and update['host'] ~= vm[1] then
+    local member = redis.call('HGET', KEYS[1], 'namespace') .. '/' .. ARGV[8]
+    redis.call('SMOVE', ARGV[11] .. vm[1] .. ':vms', ARGV[11] .. update['host'] .. ':vms', member)
   end
   for field, value in pairs(update) do
     redis.call('HSET', KEYS[4], field, value)

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     #: placement may commit a host's memory and CPUs up to these multiples of its size (as Nova's ratios)
     memory_allocation_ratio: float = Field(default=1.0, gt=0)
     cpu_allocation_ratio: float = Field(default=8.0, gt=0)
+    #: the largest disk 'vm move' carries through Redis (Redis must have the memory for it meanwhile)
+    move_max_disk_mib: int = Field(default=4096, gt=0)
     #: an operation past this many seconds fails with ``timeout`` at its next step
     job_soft_time_limit: float = Field(default=1800.0, gt=0)
     #: past this, a job stuck inside libvirt is failed and its worker process exits (a thread can't be

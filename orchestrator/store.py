@@ -17,8 +17,8 @@ from redis import Redis
 from redis.exceptions import ResponseError
 
 from . import keys, scripts
-from .errors import AlreadyExists, FencedOut, NotFound, VmorchError
-from .operation import LaunchParams, Op, Operation
+from .errors import AlreadyExists, FencedOut, InvalidInput, NotFound, VmorchError
+from .operation import LaunchParams, MoveInParams, Op, Operation
 from .records import Event, Host, HostState, Job, JobState, Namespace, Vm, domain_name, host_state
 
 
@@ -52,6 +52,7 @@ class Store:
         self._finish = redis.register_script(scripts.FINISH)
         self._cancel = redis.register_script(scripts.CANCEL)
         self._update_vm = redis.register_script(scripts.UPDATE_VM)
+        self._submit_move = redis.register_script(scripts.SUBMIT_MOVE)
 
     # -- submitting ---------------------------------------------------------------------
 
@@ -89,6 +90,26 @@ class Store:
         except ResponseError as exc:
             raise _script_error(exc, op) from None
         return Submitted(int(res[0]), int(res[1]), str(res[2]))
+
+    def submit_move(self, out: Operation, to: str, source: str, who: str = "") -> tuple[Submitted, Submitted]:
+        """Accept a move as two consecutive jobs (out on ``source``, in on ``to``) and reserve room on ``to``.
+
+        # LOCK: the caller holds cmd:<ns> and the locks of both hosts.
+        """
+        ns, vm = out.namespace, out.vm
+        in_params = MoveInParams(source=source).model_dump_json()
+        try:
+            res = self._submit_move(
+                keys=[keys.JOB_NEXT, keys.vms(ns), keys.vm_seq(ns, vm), keys.vm_mailbox(ns, vm), keys.jobs(ns),
+                      keys.vm(ns, vm), keys.UPDATES, keys.host(to), keys.events(ns)],
+                args=[keys.JOB_PREFIX, ns, vm, out.params.model_dump_json(), in_params, source, to, who],
+            )
+        except ResponseError as exc:
+            if "moved" in str(exc):
+                raise InvalidInput(f"VM {vm!r} is no longer on host {source!r}",
+                                   hint="it moved meanwhile; see 'vmorch vm show'") from None
+            raise _script_error(exc, out) from None
+        return Submitted(int(res[0]), int(res[1]), source), Submitted(int(res[2]), int(res[3]), to)
 
     def fail_unsent(self, submitted: Submitted, reason: str) -> None:
         """A job accepted but whose message could not be sent: make it final, not stranded."""
@@ -281,7 +302,8 @@ class Store:
 
     def finish(self, job: Job, fence: Fence, state: JobState, *, result: Mapping[str, Any] | None = None,
                error: VmorchError | None = None, vm_update: Mapping[str, Any] | None = None,
-               delete_vm: bool = False, by: str = "") -> bool:
+               delete_vm: bool = False, by: str = "",
+               adjust: Iterable[tuple[str, int, int]] = ()) -> bool:
         """Make a job final and apply its effect on the VM record in one fenced step.
 
         # LOCK: the caller holds vm:<ns>:<vm> with ``fence``.
@@ -297,7 +319,7 @@ class Store:
                       json.dumps(dict(result)) if result is not None else "", update,
                       "1" if delete_vm else "0", vm, by,
                       f"{error.code}: {error.message}" if error else str((result or {}).get("note", "")),
-                      keys.HOST_PREFIX],
+                      keys.HOST_PREFIX, json.dumps([list(a) for a in adjust]) if adjust else ""],
             )
         except ResponseError as exc:
             raise _script_error(exc) from None

@@ -221,3 +221,12 @@ def parse_resources(xml: str) -> tuple[int, int, int, int]:
 def parse_description(snapshot_xml_text: str) -> str:
     el = ET.fromstring(snapshot_xml_text).find("description")
     return "" if el is None else (el.text or "")
+
+
+def relocate_disk(xml: str, old: str, new: str) -> str:
+    """The same definition with the disk file ``old`` at ``new`` (for a VM moved to another host)."""
+    root = ET.fromstring(xml)
+    for source in root.iterfind("./devices/disk/source"):
+        if source.get("file") == old:
+            source.set("file", check_xml_text(new, "disk path"))
+    return ET.tostring(root, encoding="unicode")

@@ -456,6 +456,43 @@ class Driver:
         note = None if dom is not None else "no such domain"
         return _result(VmState.MISSING, changed or bool(removed), note, disks_removed=removed)
 
+    # -- moving between hosts ------------------------------------------------------------
+
+    def disk_path(self, domain: str) -> Path:
+        return self.storage_dir / f"{domain}.qcow2"
+
+    def export(self, domain: str) -> tuple[str, Path | None]:
+        """The definition of a shut-off domain and the disk vmorch created for it (``vm move``)."""
+        dom = self._require(domain)
+        with _libvirt(domain, "export"):
+            state = _state_of(dom)
+            if dom.isActive():
+                raise InvalidState(f"cannot move {domain}: it is {state.value}; only a shut-off VM moves",
+                                   hint="stop it first ('vmorch vm stop NAME --force'); live moves need libvirtd")
+            if dom.snapshotNum(0):
+                raise InvalidState(f"cannot move {domain}: it has snapshots, which don't move with it",
+                                   hint="moving a VM with snapshots is not supported")
+            xml = self._config(dom)
+        meta = domxml.parse_metadata(xml)
+        disk = Path(meta.disk) if meta and meta.disk and Path(meta.disk).name == f"{domain}.qcow2" else None
+        return xml, disk if disk is not None and disk.exists() else None
+
+    def import_domain(self, domain: str, xml: str, disk: Path | None) -> dict[str, Any]:
+        """Define a domain exported by another host; its disk is already at ``disk``. Idempotent."""
+        existing = self._lookup(domain)
+        if existing is not None:
+            return _result(_state_of(existing), False, "already here")
+        meta = domxml.parse_metadata(xml)
+        if meta is None:
+            raise InvalidState(f"cannot import {domain}: the definition has no vmorch metadata")
+        if disk is not None and meta.disk:
+            xml = domxml.relocate_disk(xml, meta.disk, str(disk))
+        with _libvirt(domain, "import"):
+            dom = self.conn.defineXML(xml)
+        if disk is not None:
+            self._write_meta(dom, domain, replace(meta, disk=str(disk)))
+        return _result(_state_of(dom), True, disk=str(disk) if disk else None)
+
     def destroy_all(self, *, vmorch_only: bool = True) -> int:
         """Power off running domains (by default only vmorch's: a libvirtd host may run others)."""
         count = 0

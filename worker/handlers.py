@@ -12,9 +12,23 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.locks import LockName
-from orchestrator.operation import LaunchParams, Op, SetParams, SnapshotParams, StopParams, TagParams
-from orchestrator.records import Job, Vm
+from redis import Redis
+
+from orchestrator import keys, transfer
+from orchestrator.errors import ExecError, VmGone
+from orchestrator.locks import LockName, host_lock
+from orchestrator.operation import (
+    LaunchParams,
+    MoveInParams,
+    MoveOutParams,
+    Op,
+    SetParams,
+    SnapshotParams,
+    StopParams,
+    TagParams,
+)
+from orchestrator.records import Job, JobState, Vm, VmState
+from orchestrator.store import Store
 
 from .driver import DomainSpec, Driver
 
@@ -24,6 +38,8 @@ class Outcome:
     result: dict[str, Any]
     vm_update: Mapping[str, Any] | None = None
     delete_vm: bool = False
+    #: reservations to change: (host, MiB, vCPUs)
+    adjust: tuple[tuple[str, int, int], ...] = ()
 
 
 @dataclass
@@ -34,6 +50,10 @@ class Context:
     #: raises LockLost / Canceled; call before every side effect
     check: Callable[[], None]
     fence_token: int = 0
+    store: Store | None = None
+    #: a bytes client, for the disk chunks of a move
+    blobs: Redis | None = None
+    move_max_mib: int = 4096
 
 
 @dataclass(frozen=True)
@@ -41,6 +61,8 @@ class Handler:
     run: Callable[[Context], Outcome]
     #: locks this operation needs besides the VM's (all of level ``other``: the VM's is held)
     extra_locks: Callable[[Job], tuple[LockName, ...]] = field(default=lambda job: ())
+    #: whether the domain is still on this host afterwards, to record the fencing token in
+    leaves_domain_here: bool = True
 
 
 def _state_update(result: Mapping[str, Any], **more: Any) -> dict[str, Any]:
@@ -113,6 +135,54 @@ def _tag(ctx: Context) -> Outcome:
     return Outcome({"state": status.state.value, "changed": changed, "tags": tags}, {"tags": tags})
 
 
+def _move_out(ctx: Context) -> Outcome:
+    """On the source host: hand the definition and disk over through Redis, then forget the VM here."""
+    p = MoveOutParams.model_validate(ctx.job.params)
+    assert ctx.blobs is not None
+    ctx.check()
+    in_job = ctx.job.id + 1  # the move-in job: both were created in one atomic step
+    try:
+        xml, disk = ctx.driver.export(ctx.vm.domain)
+    except VmGone:
+        if not ctx.blobs.exists(keys.transfer(in_job)):
+            raise
+        size = 0  # a re-run after a crash between handing over and finishing: already done
+    else:
+        size = transfer.put(ctx.blobs, in_job, xml, disk, max_mib=ctx.move_max_mib)
+        ctx.check()
+        ctx.driver.delete(ctx.vm.domain)
+    return Outcome({"state": VmState.SHUTOFF.value, "changed": True, "bytes": size, "note": f"handed over to {p.to}"},
+                   {"host": p.to, "state": VmState.SHUTOFF.value, "note": f"moving from {ctx.vm.host} to {p.to}"},
+                   adjust=((ctx.vm.host, -ctx.vm.memory_mib, -ctx.vm.vcpus),))
+
+
+def _move_in(ctx: Context) -> Outcome:
+    """On the target host: define the VM from what the move-out handed over."""
+    p = MoveInParams.model_validate(ctx.job.params)
+    assert ctx.store is not None and ctx.blobs is not None
+    out = ctx.store.get_job(ctx.job.id - 1)
+    if out.op is not Op.MOVE_OUT or out.vm != ctx.job.vm or out.state is not JobState.SUCCEEDED:
+        raise ExecError(f"nothing to import: the move-out (job {out.id}) {out.state.value}",
+                        hint=f"the VM stays on {p.source}")
+    ctx.check()
+    if ctx.driver.status(ctx.vm.domain).state is VmState.MISSING:
+        disk = ctx.driver.disk_path(ctx.vm.domain)
+        xml, has_disk = transfer.get(ctx.blobs, ctx.job.id, disk)
+        result = ctx.driver.import_domain(ctx.vm.domain, xml, disk if has_disk else None)
+    else:
+        result = {"state": ctx.driver.status(ctx.vm.domain).state.value, "changed": False}
+    transfer.drop(ctx.blobs, ctx.job.id)
+    return Outcome({**result, "note": f"moved from {p.source}"},
+                   {"state": result["state"], "note": f"moved from {p.source}"})
+
+
+def failure_adjust(job: Job, vm: Vm) -> tuple[tuple[str, int, int], ...]:
+    """Reservations a failed job gives back: a move-out that failed frees the room held on its target."""
+    if job.op is Op.MOVE_OUT:
+        return ((MoveOutParams.model_validate(job.params).to, -vm.memory_mib, -vm.vcpus),)
+    return ()
+
+
 HANDLERS: dict[Op, Handler] = {
     Op.LAUNCH: Handler(_launch),
     Op.START: _simple(Driver.start),
@@ -121,10 +191,15 @@ HANDLERS: dict[Op, Handler] = {
     Op.PAUSE: _simple(Driver.pause),
     Op.RESUME: _simple(Driver.resume),
     Op.REBOOT: _simple(Driver.reboot),
-    Op.DELETE: Handler(_delete),
+    Op.DELETE: Handler(_delete, leaves_domain_here=False),
     Op.SET: Handler(_set),
     Op.SNAPSHOT: Handler(_snapshot),
     Op.REVERT: Handler(_revert),
     Op.TAG: Handler(_tag),
+    # both host locks, in the hierarchy's order, for the hand-over (the VM's lock is held already)
+    Op.MOVE_OUT: Handler(_move_out, lambda job: tuple(sorted(
+        {host_lock(job.host), host_lock(MoveOutParams.model_validate(job.params).to)})), leaves_domain_here=False),
+    Op.MOVE_IN: Handler(_move_in, lambda job: tuple(sorted(
+        {host_lock(job.host), host_lock(MoveInParams.model_validate(job.params).source)}))),
 }
 

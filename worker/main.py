@@ -40,8 +40,8 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
     # The machine's name in the owner id makes the pids in this host's lock ids checkable here.
     locks = LockManager(url, owner=f"{host}@{socket.gethostname()}", expire=settings.lock_expire)
     watchdog = Watchdog(store, f"{host}:{os.getpid()}", settings.job_hard_time_limit)
-    worker = Worker(settings, host, store, locks, driver, watchdog)
-    app = make_app(settings)
+    worker = Worker(settings, host, store, locks, driver, watchdog, blobs=connect(url, decode=False))
+    app = worker.app = make_app(settings)
     register(app, worker)
     cpus, memory_mib = driver.capacity()
     heartbeat = Heartbeat(store, host, libvirt_uri=libvirt_uri, cpus=cpus, memory_mib=memory_mib,

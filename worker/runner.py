@@ -22,15 +22,19 @@ import time
 import traceback
 from dataclasses import dataclass
 
+from celery import Celery
+from redis import Redis
+
 from orchestrator.errors import Canceled, LockError, NotFound, OperationTimeout, VmGone, VmorchError
 from orchestrator.locks import Holding, LockManager, vm_lock
 from orchestrator.operation import Op
+from orchestrator.queue import enqueue
 from orchestrator.records import Job, JobState, VmState
 from orchestrator.settings import Settings
 from orchestrator.store import Fence, Store
 
 from .driver import Driver
-from .handlers import HANDLERS, Context, Outcome
+from .handlers import HANDLERS, Context, Outcome, failure_adjust
 from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,10 @@ class Worker:
     locks: LockManager
     driver: Driver
     watchdog: Watchdog
+    #: a bytes client for the disk chunks of ``vm move``
+    blobs: Redis
+    #: to wake another host when a VM's next job runs there
+    app: Celery | None = None
 
     @property
     def name(self) -> str:
@@ -68,26 +76,37 @@ def run_message(w: Worker, namespace: str, vm: str, job_id: int) -> None:
         # LOCK: vm -- the mailbox read here can only grow behind job_id's seq, never before it.
         for earlier_id, _seq in w.store.mailbox(namespace, vm, upto_seq=job.seq):
             holding.check()
-            _run_one(w, holding, fence, w.store.get_job(earlier_id))
+            elsewhere = _run_one(w, holding, fence, w.store.get_job(earlier_id))
+            if elsewhere is not None:
+                # The VM lives on another host now (it moved): hand this whole request over to it.
+                # Waiting here for that host would hold the VM's lock across hosts.
+                assert w.app is not None
+                enqueue(w.app, elsewhere, namespace, vm, job_id)
+                break
 
 
-def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job) -> None:
-    """# LOCK: the caller holds vm:<ns>:<vm> (``fence``)."""
+def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job) -> str | None:
+    """Run one job; or, if the VM lives on another host now, return that host without running it.
+
+    # LOCK: the caller holds vm:<ns>:<vm> (``fence``).
+    """
     if job.state.final:
-        return
+        return None
     if job.cancel_requested_by:
         w.store.finish(job, fence, JobState.CANCELED, error=Canceled(f"canceled by {job.cancel_requested_by}"),
                        by=w.name)
-        return
-    if w.store.begin(job, fence, w.name) is None:
-        return
-    log.info("job %s %s %s/%s seq=%s: running", job.id, job.op.value, job.namespace, job.vm, job.seq)
+        return None
     try:
-        vm = w.store.get_vm(job.namespace, job.vm)
+        vm = w.store.get_vm(job.namespace, job.vm, as_stored=True)
     except NotFound:
         w.store.finish(job, fence, JobState.FAILED,
                        error=VmGone(f"VM {job.vm!r} was deleted before this job's turn"), by=w.name)
-        return
+        return None
+    if vm.host != w.host:
+        return vm.host
+    if w.store.begin(job, fence, w.name) is None:
+        return None
+    log.info("job %s %s %s/%s seq=%s: running", job.id, job.op.value, job.namespace, job.vm, job.seq)
 
     started = time.monotonic()
     soft_limit = w.settings.job_soft_time_limit
@@ -103,20 +122,22 @@ def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job) -> None:
 
     w.watchdog.track(job, fence)
     try:
-        outcome, error = _execute(w, Context(job, vm, w.driver, check, fence.token))
+        ctx = Context(job, vm, w.driver, check, fence.token, w.store, w.blobs, w.settings.move_max_disk_mib)
+        outcome, error = _execute(w, ctx)
         if error is None:
             assert outcome is not None
             w.store.finish(job, fence, JobState.SUCCEEDED, result=outcome.result, vm_update=outcome.vm_update,
-                           delete_vm=outcome.delete_vm, by=w.name)
+                           delete_vm=outcome.delete_vm, adjust=outcome.adjust, by=w.name)
         else:
             state = JobState.CANCELED if isinstance(error, Canceled) else JobState.FAILED
             # A launch that failed was rolled back by the driver: the name and the reservation go back too.
             w.store.finish(job, fence, state, error=error, vm_update=_observed(w, job, vm.domain, error),
-                           delete_vm=job.op is Op.LAUNCH, by=w.name)
+                           delete_vm=job.op is Op.LAUNCH, adjust=failure_adjust(job, vm), by=w.name)
     finally:
         w.watchdog.untrack(job)
     log.info("job %s %s %s/%s seq=%s: %s", job.id, job.op.value, job.namespace, job.vm, job.seq,
              "succeeded" if error is None else f"{error.code}: {error.message}")
+    return None
 
 
 def _execute(w: Worker, ctx: Context) -> tuple[Outcome | None, VmorchError | None]:
@@ -137,7 +158,7 @@ def _execute(w: Worker, ctx: Context) -> tuple[Outcome | None, VmorchError | Non
             ctx.check = check_all
             outcome = handler.run(ctx)
             check_all()
-            if not outcome.delete_vm and outcome.result.get("state") != VmState.MISSING.value:
+            if handler.leaves_domain_here and outcome.result.get("state") != VmState.MISSING.value:
                 # libvirt's own record says which lock generation last changed the domain
                 ctx.driver.set_metadata(ctx.vm.domain, fence=ctx.fence_token)
             return outcome, None
