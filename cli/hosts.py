@@ -18,13 +18,8 @@ app = typer.Typer(help="Hosts of the cluster.", no_args_is_help=True)
 def list_(ctx: typer.Context) -> None:
     """List hosts with their state, heartbeat and capacity."""
     st = state(ctx)
-    hosts = st.client.hosts()
-    if st.json:
-        render.dump_json(hosts)
-    elif hosts:
-        render.out.print(render.hosts_table(hosts))
-    else:
-        render.err.print("no host registered; start a worker with 'vmorch up' or 'vmorch worker --host NAME'")
+    render.listing(st.client.hosts(), render.hosts_table, as_json=st.json,
+                   empty="no host registered; start a worker with 'vmorch up' or 'vmorch worker --host NAME'")
 
 
 @app.command()

@@ -40,13 +40,8 @@ def list_(
 ) -> None:
     """List the namespace's jobs, newest first."""
     st = state(ctx)
-    jobs = st.client.jobs(st.namespace, vm=vm, state=job_state, op=op, limit=limit)
-    if st.json:
-        render.dump_json(jobs)
-    elif jobs:
-        render.out.print(render.jobs_table(jobs))
-    else:
-        render.err.print("no jobs match")
+    render.listing(st.client.jobs(st.namespace, vm=vm, state=job_state, op=op, limit=limit), render.jobs_table,
+                   as_json=st.json, empty="no jobs match")
 
 
 @app.command()

@@ -17,13 +17,8 @@ app = typer.Typer(help="Namespaces.", no_args_is_help=True)
 def list_(ctx: typer.Context) -> None:
     """List namespaces with their VM counts and hosts."""
     st = state(ctx)
-    namespaces = st.client.namespaces()
-    if st.json:
-        render.dump_json(namespaces)
-    elif namespaces:
-        render.out.print(render.namespaces_table(namespaces))
-    else:
-        render.err.print("no namespaces yet; launching a VM creates its namespace")
+    render.listing(st.client.namespaces(), render.namespaces_table, as_json=st.json,
+                   empty="no namespaces yet; launching a VM creates its namespace")
 
 
 @app.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +35,16 @@ def dump_json(value: BaseModel | Sequence[BaseModel] | dict[str, Any]) -> None:
         data = [v.model_dump(mode="json") for v in value]
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
     sys.stdout.flush()
+
+
+def listing(items: Sequence[BaseModel], table: Callable[[Any], Table], *, as_json: bool, empty: str) -> None:
+    """A list command's output: JSON for scripts, a table for people, a hint when there is nothing."""
+    if as_json:
+        dump_json(items)
+    elif items:
+        out.print(table(items))
+    else:
+        err.print(empty)
 
 
 def styled(value: str) -> str:

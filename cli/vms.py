@@ -168,13 +168,8 @@ def move(
 def list_(ctx: typer.Context) -> None:
     """List the VMs of the namespace."""
     st = state(ctx)
-    vms = st.client.vms(st.namespace)
-    if st.json:
-        render.dump_json(vms)
-    elif vms:
-        render.out.print(render.vms_table(vms))
-    else:
-        render.err.print(f"no VMs in namespace {st.namespace!r}; launch one with 'vmorch vm launch NAME'")
+    render.listing(st.client.vms(st.namespace), render.vms_table, as_json=st.json,
+                   empty=f"no VMs in namespace {st.namespace!r}; launch one with 'vmorch vm launch NAME'")
 
 
 @app.command()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,16 +163,22 @@ def wait_hosts_up(settings: Settings, *workers: WorkerProc, timeout: float = 30)
     wait_until(up, timeout=timeout, what=f"hosts {[w.host for w in workers]} up")
 
 
-@pytest.fixture(scope="session")
-def cluster(base_settings: Settings) -> Iterator[list[WorkerProc]]:
-    """Two hosts, each a real Celery worker with its own libvirt test hypervisor."""
-    workers = [start_worker(base_settings, "t1"), start_worker(base_settings, "t2")]
+@contextmanager
+def running_hosts(settings: Settings, *workers: WorkerProc) -> Iterator[list[WorkerProc]]:
+    """The workers, once their hosts are up; stopped at the end whatever happens."""
     try:
-        wait_hosts_up(base_settings, *workers)
-        yield workers
+        wait_hosts_up(settings, *workers)
+        yield list(workers)
     finally:
         for w in workers:
             w.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(base_settings: Settings) -> Iterator[list[WorkerProc]]:
+    """Two hosts, each a real Celery worker with its own libvirt test hypervisor."""
+    with running_hosts(base_settings, start_worker(base_settings, "t1"), start_worker(base_settings, "t2")) as ws:
+        yield ws
 
 
 _ns_counter = itertools.count(1)

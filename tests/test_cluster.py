@@ -20,7 +20,17 @@ from orchestrator.operation import Op
 from orchestrator.records import JobState
 from orchestrator.settings import Settings
 
-from .conftest import ROOT, WorkerProc, cleanup_namespace, ops, run_cli, settings_env, start_worker, wait_hosts_up
+from .conftest import (
+    ROOT,
+    WorkerProc,
+    cleanup_namespace,
+    ops,
+    run_cli,
+    running_hosts,
+    settings_env,
+    start_worker,
+    wait_hosts_up,
+)
 from .test_ordering import BARRIER_SUBMIT
 
 HOSTS = {"c1": {"rack": "a"}, "c2": {"rack": "a"}, "c3": {"rack": "b"}}
@@ -30,12 +40,8 @@ HOSTS = {"c1": {"rack": "a"}, "c2": {"rack": "a"}, "c3": {"rack": "b"}}
 def three_hosts(base_settings: Settings) -> Iterator[list[WorkerProc]]:
     workers = [start_worker(base_settings, name, args=[f"--label={k}={v}" for k, v in labels.items()])
                for name, labels in HOSTS.items()]
-    try:
-        wait_hosts_up(base_settings, *workers)
-        yield workers
-    finally:
-        for w in workers:
-            w.stop()
+    with running_hosts(base_settings, *workers) as ws:
+        yield ws
 
 
 @pytest.fixture

@@ -202,13 +202,14 @@ def test_a_sigstopped_worker_loses_its_lock_and_touches_nothing_after(
         finally:
             host.worker.proc.send_signal(signal.SIGCONT)
         wait_hosts_up(base_settings, host.worker)
-        time.sleep(2)  # the resumed worker runs its next step now: it must notice and do nothing
+        worker = host.worker
+        # the resumed worker's next step finds its lock gone, and it says so
+        wait_until(lambda: any(s in worker.log_tail(200) for s in ("lost lock", "may have expired")),
+                   timeout=15, what="the resumed worker to notice its lock is lost")
         assert client.job(stop.id).state is JobState.FAILED  # its late write was not allowed to land
         assert client.vm(ns, "pv").state is VmState.RUNNING  # it never forced the VM off
         assert qemu_pids(host.root), "the resumed worker touched libvirt again"
         wait_until(lambda: no_vm_lock(redis, ns, "pv"), what="the VM lock to be free")
-        log = host.worker.log_tail(80)
-        assert "lost lock" in log or "may have expired" in log
 
 
 def test_an_injected_renewal_failure_aborts_and_the_job_is_rerun(base_settings: Settings, client: RedisClient,
