@@ -16,7 +16,8 @@ def wait(client: Client, jobs: Sequence[Job], *, timeout: float | None = None) -
     ids = [j.id for j in jobs]
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn()]
-    with Progress(*columns, console=err, transient=True) as progress:
+    # Only on a terminal: piped, a progress display is noise (and leaves a blank line behind).
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task(_describe(jobs), total=len(ids))
 
         def update(current: list[Job]) -> None:

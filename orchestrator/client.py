@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from . import keys, placement
-from .errors import AlreadyExists, ExecError, InvalidInput, NotFound
+from .errors import AlreadyExists, ClusterUnavailable, ExecError, InvalidInput, NotFound
 from .locks import LockManager, cmd_lock, host_lock, vms_lock
 from .names import check_namespace
 from .operation import LaunchParams, MoveOutParams, Op, Operation
-from .records import Event, Host, Job, JobState, Namespace, Vm
+from .records import Event, Host, HostState, Job, JobState, Namespace, Vm
 from .redisconn import connect, ping
 from .settings import Settings
 from .store import Store, Submitted
@@ -106,12 +106,40 @@ class RedisClient:
         for ns, batch in sorted(by_ns.items()):
             # cmd: the name reservation and placement decision; vms: the registry write; host:*: the
             # reservations on every candidate, so placements in other namespaces can't race for the same room.
-            candidates = [h.name for h in self.store.hosts()]
+            candidates = self._candidate_hosts(ns, batch)
             host_locks = [host_lock(name) for name in candidates]
             with self.locks.hold(cmd_lock(ns), vms_lock(ns), *host_locks, timeout=self.settings.submit_lock_timeout):
                 chosen = self._plan(ns, batch, locked=set(candidates))
                 out += [(self.store.submit_launch(op, chosen[op.vm], who()), op) for op in batch]  # LOCK: all
         return out
+
+    def _candidate_hosts(self, ns: str, batch: list[Operation]) -> list[str]:
+        """The hosts a batch could land on, to lock (before locking: placement re-checks under the locks).
+
+        Locking only these keeps a launch's cost independent of hosts it can't use; a host that
+        comes up meanwhile is simply not considered by this launch.
+        """
+        info = self.store.namespace(ns)
+        allowed = set(info.hosts) if info is not None and info.hosts else None
+        pinned: set[str] = set()
+        labels: list[dict[str, str]] = []
+        for op in batch:
+            p = op.params
+            assert isinstance(p, LaunchParams)
+            if p.host:
+                pinned.add(p.host)
+            elif p.colocate:
+                pinned.add(self.store.get_vm(ns, p.colocate).host)
+            else:
+                labels.append(p.host_labels)
+        names = []
+        for h in self.store.hosts():
+            usable = h.state is HostState.UP and (allowed is None or h.name in allowed)
+            wanted = h.name in pinned or any(all(h.labels.get(k) == v for k, v in want.items()) for want in labels)
+            if usable and wanted:
+                names.append(h.name)
+        # A pinned host that isn't usable still goes to the planner, which says why it can't be used.
+        return sorted(set(names) | pinned)
 
     def _plan(self, ns: str, batch: list[Operation], locked: set[str] | None = None) -> dict[str, str]:
         """# LOCK: for a real launch the caller holds cmd:<ns>, vms:<ns> and the candidate hosts' locks."""
@@ -123,7 +151,7 @@ class RedisClient:
             raise AlreadyExists(f"VM {taken[0]!r} already exists in namespace {ns!r}"
                                 + (f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""),
                                 hint="pick other names, or delete them first with 'vmorch vm delete'")
-        hosts = [h for h in self.store.hosts() if locked is None or h.name in locked]
+        hosts = self.store.hosts()  # all of them, so a refusal can say exactly what is missing
         requests, spread = [], False
         for op in batch:
             p = op.params
@@ -133,7 +161,11 @@ class RedisClient:
             spread = spread or p.spread
         limits = placement.Limits(self.settings.memory_allocation_ratio, self.settings.cpu_allocation_ratio)
         allowed = set(info.hosts) if info is not None and info.hosts else None
-        return placement.plan(requests, hosts, allowed=allowed, spread=spread, limits=limits)
+        chosen = placement.plan(requests, hosts, allowed=allowed, spread=spread, limits=limits)
+        unlocked = sorted(set(chosen.values()) - locked) if locked is not None else []
+        if unlocked:  # only when a host came up between choosing what to lock and deciding
+            raise ClusterUnavailable(f"host {unlocked[0]!r} joined during placement", hint="submit again")
+        return chosen
 
     def _submit_move(self, op: Operation) -> list[tuple[Submitted, Operation]]:
         p = op.params

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .errors import InvalidInput, NoCapacity, NotFound
+from .errors import InvalidInput, NoCapacity
 from .records import Host, HostState
 
 
@@ -122,10 +122,3 @@ def _no_room(r: Request, rooms: Sequence[_Room]) -> NoCapacity:
     return NoCapacity(f"no single host has both {r.memory_mib} MiB and {r.vcpus} vCPUs free for {r.vm!r}",
                       hint="ask for less, delete VMs, or add a host")
 
-
-def resolve_colocate(vm_host: Mapping[str, str], vm: str, namespace: str) -> str:
-    try:
-        return vm_host[vm]
-    except KeyError:
-        raise NotFound(f"cannot colocate with {vm!r}: no such VM in namespace {namespace!r}",
-                       hint="list VMs with 'vmorch vm list'") from None

@@ -212,6 +212,10 @@ class Driver:
         with contextlib.suppress(libvirt.libvirtError):
             if conn.isAlive():
                 return conn
+        if self.virt_type == "test":
+            # The test driver's state lives in the connection: a new one would silently start empty.
+            raise HypervisorError(f"the libvirt connection {self.uri} died; its domains are gone with it",
+                                  hint="restart the worker; its reconciliation marks the VMs missing")
         # A restarted libvirtd leaves the old connection dead for good; reopen once for everyone.
         with self._reconnect_lock:
             if self._conn is conn:
