@@ -61,10 +61,16 @@ def worker(
     storage_dir: Annotated[Path | None, typer.Option("--storage-dir", help="where VM disks are created")] = None,
     loglevel: Annotated[str, typer.Option("--loglevel")] = "INFO",
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="key=value, repeatable")] = None,
+    migrate_uri: Annotated[str, typer.Option(
+        "--migrate-uri", help="how other hosts' libvirtd reach this one for live moves, e.g. qemu+tcp://HOST/system")
+    ] = "",
+    shared_storage: Annotated[bool, typer.Option(
+        "--shared-storage", help="the disk directory is on storage every host sees at the same path")] = False,
 ) -> None:
     """Run the worker of one host (consumes the queue host.<name>)."""
     from worker.main import run
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     run(state(ctx).settings, check_name(host, "host name"), libvirt_uri, concurrency=concurrency,
-        storage_dir=storage_dir, loglevel=loglevel.upper(), labels=parse_tags(label))
+        storage_dir=storage_dir, loglevel=loglevel.upper(), labels=parse_tags(label), migrate_uri=migrate_uri,
+        shared_storage=shared_storage)

@@ -178,14 +178,10 @@ class RedisClient:
         if p.to == vm.host:
             raise InvalidInput(f"VM {op.vm!r} is already on host {p.to!r}", hint="pick another host")
         if p.live:
-            uris = {name: hosts[name].libvirt_uri for name in (vm.host, p.to) if name in hosts}
-            raise InvalidInput(
-                f"live migration is not possible here: it needs libvirtd on both hosts, and vmorch does not drive "
-                f"it yet ({', '.join(f'{n}: {u}' for n, u in sorted(uris.items()))})",
-                hint="stop the VM ('vmorch vm stop NAME --force') and move it shut off")
-        if vm.state.value in ("running", "paused") and not self.store.mailbox(ns, op.vm):
-            raise InvalidInput(f"VM {op.vm!r} is {vm.state.value}; only a shut-off VM moves",
-                               hint="stop it first: 'vmorch vm stop NAME --force'")
+            _check_live(hosts[vm.host], hosts[p.to], vm)
+        elif vm.state.value in ("running", "paused") and not self.store.mailbox(ns, op.vm):
+            raise InvalidInput(f"VM {op.vm!r} is {vm.state.value}; only a shut-off VM moves without --live",
+                               hint="stop it first ('vmorch vm stop NAME --force'), or move it --live")
         # cmd: a placement decision; both hosts: the reservation on the target, the hand-over between them.
         with self.locks.hold(cmd_lock(ns), host_lock(vm.host), host_lock(p.to),
                              timeout=self.settings.submit_lock_timeout):
@@ -316,6 +312,22 @@ class RedisClient:
                     jobs[job.id] = job
         finally:
             pubsub.close()
+
+
+def _check_live(source: Host, target: Host, vm: Vm) -> None:
+    """Refuse a live move that can't happen, naming what is missing."""
+    for host in (source, target):
+        scheme = host.libvirt_uri.split(":", 1)[0]
+        if scheme == "test" or "/embed" in host.libvirt_uri:
+            raise InvalidInput(
+                f"live migration is not possible here: host {host.name} runs {host.libvirt_uri}; it needs a "
+                f"libvirtd on both hosts", hint="stop the VM ('vmorch vm stop NAME --force') and move it shut off")
+    if not target.migrate_uri:
+        raise InvalidInput(f"live migration to {target.name} is not possible: its worker gives no --migrate-uri",
+                           hint="start its worker with --migrate-uri qemu+tcp://HOST/system")
+    if vm.state.value != "running":
+        raise InvalidInput(f"VM {vm.name!r} is {vm.state.value}; only a running VM moves live",
+                           hint="move it without --live")
 
 
 def _drain_updates(pubsub: object, wait: float) -> set[int]:

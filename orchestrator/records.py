@@ -164,6 +164,10 @@ class Host(_Record):
     vms: int
     labels: dict[str, str] = {}
     hostname: str = ""
+    #: how other hosts' libvirtd reach this one for live migration ("" = no live moves here)
+    migrate_uri: str = ""
+    #: its VM disks are on storage every host sees at the same path
+    shared_storage: bool = False
 
     @classmethod
     def from_hash(cls, h: dict[str, str], *, now: float, down_after: float, vms: int) -> Host:
@@ -180,6 +184,8 @@ class Host(_Record):
             committed_vcpus=int(h.get("committed_vcpus") or 0),
             vms=vms,
             labels=json.loads(h.get("labels") or "{}"),
+            migrate_uri=h.get("migrate_uri", ""),
+            shared_storage=bool(h.get("shared_storage")),
             hostname=h.get("hostname", ""),
         )
 

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PACKAGES=(python3-venv python3-dev gcc pkg-config libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu
-          qemu-system-x86 qemu-utils redis-server)
+          qemu-system-x86 qemu-utils redis-server iproute2)
 VENV=.venv
 STAMP=$VENV/.vmorch-installed
 

@@ -497,6 +497,26 @@ class Driver:
             self._write_meta(dom, domain, replace(meta, disk=str(disk)))
         return _result(_state_of(dom), True, disk=str(disk) if disk else None)
 
+    def migrate_live(self, domain: str, dest_uri: str, *, shared_storage: bool) -> dict[str, Any]:
+        """Live-migrate a running domain to the libvirtd at ``dest_uri`` (peer to peer), keeping it defined there.
+
+        The disk stays where it is: both hosts must see it at the same path. libvirt refuses what it
+        can't tell is shared; ``shared_storage`` is the operator's word that it is (VIR_MIGRATE_UNSAFE).
+        """
+        dom = self._require(domain)
+        with _libvirt(domain, "live-migrate"):
+            if not dom.isActive():
+                raise InvalidState(f"cannot live-migrate {domain}: it is {_state_of(dom).value}",
+                                   hint="move it without --live")
+            if dom.snapshotNum(0):
+                raise InvalidState(f"cannot move {domain}: it has snapshots, which don't move with it")
+            flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
+                     | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+            if shared_storage:
+                flags |= libvirt.VIR_MIGRATE_UNSAFE
+            dom.migrateToURI3(dest_uri, {}, flags)
+        return _result(VmState.RUNNING, True, f"live-migrated to {dest_uri}")
+
     def destroy_all(self, *, vmorch_only: bool = True) -> int:
         """Power off running domains (by default only vmorch's: a libvirtd host may run others)."""
         count = 0

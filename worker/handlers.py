@@ -141,6 +141,18 @@ def _move_out(ctx: Context) -> Outcome:
     assert ctx.blobs is not None
     ctx.check()
     in_job = ctx.job.id + 1  # the move-in job: both were created in one atomic step
+    if p.live:
+        assert ctx.store is not None
+        target = ctx.store.host(p.to)
+        source = ctx.store.host(ctx.vm.host)
+        try:
+            result = ctx.driver.migrate_live(ctx.vm.domain, target.migrate_uri,
+                                             shared_storage=source.shared_storage and target.shared_storage)
+        except VmGone:
+            result = {"state": VmState.RUNNING.value, "changed": False}  # a re-run: it left already
+        return Outcome({**result, "note": f"live-migrated to {p.to}"},
+                       {"host": p.to, "state": result["state"], "note": f"moving live from {ctx.vm.host} to {p.to}"},
+                       adjust=((ctx.vm.host, -ctx.vm.memory_mib, -ctx.vm.vcpus),))
     try:
         xml, disk = ctx.driver.export(ctx.vm.domain)
     except VmGone:
@@ -166,6 +178,8 @@ def _move_in(ctx: Context) -> Outcome:
                         hint=f"the VM stays on {p.source}")
     ctx.check()
     if ctx.driver.status(ctx.vm.domain).state is VmState.MISSING:
+        if MoveOutParams.model_validate(out.params).live:
+            raise ExecError(f"{ctx.vm.domain} did not arrive on this host", hint="see the move-out job's result")
         disk = ctx.driver.disk_path(ctx.vm.domain)
         xml, has_disk = transfer.get(ctx.blobs, ctx.job.id, disk)
         result = ctx.driver.import_domain(ctx.vm.domain, xml, disk if has_disk else None)

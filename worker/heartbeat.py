@@ -18,12 +18,14 @@ log = logging.getLogger(__name__)
 
 class Heartbeat:
     def __init__(self, store: Store, host: str, *, libvirt_uri: str, cpus: int, memory_mib: int,
-                 interval: float, labels: dict[str, str] | None = None) -> None:
+                 interval: float, labels: dict[str, str] | None = None, migrate_uri: str = "",
+                 shared_storage: bool = False) -> None:
         self.store = store
         self.host = host
         self.fields = {"libvirt_uri": libvirt_uri, "cpus": cpus, "memory_mib": memory_mib, "pid": os.getpid(),
                        "hostname": socket.gethostname(), "version": __version__,
-                       "labels": json.dumps(labels or {}, sort_keys=True)}
+                       "labels": json.dumps(labels or {}, sort_keys=True), "migrate_uri": migrate_uri,
+                       "shared_storage": "1" if shared_storage else ""}
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vmorch-heartbeat", daemon=True)

@@ -32,7 +32,8 @@ def default_storage(settings: Settings, host: str) -> Path:
 
 
 def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4,
-        storage_dir: Path | None = None, loglevel: str = "INFO", labels: dict[str, str] | None = None) -> None:
+        storage_dir: Path | None = None, loglevel: str = "INFO", labels: dict[str, str] | None = None,
+        migrate_uri: str = "", shared_storage: bool = False) -> None:
     """Run until SIGTERM/SIGINT. ``test:///default`` keeps its state in this process: never fork."""
     url = settings.resolved_redis_url()
     driver = Driver(libvirt_uri, storage_dir or default_storage(settings, host))
@@ -45,7 +46,8 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
     register(app, worker)
     cpus, memory_mib = driver.capacity()
     heartbeat = Heartbeat(store, host, libvirt_uri=libvirt_uri, cpus=cpus, memory_mib=memory_mib,
-                          interval=settings.heartbeat_interval, labels=labels)
+                          interval=settings.heartbeat_interval, labels=labels, migrate_uri=migrate_uri,
+                          shared_storage=shared_storage)
     janitor = Janitor(worker, interval=max(1.0, settings.host_down_after / 2))
     try:
         # Repair first, then announce: a host that shows "up" has a registry that tells the truth.
