@@ -92,6 +92,10 @@ class RedisClient:
             if not self.redis.sismember(keys.vms(op.namespace), op.vm):
                 raise NotFound(f"no VM {op.vm!r} in namespace {op.namespace!r}",
                                hint="list VMs with 'vmorch vm list' (and check --namespace)")
+            if op.op is Op.MOVE_OUT:
+                # an earlier job of this batch on the same VM (a kill, say) is as good as a pending one
+                self._check_move(op, behind_others=any(o.vm == op.vm and o.namespace == op.namespace
+                                                       for o in ops[:ops.index(op)]))
         accepted = self._submit_launches(launches) if launches else []
         for op in [o for o in ops if o.op is not Op.LAUNCH]:  # in the order given: it is the VMs' order
             accepted += self._submit_move(op) if op.op is Op.MOVE_OUT else [(self.store.submit(op, who()), op)]
@@ -167,7 +171,11 @@ class RedisClient:
             raise ClusterUnavailable(f"host {unlocked[0]!r} joined during placement", hint="submit again")
         return chosen
 
-    def _submit_move(self, op: Operation) -> list[tuple[Submitted, Operation]]:
+    def _check_move(self, op: Operation, *, behind_others: bool = True) -> Vm:
+        """Refuse a move that can't happen, before anything of its batch is accepted.
+
+        Whether the VM is shut off is only judged when no other job of it comes first.
+        """
         p = op.params
         assert isinstance(p, MoveOutParams)
         ns = op.namespace
@@ -179,9 +187,16 @@ class RedisClient:
             raise InvalidInput(f"VM {op.vm!r} is already on host {p.to!r}", hint="pick another host")
         if p.live:
             _check_live(hosts[vm.host], hosts[p.to], vm)
-        elif vm.state.value in ("running", "paused") and not self.store.mailbox(ns, op.vm):
+        elif vm.state.value in ("running", "paused") and not behind_others and not self.store.mailbox(ns, op.vm):
             raise InvalidInput(f"VM {op.vm!r} is {vm.state.value}; only a shut-off VM moves without --live",
                                hint="stop it first ('vmorch vm stop NAME --force'), or move it --live")
+        return vm
+
+    def _submit_move(self, op: Operation) -> list[tuple[Submitted, Operation]]:
+        p = op.params
+        assert isinstance(p, MoveOutParams)
+        ns = op.namespace
+        vm = self._check_move(op)
         # cmd: a placement decision; both hosts: the reservation on the target, the hand-over between them.
         with self.locks.hold(cmd_lock(ns), host_lock(vm.host), host_lock(p.to),
                              timeout=self.settings.submit_lock_timeout):

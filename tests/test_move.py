@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from redis import Redis
 
+from orchestrator import keys
 from orchestrator.client import RedisClient
 from orchestrator.errors import InvalidInput
 from orchestrator.operation import Op
@@ -101,3 +103,15 @@ def test_move_a_real_vm_with_its_disk(base_settings: Settings, client: RedisClie
         assert not list((base_settings.home / "hosts" / "qa" / "disks").glob(f"{ns}.travel*"))
         assert list((base_settings.home / "hosts" / "qb" / "disks").glob(f"{ns}.travel.qcow2"))
         assert run(client, Op.DELETE, "travel")[0].state is JobState.SUCCEEDED
+
+
+def test_a_batch_of_moves_with_one_impossible_is_refused_whole(cluster: list[WorkerProc], client: RedisClient,
+                                                               redis: Redis) -> None:
+    ns = client.settings.namespace
+    run(client, Op.LAUNCH, "bm[1-2]", memory_mib=16, host="t1")
+    run(client, Op.KILL, "bm1")  # bm1 may move; bm2 is running and may not
+    before = redis.get(keys.JOB_NEXT)
+    with pytest.raises(InvalidInput, match="'bm2' is running"):
+        client.submit(ops(Op.MOVE_OUT, ns, "bm[1-2]", to="t2"))
+    assert redis.get(keys.JOB_NEXT) == before, "part of the batch was accepted"
+    assert client.vm(ns, "bm1").host == "t1"

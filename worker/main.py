@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 from celery import Celery
@@ -57,18 +58,37 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
         kick_mailboxes(app, store, host)
         janitor.start()
         watchdog.start()
-        celery_worker = app.Worker(
-            queues=[keys.queue(host)], pool="threads", concurrency=concurrency,
-            hostname=f"{host}@{socket.gethostname()}", loglevel=loglevel,
-            without_gossip=True, without_mingle=True, without_heartbeat=True,
-        )
-        celery_worker.start()
+        consume(app, host, concurrency=concurrency, loglevel=loglevel)
     finally:
         watchdog.stop()
         janitor.stop()
         heartbeat.stop()
         locks.close()
         driver.close()
+
+
+def consume(app: Celery, host: str, *, concurrency: int, loglevel: str) -> None:
+    """Run Celery's consumer until a shutdown is asked for (SIGTERM, SIGINT).
+
+    kombu's Redis transport can die of its own reconnection after Redis drops the
+    connection ("Unrecoverable error"). The host must not be lost over it: the consumer is
+    started again in this process, which keeps the libvirt connection (a test:/// hypervisor
+    lives in it), the heartbeat and the locks.
+    """
+    from celery.worker import state
+
+    while True:
+        celery_worker = app.Worker(
+            queues=[keys.queue(host)], pool="threads", concurrency=concurrency,
+            hostname=f"{host}@{socket.gethostname()}", loglevel=loglevel,
+            without_gossip=True, without_mingle=True, without_heartbeat=True,
+        )
+        celery_worker.start()
+        if state.should_stop is not None or state.should_terminate is not None or not celery_worker.exitcode:
+            return
+        log.error("the Celery consumer stopped (exit code %s) without a shutdown request; restarting it",
+                  celery_worker.exitcode)
+        time.sleep(1)
 
 
 def pid_alive(pid: int) -> bool:
