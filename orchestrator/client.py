@@ -87,17 +87,22 @@ class RedisClient:
         if any(o.op is Op.MOVE_IN for o in ops):
             raise InvalidInput("move-in jobs are made by 'vm move'", hint="use 'vmorch vm move NAME --to HOST'")
         launches = [o for o in ops if o.op is Op.LAUNCH]
-        # Refuse the whole batch before accepting any of it.
-        for op in [o for o in ops if o.op is not Op.LAUNCH]:
-            if not self.redis.sismember(keys.vms(op.namespace), op.vm):
+        others = [o for o in ops if o.op is not Op.LAUNCH]
+        # Refuse the whole batch before accepting any of it (one round trip for all the names).
+        pipe = self.redis.pipeline(transaction=False)
+        for op in others:
+            pipe.sismember(keys.vms(op.namespace), op.vm)
+        seen: set[tuple[str, str]] = set()
+        for op, exists in zip(others, pipe.execute(), strict=True):
+            if not exists:
                 raise NotFound(f"no VM {op.vm!r} in namespace {op.namespace!r}",
                                hint="list VMs with 'vmorch vm list' (and check --namespace)")
             if op.op is Op.MOVE_OUT:
                 # an earlier job of this batch on the same VM (a kill, say) is as good as a pending one
-                self._check_move(op, behind_others=any(o.vm == op.vm and o.namespace == op.namespace
-                                                       for o in ops[:ops.index(op)]))
+                self._check_move(op, behind_others=(op.namespace, op.vm) in seen)
+            seen.add((op.namespace, op.vm))
         accepted = self._submit_launches(launches) if launches else []
-        for op in [o for o in ops if o.op is not Op.LAUNCH]:  # in the order given: it is the VMs' order
+        for op in others:  # in the order given: it is the VMs' order
             accepted += self._submit_move(op) if op.op is Op.MOVE_OUT else [(self.store.submit(op, who()), op)]
         self._enqueue(accepted)
         return self.store.get_jobs(s.id for s, _ in accepted)

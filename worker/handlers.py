@@ -177,14 +177,15 @@ def _move_in(ctx: Context) -> Outcome:
         raise ExecError(f"nothing to import: the move-out (job {out.id}) {out.state.value}",
                         hint=f"the VM stays on {p.source}")
     ctx.check()
-    if ctx.driver.status(ctx.vm.domain).state is VmState.MISSING:
+    here = ctx.driver.status(ctx.vm.domain).state
+    if here is VmState.MISSING:
         if MoveOutParams.model_validate(out.params).live:
             raise ExecError(f"{ctx.vm.domain} did not arrive on this host", hint="see the move-out job's result")
         disk = ctx.driver.disk_path(ctx.vm.domain)
         xml, has_disk = transfer.get(ctx.blobs, ctx.job.id, disk)
         result = ctx.driver.import_domain(ctx.vm.domain, xml, disk if has_disk else None)
     else:
-        result = {"state": ctx.driver.status(ctx.vm.domain).state.value, "changed": False}
+        result = {"state": here.value, "changed": False}  # a re-run: it arrived already
     transfer.drop(ctx.blobs, ctx.job.id)
     return Outcome({**result, "note": f"moved from {p.source}"},
                    {"state": result["state"], "note": f"moved from {p.source}"})
