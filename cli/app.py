@@ -15,15 +15,16 @@ from orchestrator.errors import InvalidInput, VmorchError
 from orchestrator.names import check_namespace
 from orchestrator.settings import Settings
 
-from . import cluster, hosts, jobs, namespaces, vms
+from . import cluster, completion, hosts, jobs, namespaces, vms
 from .context import State
+from .doctor import doctor
 from .render import error
 
 app = typer.Typer(
     name="vmorch",
     help="Distributed VM management: operations queued, ordered and locked across a cluster.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -32,6 +33,7 @@ app.add_typer(jobs.app, name="job")
 app.add_typer(hosts.app, name="host")
 app.add_typer(namespaces.app, name="ns")
 cluster.register(app)
+app.command()(doctor)
 
 
 @app.callback()
@@ -40,7 +42,8 @@ def root(
     redis_url: Annotated[str | None, typer.Option("--redis-url", envvar="VMORCH_REDIS_URL",
                                                   help="Redis of the cluster (default: the local cluster's)")] = None,
     namespace: Annotated[str, typer.Option("--namespace", "-n", envvar="VMORCH_NAMESPACE",
-                                           help="namespace of VMs and jobs")] = "default",
+                                           help="namespace of VMs and jobs",
+                                           autocompletion=completion.namespace_names)] = "default",
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output on stdout")] = False,
 ) -> None:
     overrides: dict[str, object] = {"namespace": check_namespace(namespace)}

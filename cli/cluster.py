@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -66,11 +65,17 @@ def worker(
     ] = "",
     shared_storage: Annotated[bool, typer.Option(
         "--shared-storage", help="the disk directory is on storage every host sees at the same path")] = False,
+    log_format: Annotated[str, typer.Option(
+        "--log-format", envvar="VMORCH_LOG_FORMAT", help="text, or json: one JSON object per line")] = "text",
+    metrics_port: Annotated[int, typer.Option(
+        "--metrics-port", envvar="VMORCH_METRICS_PORT", min=0, max=65535,
+        help="serve Prometheus metrics on this port (0: off)")] = 0,
 ) -> None:
     """Run the worker of one host (consumes the queue host.<name>)."""
+    from orchestrator import logs
     from worker.main import run
 
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.setup(log_format, loglevel)
     run(state(ctx).settings, check_name(host, "host name"), libvirt_uri, concurrency=concurrency,
         storage_dir=storage_dir, loglevel=loglevel.upper(), labels=parse_tags(label), migrate_uri=migrate_uri,
-        shared_storage=shared_storage)
+        shared_storage=shared_storage, metrics_port=metrics_port)

@@ -8,8 +8,10 @@ import typer
 
 from orchestrator.errors import NotFound
 
-from . import render
+from . import completion, render
 from .context import state
+
+HostName = Annotated[str, typer.Argument(help="host name", autocompletion=completion.host_names)]
 
 app = typer.Typer(help="Hosts of the cluster.", no_args_is_help=True)
 
@@ -23,7 +25,7 @@ def list_(ctx: typer.Context) -> None:
 
 
 @app.command()
-def show(ctx: typer.Context, name: Annotated[str, typer.Argument(help="host name")]) -> None:
+def show(ctx: typer.Context, name: HostName) -> None:
     """Show one host: state, capacity and what is committed, labels, its VMs."""
     st = state(ctx)
     host = next((h for h in st.client.hosts() if h.name == name), None)
@@ -36,13 +38,13 @@ def show(ctx: typer.Context, name: Annotated[str, typer.Argument(help="host name
 
 
 @app.command()
-def drain(ctx: typer.Context, name: Annotated[str, typer.Argument(help="host name")]) -> None:
+def drain(ctx: typer.Context, name: HostName) -> None:
     """Place no new VMs on a host; its VMs and their jobs carry on."""
     _set_draining(ctx, name, True)
 
 
 @app.command()
-def undrain(ctx: typer.Context, name: Annotated[str, typer.Argument(help="host name")]) -> None:
+def undrain(ctx: typer.Context, name: HostName) -> None:
     """Let placement use a drained host again."""
     _set_draining(ctx, name, False)
 

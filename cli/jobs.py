@@ -9,15 +9,17 @@ import typer
 from orchestrator.operation import Op
 from orchestrator.records import JobState
 
-from . import render
+from . import completion, render
 from .context import state
 from .waiting import wait as wait_for
+
+JobId = Annotated[int, typer.Argument(metavar="ID", autocompletion=completion.job_ids)]
 
 app = typer.Typer(help="Show, list, wait for and cancel jobs.", no_args_is_help=True)
 
 
 @app.command()
-def show(ctx: typer.Context, job_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:
+def show(ctx: typer.Context, job_id: JobId) -> None:
     """Show one job."""
     st = state(ctx)
     job = st.client.job(job_id)
@@ -47,7 +49,7 @@ def list_(
 @app.command()
 def wait(
     ctx: typer.Context,
-    job_ids: Annotated[list[int], typer.Argument(metavar="ID...")],
+    job_ids: Annotated[list[int], typer.Argument(metavar="ID...", autocompletion=completion.job_ids)],
     timeout: Annotated[float | None, typer.Option("--timeout", help="give up after this many seconds")] = None,
 ) -> None:
     """Wait until jobs are final; exit 1 if one failed or was canceled."""
@@ -63,7 +65,7 @@ def wait(
 
 
 @app.command()
-def cancel(ctx: typer.Context, job_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:
+def cancel(ctx: typer.Context, job_id: JobId) -> None:
     """Cancel a job: at once if not started, at its next step if running."""
     st = state(ctx)
     job = st.client.cancel(job_id)

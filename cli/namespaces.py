@@ -6,9 +6,11 @@ from typing import Annotated
 
 import typer
 
-from . import render
+from . import completion, render
 from .context import state
 from .waiting import wait as wait_for
+
+NamespaceName = Annotated[str, typer.Argument(help="namespace name", autocompletion=completion.namespace_names)]
 
 app = typer.Typer(help="Namespaces.", no_args_is_help=True)
 
@@ -23,7 +25,7 @@ def list_(ctx: typer.Context) -> None:
 
 @app.command()
 def create(
-    ctx: typer.Context, name: Annotated[str, typer.Argument(help="namespace name")],
+    ctx: typer.Context, name: NamespaceName,
     hosts: Annotated[str | None, typer.Option("--hosts", help="comma-separated hosts its VMs may use")] = None,
 ) -> None:
     """Create a namespace, optionally limited to some hosts."""
@@ -37,7 +39,7 @@ def create(
 
 @app.command()
 def delete(
-    ctx: typer.Context, name: Annotated[str, typer.Argument(help="namespace name")],
+    ctx: typer.Context, name: NamespaceName,
     force: Annotated[bool, typer.Option("--force", help="also delete its VMs (through ordinary jobs)")] = False,
 ) -> None:
     """Delete a namespace, its jobs and its history; with --force, its VMs first."""

@@ -12,13 +12,15 @@ from orchestrator.names import check_name, check_tag, expand_target
 from orchestrator.operation import Op, Operation
 from orchestrator.records import HostState, Job
 
-from . import render
+from . import completion, render
 from .context import state
 from .waiting import wait as wait_for
 
 app = typer.Typer(help="Operate on VMs. TARGET is a name or a range such as web[1-10].", no_args_is_help=True)
 
-Target = Annotated[str, typer.Argument(help="a VM name, or a range such as web[1-10] or web[1,3,5-7]")]
+Target = Annotated[str, typer.Argument(help="a VM name, or a range such as web[1-10] or web[1,3,5-7]",
+                                        autocompletion=completion.vm_names)]
+VmName = Annotated[str, typer.Argument(help="VM name", autocompletion=completion.vm_names)]
 Wait = Annotated[bool, typer.Option("--wait", "-w", help="wait until the jobs are final; exit 1 if one failed")]
 
 
@@ -173,7 +175,7 @@ def list_(ctx: typer.Context) -> None:
 
 
 @app.command()
-def show(ctx: typer.Context, name: Annotated[str, typer.Argument(help="VM name")]) -> None:
+def show(ctx: typer.Context, name: VmName) -> None:
     """Show one VM."""
     st = state(ctx)
     vm = st.client.vm(st.namespace, name)
@@ -184,7 +186,7 @@ def show(ctx: typer.Context, name: Annotated[str, typer.Argument(help="VM name")
 
 
 @app.command()
-def history(ctx: typer.Context, name: Annotated[str, typer.Argument(help="VM name")],
+def history(ctx: typer.Context, name: VmName,
             limit: Annotated[int, typer.Option("--limit", min=1, max=100_000)] = 100) -> None:
     """Show what happened to a VM: its jobs' state changes and the changes of its record."""
     st = state(ctx)

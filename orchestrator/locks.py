@@ -46,7 +46,7 @@ from enum import IntEnum
 import redis_lock
 from redis.exceptions import RedisError
 
-from . import keys
+from . import keys, metrics
 from .errors import LockLost, LockOrderError, LockTimeout
 from .redisconn import connect_for_locks
 from .store import Fence
@@ -110,6 +110,10 @@ def other_lock(name: str) -> LockName:
 _held: contextvars.ContextVar[tuple[LockName, ...]] = contextvars.ContextVar("vmorch_held_locks", default=())
 
 
+def _log_fields(name: LockName) -> dict[str, str]:
+    return {"lock": name.name, "lock_level": name.level.name.lower()}
+
+
 def held() -> tuple[LockName, ...]:
     return _held.get()
 
@@ -142,6 +146,7 @@ class HeldLock:
     fence: Fence
     renewed_at: float  # time.monotonic() of the acquisition or last successful renewal
     lost: str | None = None
+    acquired_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -208,9 +213,11 @@ class LockManager:
 
     def _acquire(self, name: LockName, deadline: float) -> HeldLock:
         lock = redis_lock.Lock(self.client, name.name, expire=self.expire, id=self.lock_id())
+        started = time.monotonic()
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                metrics.lock_timed_out(name.level.name.lower())
                 owner = lock.get_owner_id()
                 raise LockTimeout(f"timed out waiting for lock {name} (held by {owner})",
                                   hint="another operation holds it for long; see 'vmorch job list --state running'")
@@ -222,19 +229,23 @@ class LockManager:
             lock.release()
             raise
         held_lock = HeldLock(name, lock, fence, time.monotonic())
+        metrics.lock_acquired(name.level.name.lower(), held_lock.acquired_at - started)
+        log.debug("took lock %s (fence %d) after %.3fs", name, fence.token, held_lock.acquired_at - started,
+                  extra=_log_fields(name))
         self._start_renewing(held_lock)
         return held_lock
 
     def _release(self, h: HeldLock) -> None:
         with self._renewing_lock:
             self._renewing.discard(h)
+        metrics.lock_released(h.name.level.name.lower(), time.monotonic() - h.acquired_at)
         try:
             h.lock.release()
         except redis_lock.NotAcquired:
-            log.warning("lock %s was lost before release (%s)", h.name, h.lost or "expired")
+            log.warning("lock %s was lost before release (%s)", h.name, h.lost or "expired", extra=_log_fields(h.name))
         except RedisError as exc:
             # The lock expires on its own; a release failure must not mask the caller's error.
-            log.warning("could not release lock %s: %s", h.name, exc)
+            log.warning("could not release lock %s: %s", h.name, exc, extra=_log_fields(h.name))
 
     # -- renewal ------------------------------------------------------------------------
 
@@ -263,7 +274,8 @@ class LockManager:
                     self._renewing.discard(h)
                 return
             except RedisError as exc:
-                log.warning("renewing lock %s failed (attempt %d): %s", h.name, attempt + 1, exc)
+                log.warning("renewing lock %s failed (attempt %d): %s", h.name, attempt + 1, exc,
+                            extra=_log_fields(h.name))
                 time.sleep(0.2 * (attempt + 1))
                 continue
             h.renewed_at = time.monotonic()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import keys
+from .redisconn import celery_broker
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -21,14 +22,14 @@ RUN_TASK = "vmorch.run"
 def make_app(settings: Settings) -> Celery:
     from celery import Celery  # imported here: a CLI command that only reads must not pay for Celery
 
-    url = settings.resolved_redis_url()
-    app = Celery("vmorch", broker=url, set_as_current=False)
+    broker, transport_options = celery_broker(settings.resolved_redis_url())
+    app = Celery("vmorch", broker=broker, set_as_current=False)
     app.conf.update(
         # A job is acked only after it finished; a worker that dies mid-way gets it redelivered.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout, **transport_options},
         broker_connection_retry_on_startup=True,
         task_ignore_result=True,
         task_serializer="json",
@@ -37,6 +38,9 @@ def make_app(settings: Settings) -> Celery:
         worker_redirect_stdouts=False,
         task_create_missing_queues=True,
         enable_utc=True,
+        # Task events, so that Flower and 'celery events' see vmorch's tasks (sent, received, succeeded).
+        worker_send_task_events=True,
+        task_send_sent_event=True,
     )
     return app
 

@@ -168,6 +168,15 @@ class Host(_Record):
     migrate_uri: str = ""
     #: its VM disks are on storage every host sees at the same path
     shared_storage: bool = False
+    #: the vmorch version its worker runs
+    version: str = ""
+    #: the host's clock minus Redis's, measured at its last heartbeat (None: an older worker)
+    clock_offset: float | None = None
+    #: whether the worker's last libvirt probe worked (None: not probed yet), and why not
+    libvirt_ok: bool | None = None
+    libvirt_error: str = ""
+    #: its worker shut down cleanly (a down host that was not stopped has crashed or lost Redis)
+    stopped: bool = False
 
     @classmethod
     def from_hash(cls, h: dict[str, str], *, now: float, down_after: float, vms: int) -> Host:
@@ -187,6 +196,11 @@ class Host(_Record):
             migrate_uri=h.get("migrate_uri", ""),
             shared_storage=bool(h.get("shared_storage")),
             hostname=h.get("hostname", ""),
+            version=h.get("version", ""),
+            clock_offset=float(h["clock_offset"]) if h.get("clock_offset") else None,
+            libvirt_ok=None if "libvirt_ok" not in h else bool(h["libvirt_ok"]),
+            libvirt_error=h.get("libvirt_error", ""),
+            stopped=bool(h.get("stopped")),
         )
 
 

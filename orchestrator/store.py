@@ -16,7 +16,7 @@ from typing import Any, cast
 from redis import Redis
 from redis.exceptions import ResponseError
 
-from . import keys, scripts
+from . import keys, metrics, scripts
 from .errors import AlreadyExists, FencedOut, InvalidInput, NotFound, VmorchError
 from .operation import LaunchParams, MoveInParams, Op, Operation
 from .records import Event, Host, HostState, Job, JobState, Namespace, Vm, domain_name, host_state
@@ -265,8 +265,13 @@ class Store:
                                             **{k: str(v) for k, v in fields.items()}})
         pipe.execute()
 
-    def heartbeat(self, name: str) -> None:
-        self.redis.hset(keys.host(name), "heartbeat_at", f"{self.redis_time():.6f}")
+    def heartbeat(self, name: str, fields: Mapping[str, str] | None = None) -> None:
+        """Record a heartbeat (Redis's clock), this host's clock offset to it, and ``fields``."""
+        before = time.time()
+        now = self.redis_time()
+        offset = (before + time.time()) / 2 - now  # off by at most half a round trip
+        mapping: dict[str, str] = {"heartbeat_at": f"{now:.6f}", "clock_offset": f"{offset:.6f}", **(fields or {})}
+        self.redis.hset(keys.host(name), mapping=mapping)  # type: ignore[arg-type]
 
     def set_draining(self, name: str, draining: bool) -> Host:
         """A draining host gets no new VMs; its VMs and their jobs carry on."""
@@ -386,6 +391,7 @@ def _script_error(exc: ResponseError, op: Operation | None = None) -> VmorchErro
         name = f"VM {op.vm!r}" if op else "job"
         return NotFound(f"no {name}{where}", hint="list VMs with 'vmorch vm list' (and check --namespace)")
     if "fenced_out" in text:
+        metrics.fenced_out()
         return FencedOut("a newer holder took this lock; this write was refused",
                          hint="the job is retried by the new holder")
     raise exc

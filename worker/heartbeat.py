@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable, Mapping
 
 from redis.exceptions import RedisError
 
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 class Heartbeat:
     def __init__(self, store: Store, host: str, *, libvirt_uri: str, cpus: int, memory_mib: int,
                  interval: float, labels: dict[str, str] | None = None, migrate_uri: str = "",
-                 shared_storage: bool = False) -> None:
+                 shared_storage: bool = False, status: Callable[[], Mapping[str, str]] | None = None) -> None:
         self.store = store
         self.host = host
         self.fields = {"libvirt_uri": libvirt_uri, "cpus": cpus, "memory_mib": memory_mib, "pid": os.getpid(),
@@ -27,17 +28,19 @@ class Heartbeat:
                        "labels": json.dumps(labels or {}, sort_keys=True), "migrate_uri": migrate_uri,
                        "shared_storage": "1" if shared_storage else ""}
         self.interval = interval
+        #: fields refreshed with every beat (the libvirt probe's verdict)
+        self.status = status or dict
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vmorch-heartbeat", daemon=True)
 
     def start(self) -> None:
-        self.store.register_host(self.host, self.fields)
+        self.store.register_host(self.host, {**self.fields, **self.status()})
         self._thread.start()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.store.heartbeat(self.host)
+                self.store.heartbeat(self.host, self.status())
             except RedisError as exc:  # Redis restarting: keep trying; the host shows down meanwhile
                 log.warning("heartbeat failed: %s", exc)
 

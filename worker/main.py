@@ -10,7 +10,7 @@ from pathlib import Path
 
 from celery import Celery
 
-from orchestrator import keys
+from orchestrator import keys, logs, metrics
 from orchestrator.locks import LockManager
 from orchestrator.queue import enqueue, make_app
 from orchestrator.redisconn import connect
@@ -18,6 +18,7 @@ from orchestrator.settings import Settings
 from orchestrator.store import Store
 
 from .driver import Driver
+from .health import LibvirtProbe
 from .heartbeat import Heartbeat
 from .janitor import Janitor
 from .reconcile import reconcile
@@ -34,8 +35,10 @@ def default_storage(settings: Settings, host: str) -> Path:
 
 def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4,
         storage_dir: Path | None = None, loglevel: str = "INFO", labels: dict[str, str] | None = None,
-        migrate_uri: str = "", shared_storage: bool = False) -> None:
+        migrate_uri: str = "", shared_storage: bool = False, metrics_port: int = 0) -> None:
     """Run until SIGTERM/SIGINT. ``test:///default`` keeps its state in this process: never fork."""
+    logs.bind_process(host=host)
+    metrics.enable()
     url = settings.resolved_redis_url()
     driver = Driver(libvirt_uri, storage_dir or default_storage(settings, host))
     store = Store(connect(url), host_down_after=settings.host_down_after)
@@ -46,14 +49,18 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
     app = worker.app = make_app(settings)
     register(app, worker)
     cpus, memory_mib = driver.capacity()
+    probe = LibvirtProbe(driver, interval=max(1.0, settings.heartbeat_interval))
     heartbeat = Heartbeat(store, host, libvirt_uri=libvirt_uri, cpus=cpus, memory_mib=memory_mib,
                           interval=settings.heartbeat_interval, labels=labels, migrate_uri=migrate_uri,
-                          shared_storage=shared_storage)
+                          shared_storage=shared_storage, status=probe.fields)
     janitor = Janitor(worker, interval=max(1.0, settings.host_down_after / 2))
     try:
         # Repair first, then announce: a host that shows "up" has a registry that tells the truth.
         locks.clear_dead_holders(pid_alive)
         reconcile(worker)
+        if metrics_port:
+            metrics.serve(metrics_port)
+        probe.start()
         heartbeat.start()
         kick_mailboxes(app, store, host)
         janitor.start()
@@ -63,6 +70,7 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
         watchdog.stop()
         janitor.stop()
         heartbeat.stop()
+        probe.stop()
         locks.close()
         driver.close()
 

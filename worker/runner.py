@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from celery import Celery
 from redis import Redis
 
+from orchestrator import logs, metrics
 from orchestrator.errors import Canceled, LockError, NotFound, OperationTimeout, VmGone, VmorchError
 from orchestrator.locks import Holding, LockManager, vm_lock
 from orchestrator.operation import Op
@@ -92,20 +93,24 @@ def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job) -> str | None:
     """
     if job.state.final:
         return None
+    logs.bind(job=job.id, op=job.op.value)
     if job.cancel_requested_by:
         w.store.finish(job, fence, JobState.CANCELED, error=Canceled(f"canceled by {job.cancel_requested_by}"),
                        by=w.name)
+        metrics.job_finished(job, Canceled(""))
         return None
     try:
         vm = w.store.get_vm(job.namespace, job.vm, as_stored=True)
     except NotFound:
         w.store.finish(job, fence, JobState.FAILED,
                        error=VmGone(f"VM {job.vm!r} was deleted before this job's turn"), by=w.name)
+        metrics.job_finished(job, VmGone(""))
         return None
     if vm.host != w.host:
         return vm.host
     if w.store.begin(job, fence, w.name) is None:
         return None
+    metrics.job_began(job)
     log.info("job %s %s %s/%s seq=%s: running", job.id, job.op.value, job.namespace, job.vm, job.seq)
 
     started = time.monotonic()
@@ -137,6 +142,7 @@ def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job) -> str | None:
         w.watchdog.untrack(job)
     log.info("job %s %s %s/%s seq=%s: %s", job.id, job.op.value, job.namespace, job.vm, job.seq,
              "succeeded" if error is None else f"{error.code}: {error.message}")
+    metrics.job_finished(job, error, time.monotonic() - started)
     return None
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from celery import Celery, Task
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from orchestrator import logs
 from orchestrator.errors import LockError
 from orchestrator.queue import RUN_TASK
 
@@ -21,7 +22,8 @@ def register(app: Celery, worker: Worker) -> Any:
               reject_on_worker_lost=True)
     def run(self: Task[Any, Any], namespace: str, vm: str, job_id: int) -> None:
         try:
-            run_message(worker, namespace, vm, job_id)
+            with logs.bound(job=job_id, namespace=namespace, vm=vm):
+                run_message(worker, namespace, vm, job_id)
         except (LockError, RedisConnectionError) as exc:
             # Nothing was written without the lock; try again (the job keeps its place in the order).
             log.warning("job %s: %s; retrying", job_id, exc)

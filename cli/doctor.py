@@ -1,0 +1,36 @@
+"""``vmorch doctor``: check the cluster and say how to fix what is wrong."""
+
+from __future__ import annotations
+
+import typer
+from rich.markup import escape
+
+from orchestrator import doctor as checks
+
+from . import render
+from .context import state
+
+MARK = {checks.Status.OK: "[green]ok  [/green]", checks.Status.WARN: "[yellow]warn[/yellow]",
+        checks.Status.FAIL: "[red]FAIL[/red]"}
+
+
+def doctor(ctx: typer.Context) -> None:
+    """Check Redis (version, persistence, eviction), every host's worker, libvirt and clock, and versions.
+
+    Exits 1 if something is wrong (a warning alone exits 0).
+    """
+    st = state(ctx)
+    found = checks.examine(st.settings)
+    failed = [c for c in found if c.status is checks.Status.FAIL]
+    if st.json:
+        render.dump_json({"ok": not failed, "checks": [c.to_dict() for c in found]})
+    else:
+        width = max(len(c.name) for c in found)
+        for c in found:
+            render.out.print(f"{MARK[c.status]}  {c.name:<{width}}  {escape(c.message)}", markup=True)
+            if c.fix and c.status is not checks.Status.OK:
+                render.out.print(f"      {'':<{width}}  fix: {c.fix}", markup=False)
+        warned = sum(c.status is checks.Status.WARN for c in found)
+        render.out.print(f"{len(failed)} problem(s), {warned} warning(s)" if failed or warned else "all good")
+    if failed:
+        raise typer.Exit(1)
