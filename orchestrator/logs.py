@@ -31,6 +31,7 @@ FIELDS = ("host", "namespace", "vm", "job", "op", "lock", "lock_level")
 _context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
     "vmorch_log_context", default=MappingProxyType({}))
 _process: dict[str, Any] = {}
+_format = "text"
 
 
 @contextmanager
@@ -85,10 +86,18 @@ def formatter(fmt: str) -> logging.Formatter:
     raise InvalidInput(f"unknown log format {fmt!r}", hint=f"use one of: {', '.join(FORMATS)}")
 
 
+def structured() -> bool:
+    """Whether logs are JSON lines (then nothing else may be printed, such as Celery's banner)."""
+    return _format == "json"
+
+
 def setup(fmt: str = "text", level: str = "INFO", stream: TextIO | None = None) -> None:
-    """Send every logger's records, one line each, to ``stream`` (stderr) in format ``fmt``."""
+    """Send every logger's records (and Python warnings), one line each, to ``stream`` (stderr) as ``fmt``."""
+    global _format
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter(fmt))
+    _format = fmt
+    logging.captureWarnings(True)
     handler.addFilter(ContextFilter())
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -89,7 +89,8 @@ def consume(app: Celery, host: str, *, concurrency: int, loglevel: str) -> None:
         celery_worker = app.Worker(
             queues=[keys.queue(host)], pool="threads", concurrency=concurrency,
             hostname=f"{host}@{socket.gethostname()}", loglevel=loglevel,
-            without_gossip=True, without_mingle=True, without_heartbeat=True,
+            # event heartbeats (every 2 s) let Flower show the worker online; gossip and mingle stay off
+            without_gossip=True, without_mingle=True, without_heartbeat=False, quiet=logs.structured(),
         )
         celery_worker.start()
         if state.should_stop is not None or state.should_terminate is not None or not celery_worker.exitcode:
