@@ -54,6 +54,8 @@ class RedisServer:
     port: int
     dir: Path
     proc: subprocess.Popen[bytes] | None = None
+    #: more redis-server arguments (they override the defaults above them), e.g. ("--maxmemory-policy", "allkeys-lru")
+    extra: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -67,7 +69,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
              "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
-             "--logfile", str(self.dir / "redis.log")],
+             "--logfile", str(self.dir / "redis.log"), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = Redis(port=self.port, socket_connect_timeout=0.2)
