@@ -1,0 +1,200 @@
+"""Metrics appear and move when jobs run: a worker's own port, and the cluster's at the API's /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import threading
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator.client import RedisClient
+from orchestrator.metrics import asgi_app
+from orchestrator.operation import Op
+from orchestrator.queue import RUN_TASK, make_app
+from orchestrator.settings import Settings
+
+from .conftest import PYTHON, ROOT, WorkerProc, free_port, ops, running_hosts, settings_env, start_worker, wait_until
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in Prometheus's text format; None if there is no such series."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return None
+
+
+def scrape_worker(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def scrape_cluster(settings: Settings) -> str:
+    app = asgi_app(settings)
+
+    async def get() -> str:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as c:
+            r = await c.get("/metrics")
+            assert r.status_code == 200
+            return r.text
+
+    return asyncio.run(get())
+
+
+def test_worker_metrics_move_when_jobs_run(base_settings: Settings, settings: Settings, client: RedisClient) -> None:
+    port = free_port()
+    ns = settings.namespace
+    with running_hosts(base_settings, start_worker(base_settings, "met1", args=["--metrics-port", str(port)])):
+        before = scrape_worker(port)
+        assert sample(before, "vmorch_jobs_finished_total", op="launch") is None
+        jobs = client.submit(ops(Op.LAUNCH, ns, "m1", memory_mib=64, host="met1"))
+        jobs += client.submit(ops(Op.PAUSE, ns, "m1"))
+        jobs += client.submit(ops(Op.KILL, ns, "m1"))
+        jobs += client.submit(ops(Op.PAUSE, ns, "m1"))  # fails: the VM is shut off
+        done = client.wait([j.id for j in jobs], timeout=30)
+        assert [j.state.value for j in done] == ["succeeded", "succeeded", "succeeded", "failed"]
+        after = scrape_worker(port)
+        assert sample(after, "vmorch_jobs_finished_total", op="launch", state="succeeded") == 1
+        assert sample(after, "vmorch_jobs_finished_total", op="pause", state="succeeded") == 1
+        assert sample(after, "vmorch_jobs_finished_total", op="pause", state="failed") == 1
+        assert sample(after, "vmorch_jobs_started_total", op="kill") == 1
+        assert sample(after, "vmorch_job_queued_seconds_count", op="pause") == 2
+        assert sample(after, "vmorch_job_run_seconds_count", op="kill", state="succeeded") == 1
+        # every job held its VM's lock once; the launch also the host lock (level "other")
+        assert (sample(after, "vmorch_lock_wait_seconds_count", level="vm") or 0) >= 4
+        assert (sample(after, "vmorch_lock_hold_seconds_count", level="vm") or 0) >= 4
+        assert (sample(after, "vmorch_lock_hold_seconds_sum", level="vm") or 0) > 0
+        assert sample(after, "vmorch_fencing_rejections_total") == 0
+        client.wait([j.id for j in client.submit(ops(Op.DELETE, ns, "m1"))], timeout=30)
+
+
+def test_cluster_metrics_show_hosts_queues_and_waiting_jobs(base_settings: Settings, settings: Settings,
+                                                          client: RedisClient) -> None:
+    ns = settings.namespace
+    with running_hosts(base_settings, start_worker(base_settings, "met2")) as (worker,):
+        client.wait([j.id for j in client.submit(ops(Op.LAUNCH, ns, "q1", memory_mib=64, host="met2"))], timeout=30)
+        up = scrape_cluster(settings)
+        assert sample(up, "vmorch_redis_up") == 1
+        assert sample(up, "vmorch_host_up", host="met2") == 1
+        assert sample(up, "vmorch_host_libvirt_up", host="met2") == 1
+        assert sample(up, "vmorch_host_vms", host="met2") == 1
+        assert abs(sample(up, "vmorch_host_clock_offset_seconds", host="met2") or 0) < 1
+        assert sample(up, "vmorch_queue_depth", host="met2") == 0
+        assert (sample(up, "vmorch_jobs_submitted_total") or 0) >= 1
+        worker.stop()
+    # The host is down: jobs for its VM wait in its mailbox and their wake-ups in its Celery queue.
+    waiting = client.submit(ops(Op.PAUSE, ns, "q1") + ops(Op.RESUME, ns, "q1"))
+    down = scrape_cluster(settings)
+    assert sample(down, "vmorch_host_up", host="met2") == 0
+    assert sample(down, "vmorch_queue_depth", host="met2") == 2
+    assert sample(down, "vmorch_jobs", host="met2", op="pause", state="queued") == 1
+    assert sample(down, "vmorch_jobs", host="met2", op="resume", state="queued") == 1
+    # The host comes back (a new test hypervisor: the VM is missing now); its jobs run and the gauges drop.
+    with running_hosts(base_settings, start_worker(base_settings, "met2")):
+        client.wait([j.id for j in waiting], timeout=30)
+        wait_until(lambda: sample(scrape_cluster(settings), "vmorch_queue_depth", host="met2") == 0,
+                   what="the queue to drain")
+        back = scrape_cluster(settings)
+        assert sample(back, "vmorch_host_up", host="met2") == 1
+        assert sample(back, "vmorch_jobs", host="met2", op="pause") is None
+        client.wait([j.id for j in client.submit(ops(Op.DELETE, ns, "q1"))], timeout=30)
+
+
+def test_cluster_metrics_say_redis_is_down_instead_of_failing(tmp_path: Path) -> None:
+    text = scrape_cluster(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", home=tmp_path))
+    assert sample(text, "vmorch_redis_up") == 0
+
+
+def test_celery_task_events_reach_a_receiver(cluster: list[WorkerProc], settings: Settings,
+                                             client: RedisClient) -> None:
+    """What Flower and 'celery events' consume: task-sent from the submitter, received/succeeded from the worker."""
+    app = make_app(settings)
+    seen: dict[str, dict[str, Any]] = defaultdict(dict)
+    ready = threading.Event()
+
+    def on_event(event: dict[str, Any]) -> None:
+        if "uuid" in event:
+            seen[event["uuid"]][event["type"]] = event
+
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": on_event})
+
+        def capture() -> None:
+            ready.set()
+            receiver.capture(limit=None, timeout=None, wakeup=False)
+
+        thread = threading.Thread(target=capture, daemon=True)
+        thread.start()
+        ready.wait(5)
+        try:
+            def ours() -> list[dict[str, Any]]:
+                return [e for e in seen.values() if e.get("task-sent", {}).get("name") == RUN_TASK
+                        and "task-received" in e and "task-succeeded" in e]
+
+            client.wait([j.id for j in client.submit(ops(Op.LAUNCH, settings.namespace, "ev1", memory_mib=64))],
+                        timeout=30)
+            for _ in range(10):  # the receiver may start listening a moment after capture() is called
+                client.wait([j.id for j in client.submit(ops(Op.START, settings.namespace, "ev1"))], timeout=30)
+                try:
+                    wait_until(lambda: bool(ours()), timeout=3, what="task events of vmorch.run")
+                    break
+                except AssertionError:
+                    continue
+            event = ours()[0]
+            assert event["task-received"]["name"] == RUN_TASK
+            assert event["task-sent"]["queue"] in ("host.t1", "host.t2")
+        finally:
+            receiver.should_stop = True
+            thread.join(timeout=10)
+
+
+def test_flower_sees_vmorch_tasks(cluster: list[WorkerProc], settings: Settings, client: RedisClient) -> None:
+    port = free_port()
+    flower = subprocess.Popen(
+        [str(Path(PYTHON).parent / "celery"), "--broker", settings.resolved_redis_url(), "flower",
+         f"--port={port}", "--address=127.0.0.1"],
+        cwd=ROOT, env={**settings_env(settings), "FLOWER_UNAUTHENTICATED_API": "true"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def api(path: str) -> Any:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                return json.loads(r.read())
+
+        def flower_up() -> bool:
+            try:
+                api("/api/tasks")
+                return True
+            except OSError:
+                return False
+
+        wait_until(flower_up, timeout=20, what="Flower's API")
+        client.wait([j.id for j in client.submit(ops(Op.LAUNCH, settings.namespace, "fl1", memory_mib=64))], timeout=30)
+        ours: set[str] = set()
+
+        def seen() -> bool:
+            return any(t.get("name") == RUN_TASK and t.get("state") == "SUCCESS" and t.get("args") in ours
+                       for t in api("/api/tasks").values())
+
+        # Flower's API answers a moment before its event receiver listens: submit until one is seen.
+        for _ in range(10):
+            job = client.submit(ops(Op.START, settings.namespace, "fl1"))[0]  # a no-op on a running VM
+            ours.add(str([settings.namespace, "fl1", job.id]))
+            client.wait([job.id], timeout=30)
+            try:
+                wait_until(seen, timeout=3, what="Flower to list a job's task as succeeded")
+                break
+            except AssertionError:
+                continue
+        else:
+            raise AssertionError(f"Flower never listed our tasks; it lists: {api('/api/tasks')}")
+    finally:
+        flower.terminate()
+        flower.wait(timeout=10)
