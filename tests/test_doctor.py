@@ -1,0 +1,142 @@
+"""``vmorch doctor`` against real Redis servers, real workers and a real libvirtd."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.settings import Settings
+
+from .conftest import RedisServer, free_port, run_cli, running_hosts, start_worker, wait_until
+
+
+def doctor(settings: Settings) -> tuple[int, dict[str, Any], str]:
+    """Exit code, the --json report, and the text report."""
+    as_json = run_cli(settings, "--json", "doctor")
+    text = run_cli(settings, "doctor")
+    assert as_json.returncode == text.returncode, (as_json.stderr, text.stderr)
+    return text.returncode, json.loads(as_json.stdout), text.stdout
+
+
+def doctor_fails(settings: Settings) -> bool:
+    return run_cli(settings, "doctor").returncode == 1
+
+
+def check(report: dict[str, Any], name: str) -> dict[str, Any]:
+    found = [c for c in report["checks"] if c["name"] == name]
+    assert found, f"no check {name!r} in {report}"
+    return dict(found[0])
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[Settings]:
+    """Settings for a Redis of this test's own (AOF on, noeviction: as vmorch wants it)."""
+    server = RedisServer(free_port(), tmp_path / "redis")
+    server.start()
+    (tmp_path / "home").mkdir()
+    yield Settings(redis_url=server.url, home=tmp_path / "home", namespace="doc", lock_expire=4,
+                   heartbeat_interval=0.5, host_down_after=3.0)
+    server.stop()
+
+
+def test_healthy_cluster_then_a_dead_worker(fresh: Settings) -> None:
+    worker = start_worker(fresh, "doc1")
+    with running_hosts(fresh, worker):
+        code, report, text = doctor(fresh)
+        assert code == 0, text
+        assert report["ok"] is True
+        assert {c["status"] for c in report["checks"]} == {"ok"}, text
+        assert {"redis", "persistence", "eviction", "host doc1", "clock", "versions"} <= {
+            c["name"] for c in report["checks"]}
+        assert "libvirt test:///default answers" in check(report, "host doc1")["message"]
+        assert "all good" in text
+        worker.stop(signal.SIGKILL)
+        wait_until(lambda: doctor_fails(fresh), timeout=15, what="the doctor to notice the dead worker")
+    code, report, text = doctor(fresh)
+    host = check(report, "host doc1")
+    assert host["status"] == "fail" and "no heartbeat since" in host["message"]
+    assert "systemctl status vmorch-worker@doc1" in host["fix"]
+    assert "FAIL" in text and "fix: " in text
+
+
+def test_doctor_catches_an_evicting_redis_without_aof(tmp_path: Path) -> None:
+    server = RedisServer(free_port(), tmp_path / "redis",
+                         extra=("--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru", "--appendonly", "no"))
+    server.start()
+    try:
+        settings = Settings(redis_url=server.url, home=tmp_path, namespace="doc")
+        code, report, text = doctor(settings)
+        assert code == 1
+        assert report["ok"] is False
+        eviction = check(report, "eviction")
+        assert eviction["status"] == "fail" and "allkeys-lru" in eviction["message"]
+        assert "CONFIG SET maxmemory-policy noeviction" in eviction["fix"]
+        assert check(report, "persistence")["status"] == "fail"
+        assert check(report, "hosts")["status"] == "warn"  # nobody registered yet
+        assert "maxmemory-policy is allkeys-lru" in text
+    finally:
+        server.stop()
+
+
+def test_doctor_without_redis_says_so(tmp_path: Path) -> None:
+    settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", home=tmp_path, namespace="doc")
+    code, report, _ = doctor(settings)
+    assert code == 1
+    assert check(report, "redis")["status"] == "fail"
+    assert "cannot reach Redis" in check(report, "redis")["message"]
+
+
+# -- a host whose libvirtd goes away ------------------------------------------------------
+
+@pytest.fixture
+def libvirtd(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real libvirtd of this test's own (private mount namespace, own socket): its qemu:///system URI."""
+    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/libvirtd") or shutil.which("unshare") is None:
+        pytest.skip("needs root, libvirtd and unshare")
+    d = Path(f"/tmp/vmd{uuid.uuid4().hex[:8]}")  # the socket path must stay short
+    for sub in ("etc", "lib", "run", "log", "cache"):
+        (d / sub).mkdir(parents=True)
+    (d / "etc" / "libvirtd.conf").write_text(f'auth_unix_rw = "none"\nhost_uuid = "{uuid.uuid4()}"\n'
+                                             f'log_outputs = "3:file:{d}/log/libvirtd.log"\n')
+    (d / "etc" / "qemu.conf").write_text('user = "root"\ngroup = "root"\nsecurity_driver = "none"\n')
+    binds = " && ".join(f"mkdir -p {target} && mount --bind {d / sub} {target}" for sub, target in (
+        ("etc", "/etc/libvirt"), ("lib", "/var/lib/libvirt"), ("run", "/var/run/libvirt"),
+        ("cache", "/var/cache/libvirt")))
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                             f"{binds} && exec /usr/sbin/libvirtd -p /var/run/libvirt/libvirtd.pid "
+                             f"-f /etc/libvirt/libvirtd.conf"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: (d / "run" / "libvirt-sock").exists(), timeout=30, what="libvirtd's socket")
+        yield f"qemu:///system?socket={d}/run/libvirt-sock", proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=15)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_doctor_catches_a_host_whose_libvirt_is_unreachable(fresh: Settings,
+                                                            libvirtd: tuple[str, subprocess.Popen[bytes]]) -> None:
+    uri, daemon = libvirtd
+    with running_hosts(fresh, start_worker(fresh, "lv1", uri)):
+        code, report, text = doctor(fresh)
+        assert code == 0, text
+        daemon.terminate()
+        daemon.wait(timeout=15)
+        wait_until(lambda: doctor_fails(fresh), timeout=20, what="the doctor to notice libvirtd is gone")
+        code, report, text = doctor(fresh)
+        host = check(report, "host lv1")
+        assert host["status"] == "fail"
+        assert "its worker is up but libvirt" in host["message"] and "does not answer" in host["message"]
+        assert "systemctl status libvirtd" in host["fix"]
+        assert check(report, "redis")["status"] == "ok"
