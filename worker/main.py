@@ -85,6 +85,8 @@ def consume(app: Celery, host: str, *, concurrency: int, loglevel: str) -> None:
     """
     from celery.worker import state
 
+    if logs.structured():
+        _celery_notices_as_log_lines()
     while True:
         celery_worker = app.Worker(
             queues=[keys.queue(host)], pool="threads", concurrency=concurrency,
@@ -98,6 +100,16 @@ def consume(app: Celery, host: str, *, concurrency: int, loglevel: str) -> None:
         log.error("the Celery consumer stopped (exit code %s) without a shutdown request; restarting it",
                   celery_worker.exitcode)
         time.sleep(1)
+
+
+def _celery_notices_as_log_lines() -> None:
+    """Celery writes its shutdown notices straight to stdout; with JSON logs every line must be JSON."""
+    import celery.apps.worker
+
+    def say(msg: str, _file: object = None) -> None:
+        log.warning("%s", msg)
+
+    celery.apps.worker.safe_say = say
 
 
 def pid_alive(pid: int) -> bool:
