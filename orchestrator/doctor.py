@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
-from redis import Redis
 from redis.exceptions import RedisError
 
 from . import __version__
@@ -64,7 +63,7 @@ def examine(settings: Settings) -> list[Check]:
         try:
             hosts = store.hosts()
             checks += _host_checks(hosts)
-            checks += _clock_checks(redis, hosts)
+            checks += _clock_checks(hosts)
             checks.append(_versions(info, hosts))
         except RedisError as exc:
             checks.append(Check("hosts", Status.FAIL, f"cannot read the host records: {exc}",
@@ -145,20 +144,20 @@ def _host_check(h: Host) -> Check:
     return Check(name, Status.OK, f"up{drain}: worker {where}, libvirt {h.libvirt_uri} answers, {h.vms} VMs")
 
 
-def _clock_checks(redis: Redis, hosts: list[Host]) -> list[Check]:
+def _clock_checks(hosts: list[Host]) -> list[Check]:
     offsets = {h.name: h.clock_offset for h in hosts if h.state is not HostState.DOWN and h.clock_offset is not None}
     if not offsets:
         return []
     spread = max(offsets.values()) - min(offsets.values())
     worst_name, worst = max(offsets.items(), key=lambda kv: abs(kv[1]))
-    detail = ", ".join(f"{n} {o:+.3f}s" for n, o in sorted(offsets.items()))
+    detail = ", ".join(f"{n} {o * 1000:+.1f} ms" for n, o in sorted(offsets.items()))
     skew = max(spread, abs(worst))
     fix = f"run NTP on every host (timedatectl set-ntp true, or chrony); {worst_name} is the furthest off"
     if skew >= SKEW_FAIL_S:
         return [Check("clock", Status.FAIL, f"host clocks disagree by up to {skew:.2f}s with Redis ({detail})", fix)]
     if skew >= SKEW_WARN_S:
         return [Check("clock", Status.WARN, f"host clocks disagree by up to {skew:.2f}s with Redis ({detail})", fix)]
-    return [Check("clock", Status.OK, f"host clocks within {skew * 1000:.0f} ms of Redis's ({detail})")]
+    return [Check("clock", Status.OK, f"host clocks within {skew * 1000:.1f} ms of Redis's ({detail})")]
 
 
 def _versions(info: dict[str, Any], hosts: list[Host]) -> Check:

@@ -140,3 +140,35 @@ def test_doctor_catches_a_host_whose_libvirt_is_unreachable(fresh: Settings,
         assert "its worker is up but libvirt" in host["message"] and "does not answer" in host["message"]
         assert "systemctl status libvirtd" in host["fix"]
         assert check(report, "redis")["status"] == "ok"
+
+
+# -- the judgements themselves, on host records as workers write them ----------------------
+
+def _host(name: str, **fields: str) -> Any:
+    from orchestrator.records import Host
+
+    record = {"name": name, "heartbeat_at": "1000", "pid": "1", "libvirt_uri": "qemu:///system",
+              "version": "0.1.0", "libvirt_ok": "1", **fields}
+    return Host.from_hash(record, now=1000.5, down_after=6, vms=0)
+
+
+def test_clock_skew_between_hosts_is_judged_by_the_spread() -> None:
+    from orchestrator import doctor as d
+
+    def clock(*offsets: str) -> Any:
+        return d._clock_checks([_host(f"h{i}", clock_offset=o) for i, o in enumerate(offsets)])[0]
+
+    assert clock("0.001", "-0.002").status is d.Status.OK
+    assert clock("0.2", "-0.2").status is d.Status.WARN  # each close to Redis, 0.4 s apart
+    bad = clock("0.0", "3.5")
+    assert bad.status is d.Status.FAIL and "h1 is the furthest off" in bad.fix
+
+
+def test_versions_and_an_unprobed_libvirt_are_warnings() -> None:
+    from orchestrator import doctor as d
+
+    versions = d._versions({"redis_version": "7.0.15"}, [_host("h1"), _host("h2", version="0.0.9")])
+    assert versions.status is d.Status.WARN and "h2 0.0.9" in versions.message
+    assert _host("h3").libvirt_ok is True
+    unprobed = d._host_check(_host("h4").model_copy(update={"libvirt_ok": None}))
+    assert unprobed.status is d.Status.WARN
