@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,3 +125,30 @@ class CommandCounter:
         stats = self.redis.info("commandstats")
         # our own INFO call is not part of what is measured
         return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info"}
+
+
+@contextmanager
+def monitored(url: str, log: Path) -> Iterator[Callable[[], tuple[int, int]]]:
+    """Watch Redis with MONITOR; yields a function giving (commands sent by clients, commands run
+    inside Lua scripts) so far. INFO commandstats counts both alike; MONITOR tells them apart.
+    MONITOR slows Redis down: never around a timed window."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(["redis-cli", "-u", url, "monitor"], stdout=out, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)  # MONITOR is on once redis-cli printed OK
+
+    def counts() -> tuple[int, int]:
+        time.sleep(0.3)  # let redis-cli write out what it has
+        sent = inside = 0
+        with log.open("rb") as f:
+            for line in f:
+                if b" [0 lua] " in line:
+                    inside += 1
+                elif line[:1].isdigit() and b'"monitor"' not in line:
+                    sent += 1
+        return sent, inside
+
+    try:
+        yield counts
+    finally:
+        proc.terminate()
+        proc.wait()
