@@ -22,6 +22,7 @@ BENCHMARKS = {
     "B4": "bench.b4_locks",
     "B5": "bench.b5_scale",
     "B6": "bench.b6_qemu",
+    "CLI": "bench.cli_startup",
 }
 
 
