@@ -40,7 +40,9 @@ class Env:
         return self.settings.resolved_redis_url()
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VMORCH_")}
+        # Children run as installed: with their bytecode cached (a session may have turned that off).
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("VMORCH_") and k != "PYTHONDONTWRITEBYTECODE"}
         env.update({"VMORCH_REDIS_URL": self.url, "VMORCH_HOME": str(self.home)})
         env.update(extra)
         return env
