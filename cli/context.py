@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import typer
 
-from orchestrator.client import Client, RedisClient
 from orchestrator.settings import Settings
+
+if TYPE_CHECKING:
+    from orchestrator.client import Client
 
 
 @dataclass
@@ -23,6 +26,9 @@ class State:
     @property
     def client(self) -> Client:
         if self._client is None:
+            # imported here: '--help' and usage errors need no Redis client (start-up time)
+            from orchestrator.client import RedisClient
+
             self._client = RedisClient(self.settings)
         return self._client
 

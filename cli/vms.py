@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from orchestrator.client import Client
 from orchestrator.errors import InvalidInput, NotFound
 from orchestrator.names import check_name, check_tag, expand_target
 from orchestrator.operation import Op, Operation
@@ -15,6 +14,9 @@ from orchestrator.records import HostState, Job
 from . import completion, render
 from .context import state
 from .waiting import wait as wait_for
+
+if TYPE_CHECKING:
+    from orchestrator.client import Client
 
 app = typer.Typer(help="Operate on VMs. TARGET is a name or a range such as web[1-10].", no_args_is_help=True)
 

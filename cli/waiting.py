@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-from orchestrator.client import Client
 from orchestrator.records import Job
 
 from .render import err
 
+if TYPE_CHECKING:
+    from orchestrator.client import Client
+
 
 def wait(client: Client, jobs: Sequence[Job], *, timeout: float | None = None) -> list[Job]:
+    # imported here: only '--wait' needs it (start-up time of every other command)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     ids = [j.id for j in jobs]
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn()]

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import getpass
 import socket
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from redis.exceptions import RedisError
 
 from . import keys, placement
 from .errors import AlreadyExists, ClusterUnavailable, ExecError, InvalidInput, NotFound
@@ -64,6 +67,7 @@ class RedisClient:
         self.store = Store(self.redis, host_down_after=settings.host_down_after)
         self._locks: LockManager | None = None
         self._celery: Celery | None = None
+        self._local = threading.local()
 
     @property
     def locks(self) -> LockManager:
@@ -88,12 +92,8 @@ class RedisClient:
             raise InvalidInput("move-in jobs are made by 'vm move'", hint="use 'vmorch vm move NAME --to HOST'")
         launches = [o for o in ops if o.op is Op.LAUNCH]
         others = [o for o in ops if o.op is not Op.LAUNCH]
-        # Refuse the whole batch before accepting any of it (one round trip for all the names).
-        pipe = self.redis.pipeline(transaction=False)
-        for op in others:
-            pipe.sismember(keys.vms(op.namespace), op.vm)
         seen: set[tuple[str, str]] = set()
-        for op, exists in zip(others, pipe.execute(), strict=True):
+        for op, exists in zip(others, self._exist(others, alone=not launches), strict=True):
             if not exists:
                 raise NotFound(f"no VM {op.vm!r} in namespace {op.namespace!r}",
                                hint="list VMs with 'vmorch vm list' (and check --namespace)")
@@ -106,6 +106,18 @@ class RedisClient:
             accepted += self._submit_move(op) if op.op is Op.MOVE_OUT else [(self.store.submit(op, who()), op)]
         self._enqueue(accepted)
         return self.store.get_jobs(s.id for s, _ in accepted)
+
+    def _exist(self, ops: list[Operation], *, alone: bool) -> list[bool]:
+        """Whether each operation's VM exists: the whole batch is refused before any of it is accepted.
+
+        One operation on its own skips the read: the submit script refuses a missing VM itself.
+        """
+        if alone and len(ops) == 1 and ops[0].op is not Op.MOVE_OUT:
+            return [True]
+        pipe = self.redis.pipeline(transaction=False)
+        for op in ops:
+            pipe.sismember(keys.vms(op.namespace), op.vm)
+        return [bool(e) for e in pipe.execute()]
 
     def _submit_launches(self, ops: list[Operation]) -> list[tuple[Submitted, Operation]]:
         by_ns: dict[str, list[Operation]] = defaultdict(list)
@@ -307,9 +319,11 @@ class RedisClient:
         return self.store.get_job(job_id)
 
     def wait(self, ids: Sequence[int], *, timeout: float | None = None, on_update: OnUpdate | None = None) -> list[Job]:
-        """Block until every job is final; wakes on the store's update channel, re-reads as a fallback."""
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-        pubsub.subscribe(keys.UPDATES)
+        """Block until every job is final; wakes on the store's update channel, re-reads as a fallback.
+
+        Without ``on_update`` only a job announced final is read again: nobody looks at the steps between.
+        """
+        pubsub = self._subscribe()
         try:
             jobs = {j.id: j for j in self.store.get_jobs(ids)}
             missing = set(ids) - set(jobs)
@@ -325,12 +339,32 @@ class RedisClient:
                     return [jobs[i] for i in ids]
                 if deadline is not None and time.monotonic() >= deadline:
                     return [jobs[i] for i in ids]
-                changed = _drain_updates(pubsub, self.settings.wait_poll_interval)
+                changed = {i for i, state in _drain_updates(pubsub, self.settings.wait_poll_interval).items()
+                           if on_update is not None or state in _FINAL}
                 if time.monotonic() - last_full >= self.settings.wait_poll_interval:
                     changed, last_full = set(pending), time.monotonic()
                 for job in self.store.get_jobs(i for i in changed if i in jobs):
                     jobs[job.id] = job
         finally:
+            self._unsubscribe(pubsub)
+
+    def _subscribe(self) -> Any:
+        """This thread's subscriber to the update channel, subscribed.
+
+        It is kept between waits (unsubscribed), so a wait doesn't open a connection of its own.
+        """
+        pubsub = getattr(self._local, "pubsub", None)
+        if pubsub is None:
+            pubsub = self._local.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub.subscribe(keys.UPDATES)
+        _drain_updates(pubsub, 0)  # left from the last wait: the jobs are read after this anyway
+        return pubsub
+
+    def _unsubscribe(self, pubsub: Any) -> None:
+        try:
+            pubsub.unsubscribe()
+        except RedisError:  # a broken subscriber is dropped; the next wait makes a new one
+            self._local.pubsub = None
             pubsub.close()
 
 
@@ -350,14 +384,16 @@ def _check_live(source: Host, target: Host, vm: Vm) -> None:
                            hint="move it without --live")
 
 
-def _drain_updates(pubsub: object, wait: float) -> set[int]:
-    """Job ids announced on the update channel within ``wait`` seconds (all that queued up)."""
-    changed: set[int] = set()
-    message = pubsub.get_message(timeout=wait)  # type: ignore[attr-defined]
-    while message is not None:
-        job_id, _, _ = str(message["data"]).partition(" ")
-        if job_id.isdigit():
-            changed.add(int(job_id))
-        message = pubsub.get_message(timeout=0)  # type: ignore[attr-defined]
-    return changed
+_FINAL = frozenset(s.value for s in JobState if s.final)
 
+
+def _drain_updates(pubsub: Any, wait: float) -> dict[int, str]:
+    """Job ids announced on the update channel within ``wait`` seconds (all that queued up), with their state."""
+    changed: dict[int, str] = {}
+    message = pubsub.get_message(timeout=wait)
+    while message is not None:
+        job_id, _, state = str(message["data"]).partition(" ")
+        if job_id.isdigit():
+            changed[int(job_id)] = state
+        message = pubsub.get_message(timeout=0)
+    return changed

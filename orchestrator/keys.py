@@ -96,6 +96,11 @@ def lock_key(lock_name: str) -> str:
     return f"lock:{lock_name}"
 
 
+def lock_signal(lock_name: str) -> str:
+    """python-redis-lock's wake-up list for a lock name: a release pushes to it, waiters BLPOP it."""
+    return f"lock-signal:{lock_name}"
+
+
 def queue(host_name: str) -> str:
     """The Celery queue that one host's worker consumes."""
     return f"host.{host_name}"

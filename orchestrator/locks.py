@@ -65,6 +65,16 @@ end
 return 0
 """
 
+# Take a free lock and its fencing token in one round trip (python-redis-lock's own acquire is
+# a GET and a SET NX, and the token another INCR). The key, id and expiry are the library's,
+# so its release and extend work on the lock unchanged. KEYS: lock key, fence key; ARGV: id, expire (s)
+_ACQUIRE_FENCED = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+return false
+"""
+
 #: a waiter re-tries at least this often, so it sees a dead holder's expired lock within
 #: expiry + this, not after a whole second BLPOP of the expiry (the library's default)
 WAIT_SLICE_S = 1
@@ -146,6 +156,8 @@ class HeldLock:
     fence: Fence
     renewed_at: float  # time.monotonic() of the acquisition or last successful renewal
     lost: str | None = None
+    #: whether the lock was taken when first asked for
+    waited: bool = False
     acquired_at: float = field(default_factory=time.monotonic)
 
 
@@ -186,13 +198,19 @@ class LockManager:
         self._renewing_lock = threading.Lock()
         self._renewer: threading.Thread | None = None
         self._stop = threading.Event()
+        self._acquire_fenced = self.client.register_script(_ACQUIRE_FENCED)
 
     def lock_id(self) -> str:
         return f"{self.owner}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
     @contextmanager
-    def hold(self, *names: LockName, timeout: float) -> Iterator[Holding]:
-        """Take ``names`` in hierarchy order, yield, release in reverse -- even on error."""
+    def hold(self, *names: LockName, timeout: float,
+             on_wait: Callable[[], None] | None = None) -> Iterator[Holding]:
+        """Take ``names`` in hierarchy order, yield, release in reverse -- even on error.
+
+        ``on_wait`` is called once, before the first wait for a lock that is taken (not at all
+        when every lock was free).
+        """
         wanted = sorted(set(names))
         check_order(wanted)
         taken: list[HeldLock] = []
@@ -200,7 +218,9 @@ class LockManager:
         try:
             deadline = time.monotonic() + timeout
             for name in wanted:
-                taken.append(self._acquire(name, deadline))
+                taken.append(self._acquire(name, deadline, on_wait))
+                if taken[-1].waited:
+                    on_wait = None
                 token = _held.set((*_held.get(), name))
                 first = first or token
             yield Holding(tuple(taken), self.expire)
@@ -211,29 +231,36 @@ class LockManager:
             if first is not None:
                 _held.reset(first)  # back to what was held before this hold()
 
-    def _acquire(self, name: LockName, deadline: float) -> HeldLock:
+    def _acquire(self, name: LockName, deadline: float, on_wait: Callable[[], None] | None) -> HeldLock:
         lock = redis_lock.Lock(self.client, name.name, expire=self.expire, id=self.lock_id())
         started = time.monotonic()
-        while True:
+        token = self._try_acquire(lock, name)
+        waited = token is None
+        if waited and on_wait is not None:
+            on_wait()
+        while token is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 metrics.lock_timed_out(name.level.name.lower())
                 owner = lock.get_owner_id()
                 raise LockTimeout(f"timed out waiting for lock {name} (held by {owner})",
                                   hint="another operation holds it for long; see 'vmorch job list --state running'")
-            if lock.acquire(blocking=True, timeout=WAIT_SLICE_S):
-                break
-        try:
-            fence = Fence(keys.fence(name.name), int(self.client.incr(keys.fence(name.name))))
-        except BaseException:
-            lock.release()
-            raise
-        held_lock = HeldLock(name, lock, fence, time.monotonic())
+            # As python-redis-lock waits: a releaser pushes to the signal list; an expired lock pushes
+            # nothing, hence the slice.
+            self.client.blpop([keys.lock_signal(name.name)], timeout=min(WAIT_SLICE_S, max(remaining, 0.01)))
+            token = self._try_acquire(lock, name)
+        held_lock = HeldLock(name, lock, Fence(keys.fence(name.name), token), time.monotonic(), waited=waited)
         metrics.lock_acquired(name.level.name.lower(), held_lock.acquired_at - started)
-        log.debug("took lock %s (fence %d) after %.3fs", name, fence.token, held_lock.acquired_at - started,
+        log.debug("took lock %s (fence %d) after %.3fs", name, held_lock.fence.token, held_lock.acquired_at - started,
                   extra=_log_fields(name))
         self._start_renewing(held_lock)
         return held_lock
+
+    def _try_acquire(self, lock: redis_lock.Lock, name: LockName) -> int | None:
+        """The fencing token if the lock was free and is now ours, else None."""
+        token = self._acquire_fenced(keys=[keys.lock_key(name.name), keys.fence(name.name)],
+                                     args=[lock.id, self.expire])
+        return None if token is None else int(token)
 
     def _release(self, h: HeldLock) -> None:
         with self._renewing_lock:
@@ -299,7 +326,7 @@ class LockManager:
             if pid == os.getpid() or is_alive(pid):
                 continue
             name = str(key).removeprefix("lock:")
-            if clear(keys=[key, f"lock-signal:{name}"], args=[lock_id]):
+            if clear(keys=[key, keys.lock_signal(name)], args=[lock_id]):
                 log.warning("freed lock %s of dead process %s", name, pid)
                 freed.append(name)
         return freed

@@ -37,6 +37,18 @@ class Submitted:
     host: str
 
 
+@dataclass(frozen=True)
+class Turn:
+    """What a worker reads first under a VM's lock, in one round trip."""
+
+    #: (job id, seq) of the VM's unfinished jobs up to the message's, in sequence order
+    pending: list[tuple[int, int]]
+    #: the message's job, read again under the lock (None if it is gone)
+    job: Job | None
+    #: the VM record as stored, or a NotFound if there is none
+    vm: Vm | NotFound
+
+
 def _hash(value: object) -> dict[str, str]:
     return cast(dict[str, str], value)  # every client vmorch makes decodes responses to str
 
@@ -162,6 +174,20 @@ class Store:
         rows = cast(list[tuple[str, float]],
                     self.redis.zrangebyscore(keys.vm_mailbox(namespace, vm), "-inf", hi, withscores=True))
         return [(int(i), int(s)) for i, s in rows]
+
+    def turn(self, namespace: str, vm: str, job_id: int, *, upto_seq: int) -> Turn:
+        """The mailbox up to ``upto_seq``, the job and the VM record, in one pipelined read.
+
+        # LOCK: the caller holds vm:<ns>:<vm>.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrangebyscore(keys.vm_mailbox(namespace, vm), "-inf", upto_seq, withscores=True)
+        pipe.hgetall(keys.job(job_id))
+        pipe.hgetall(keys.vm(namespace, vm))
+        rows, job, record = pipe.execute()
+        found: Vm | NotFound = Vm.from_hash(_hash(record), host_up=True) if record else NotFound(
+            f"no VM {vm!r} in namespace {namespace!r}", hint="list VMs with 'vmorch vm list' (and check --namespace)")
+        return Turn([(int(i), int(sc)) for i, sc in rows], Job.from_hash(_hash(job)) if job else None, found)
 
     def get_vm(self, namespace: str, name: str, *, as_stored: bool = False) -> Vm:
         """The VM; its state is ``unknown`` while its host is down, unless ``as_stored``."""

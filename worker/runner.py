@@ -30,7 +30,7 @@ from orchestrator.errors import Canceled, LockError, NotFound, OperationTimeout,
 from orchestrator.locks import Holding, LockManager, vm_lock
 from orchestrator.operation import Op
 from orchestrator.queue import enqueue
-from orchestrator.records import Job, JobState, VmState
+from orchestrator.records import Job, JobState, Vm, VmState
 from orchestrator.settings import Settings
 from orchestrator.store import Fence, Store
 
@@ -61,6 +61,11 @@ class Worker:
         return f"{self.host}:{os.getpid()}"
 
 
+#: how often (s) a running job re-reads whether someone asked to cancel it; a cancel is rare and
+#: honoured at the job's next step, so a fast operation need not pay a round trip per step
+CANCEL_POLL_S = 0.1
+
+
 def run_message(w: Worker, namespace: str, vm: str, job_id: int) -> None:
     """Handle the message of one job: run the VM's mailbox up to and including it."""
     try:
@@ -70,14 +75,19 @@ def run_message(w: Worker, namespace: str, vm: str, job_id: int) -> None:
         return
     if job.state.final:
         return  # a duplicate, or already run by the worker that drained an earlier message
-    w.store.mark_waiting(job, w.name)
     lock = vm_lock(namespace, vm)
-    with w.locks.hold(lock, timeout=w.settings.lock_wait_timeout) as holding:
+    # Marked waiting only when it really waits: a free lock costs no extra script.
+    with w.locks.hold(lock, timeout=w.settings.lock_wait_timeout,
+                      on_wait=lambda: w.store.mark_waiting(job, w.name)) as holding:
         fence = holding.fence(lock)
         # LOCK: vm -- the mailbox read here can only grow behind job_id's seq, never before it.
-        for earlier_id, _seq in w.store.mailbox(namespace, vm, upto_seq=job.seq):
+        turn = w.store.turn(namespace, vm, job_id, upto_seq=job.seq)
+        vm_now: Vm | NotFound | None = turn.vm
+        for earlier_id, _seq in turn.pending:
             holding.check()
-            elsewhere = _run_one(w, holding, fence, w.store.get_job(earlier_id))
+            current = turn.job if earlier_id == job_id and turn.job is not None else w.store.get_job(earlier_id)
+            elsewhere = _run_one(w, holding, fence, current, vm_now)
+            vm_now = None  # that job may have changed the VM: the next one reads it again
             if elsewhere is not None:
                 # The VM lives on another host now (it moved): hand this whole request over to it.
                 # Waiting here for that host would hold the VM's lock across hosts.
@@ -86,9 +96,30 @@ def run_message(w: Worker, namespace: str, vm: str, job_id: int) -> None:
                 break
 
 
-def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job) -> str | None:
+def _load_vm(w: Worker, fence: Fence, job: Job, known: Vm | NotFound | None) -> Vm | None:
+    """The VM record as stored (``known`` if it was read under the lock already); None if it is gone.
+
+    # LOCK: the caller holds vm:<ns>:<vm> (``fence``).
+    """
+    vm: Vm | None = None
+    if isinstance(known, Vm):
+        vm = known
+    elif known is None:
+        try:
+            vm = w.store.get_vm(job.namespace, job.vm, as_stored=True)
+        except NotFound:
+            vm = None
+    if vm is None:
+        gone = VmGone(f"VM {job.vm!r} was deleted before this job's turn")
+        w.store.finish(job, fence, JobState.FAILED, error=gone, by=w.name)
+        metrics.job_finished(job, gone)
+    return vm
+
+
+def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job, known_vm: Vm | NotFound | None = None) -> str | None:
     """Run one job; or, if the VM lives on another host now, return that host without running it.
 
+    ``known_vm``: the VM record read under the lock (a ``NotFound`` if it was missing), None to read it here.
     # LOCK: the caller holds vm:<ns>:<vm> (``fence``).
     """
     if job.state.final:
@@ -99,12 +130,8 @@ def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job) -> str | None:
                        by=w.name)
         metrics.job_finished(job, Canceled(""))
         return None
-    try:
-        vm = w.store.get_vm(job.namespace, job.vm, as_stored=True)
-    except NotFound:
-        w.store.finish(job, fence, JobState.FAILED,
-                       error=VmGone(f"VM {job.vm!r} was deleted before this job's turn"), by=w.name)
-        metrics.job_finished(job, VmGone(""))
+    vm = _load_vm(w, fence, job, known_vm)
+    if vm is None:
         return None
     if vm.host != w.host:
         return vm.host
@@ -115,15 +142,21 @@ def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job) -> str | None:
 
     started = time.monotonic()
     soft_limit = w.settings.job_soft_time_limit
+    # BEGIN just started it, and a cancel before that cancels a job outright: nothing to read yet.
+    cancel_read_at = started
 
     def check() -> None:
+        nonlocal cancel_read_at
         holding.check()
-        if time.monotonic() - started > soft_limit:
+        now = time.monotonic()
+        if now - started > soft_limit:
             raise OperationTimeout(f"soft time limit of {soft_limit:g}s reached",
                                    hint="raise VMORCH_JOB_SOFT_TIME_LIMIT for long operations")
-        by = w.store.cancel_requested_by(job.id)
-        if by:
-            raise Canceled(f"canceled by {by} while running")
+        if now - cancel_read_at >= CANCEL_POLL_S:
+            cancel_read_at = now
+            by = w.store.cancel_requested_by(job.id)
+            if by:
+                raise Canceled(f"canceled by {by} while running")
 
     w.watchdog.track(job, fence)
     try:

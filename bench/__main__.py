@@ -1,0 +1,67 @@
+"""Run the benchmark suite: ``python -m bench [B1 B3 ...] [--quick]``.
+
+Every benchmark starts its own Redis and workers and measures its baseline in the same run;
+one table of all results is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+
+from .harness import environment
+from .suite import FULL, QUICK, Row, Sizes, markdown, show
+
+BENCHMARKS = {
+    "B1": "bench.b1_latency",
+    "B2": "bench.b2_throughput",
+    "B3": "bench.b3_one_vm",
+    "B4": "bench.b4_locks",
+    "B5": "bench.b5_scale",
+    "B6": "bench.b6_qemu",
+    "CLI": "bench.cli_startup",
+}
+
+
+def run(ids: list[str], sizes: Sizes, *, on_done: object = None) -> list[Row]:
+    rows: list[Row] = []
+    for bid in ids:
+        module = importlib.import_module(BENCHMARKS[bid])
+        t = time.monotonic()
+        print(f"{bid} ...", file=sys.stderr, flush=True)
+        with environment() as env:
+            try:
+                got: list[Row] = module.run(env, sizes)
+            except Exception as exc:
+                traceback.print_exc()
+                got = [Row(bid, f"did not complete: {type(exc).__name__}: {exc}", "", "", None, "", False)]
+        print(f"{bid} done in {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
+        rows += got
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("ids", nargs="*", metavar="ID",
+                        help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
+    parser.add_argument("--quick", action="store_true", help="small sizes (about a minute or two)")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    args = parser.parse_args(argv)
+    ids = [i.upper() for i in args.ids] or list(BENCHMARKS)
+    unknown = [i for i in ids if i not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark {unknown[0]} (known: {', '.join(BENCHMARKS)})")
+    sizes = QUICK if args.quick else FULL
+    started = time.monotonic()
+    rows = run(ids, sizes)
+    show(rows, f"vmorch benchmarks ({'quick' if args.quick else 'full'} sizes, {time.monotonic() - started:.0f} s)")
+    if args.markdown:
+        print(markdown(rows))
+    return 0 if all(r.passed is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The CLI's start-up: simple commands must not pay for what they don't use.
+
+Celery, libvirt and the HTTP server stack take a large share of a short command's time;
+only the commands that need them may import them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from orchestrator.client import RedisClient
+from orchestrator.settings import Settings
+
+from .conftest import PYTHON, ROOT, settings_env
+
+HEAVY = ("celery", "kombu", "libvirt", "fastapi", "uvicorn", "starlette")
+
+# Runs the CLI in-process, then reports every module it imported on stderr's last line.
+PROBE = """
+import json, sys
+from cli.app import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+sys.stderr.write("\\n" + json.dumps(sorted(sys.modules)))
+"""
+
+
+def imported(settings: Settings, *args: str) -> set[str]:
+    done = subprocess.run([PYTHON, "-c", PROBE, "--namespace", settings.namespace, *args], cwd=ROOT,
+                          env=settings_env(settings), capture_output=True, text=True, timeout=60)
+    return set(json.loads(done.stderr.strip().splitlines()[-1]))
+
+
+def heavy(modules: set[str]) -> list[str]:
+    return sorted(m for m in modules if m.split(".")[0] in HEAVY)
+
+
+@pytest.mark.parametrize("args", [("--help",), ("job", "list", "--help"), ("vm", "list", "--help"),
+                                  ("vm", "pause", "--help")])
+def test_help_imports_nothing_heavy(settings: Settings, args: tuple[str, ...]) -> None:
+    modules = imported(settings, *args)
+    assert heavy(modules) == []
+    assert "orchestrator.client" not in modules  # no Redis client for a help text
+
+
+def test_read_commands_import_nothing_heavy(client: RedisClient, settings: Settings) -> None:
+    for args in (("job", "list"), ("vm", "list"), ("host", "list")):
+        modules = imported(settings, *args)
+        assert "orchestrator.client" in modules, f"{args} did not run"  # the probe really ran the command
+        assert heavy(modules) == [], args
