@@ -65,6 +65,7 @@ class Store:
         self._cancel = redis.register_script(scripts.CANCEL)
         self._update_vm = redis.register_script(scripts.UPDATE_VM)
         self._submit_move = redis.register_script(scripts.SUBMIT_MOVE)
+        self._hgetall_many = redis.register_script(scripts.HGETALL_MANY)
 
     # -- submitting ---------------------------------------------------------------------
 
@@ -202,11 +203,17 @@ class Store:
 
     def list_vms(self, namespace: str) -> list[Vm]:
         names = self.vm_names(namespace)
-        pipe = self.redis.pipeline(transaction=False)
-        for name in names:
-            pipe.hgetall(keys.vm(namespace, name))
         up = {h.name for h in self.hosts() if h.state is not HostState.DOWN}
-        return [Vm.from_hash(_hash(h), host_up=h["host"] in up) for h in pipe.execute() if h]
+        records = self._hashes([keys.vm(namespace, name) for name in names])
+        return [Vm.from_hash(h, host_up=h["host"] in up) for h in records if h]
+
+    def _hashes(self, hash_keys: list[str], batch: int = 1000) -> list[dict[str, str]]:
+        """HGETALL of many keys, ``batch`` keys per script call ({} for a missing key)."""
+        out: list[dict[str, str]] = []
+        for start in range(0, len(hash_keys), batch):
+            for flat in self._hgetall_many(keys=hash_keys[start:start + batch]):
+                out.append(dict(zip(flat[::2], flat[1::2], strict=True)))
+        return out
 
     # -- namespaces ---------------------------------------------------------------------
 
