@@ -243,3 +243,14 @@ for i, key in ipairs(KEYS) do
 end
 return out
 """
+
+# What a worker reads first under a VM's lock, in one step: the VM's unfinished jobs up to the
+# message's job (by its seq), that job and the VM record. A job missing from the mailbox is final
+# (or unknown): nothing to run for its message.
+# LOCK: the caller holds vm:<ns>:<vm>. KEYS: mailbox, job, vm record; ARGV: job id
+TURN = """
+local seq = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not seq then return {{}, {}, {}} end
+return {redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', seq, 'WITHSCORES'), redis.call('HGETALL', KEYS[2]),
+  redis.call('HGETALL', KEYS[3])}
+"""
