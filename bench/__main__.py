@@ -37,6 +37,7 @@ def run(ids: list[str], sizes: Sizes, *, on_done: object = None) -> list[Row]:
                 got: list[Row] = module.run(env, sizes)
             except Exception as exc:
                 traceback.print_exc()
+                env.keep = True
                 got = [Row(bid, f"did not complete: {type(exc).__name__}: {exc}", "", "", None, "", False)]
         print(f"{bid} done in {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
         rows += got

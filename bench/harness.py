@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +35,8 @@ class Env:
     settings: Settings
     home: Path
     procs: list[subprocess.Popen[bytes]]
+    #: keep the home (Redis's and the workers' logs) after the run, to look at a failure
+    keep: bool = False
 
     @property
     def url(self) -> str:
@@ -107,6 +110,10 @@ def environment() -> Iterator[Env]:
                 proc.wait()
         redis_proc.terminate()
         redis_proc.wait()
+        if env.keep or sys.exc_info()[0] is not None:
+            print(f"logs kept in {home}", file=sys.stderr)
+        else:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -232,3 +232,25 @@ redis.call('HSET', KEYS[1], 'updated_at', now)
 event('vm', '', ARGV[3], '', redis.call('HGET', KEYS[1], 'state'), ARGV[4], ARGV[2])
 return 1
 """
+
+# Read many hashes in one call: a listing of 10,000 VMs was 10,000 pipelined commands, whose
+# packing and parsing cost the client more than Redis's work. Callers pass bounded batches of
+# keys, so Redis is never blocked for long. KEYS: the hashes. Returns their fields flat, in order.
+HGETALL_MANY = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = redis.call('HGETALL', key)
+end
+return out
+"""
+
+# What a worker reads first under a VM's lock, in one step: the VM's unfinished jobs up to the
+# message's job (by its seq), that job and the VM record. A job missing from the mailbox is final
+# (or unknown): nothing to run for its message.
+# LOCK: the caller holds vm:<ns>:<vm>. KEYS: mailbox, job, vm record; ARGV: job id
+TURN = """
+local seq = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not seq then return {{}, {}, {}} end
+return {redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', seq, 'WITHSCORES'), redis.call('HGETALL', KEYS[2]),
+  redis.call('HGETALL', KEYS[3])}
+"""

@@ -49,6 +49,11 @@ class Turn:
     vm: Vm | NotFound
 
 
+def _pairs(flat: list[str]) -> dict[str, str]:
+    """A hash as a Lua script returns it: its fields and values, flat."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 def _hash(value: object) -> dict[str, str]:
     return cast(dict[str, str], value)  # every client vmorch makes decodes responses to str
 
@@ -65,6 +70,8 @@ class Store:
         self._cancel = redis.register_script(scripts.CANCEL)
         self._update_vm = redis.register_script(scripts.UPDATE_VM)
         self._submit_move = redis.register_script(scripts.SUBMIT_MOVE)
+        self._hgetall_many = redis.register_script(scripts.HGETALL_MANY)
+        self._turn = redis.register_script(scripts.TURN)
 
     # -- submitting ---------------------------------------------------------------------
 
@@ -175,19 +182,18 @@ class Store:
                     self.redis.zrangebyscore(keys.vm_mailbox(namespace, vm), "-inf", hi, withscores=True))
         return [(int(i), int(s)) for i, s in rows]
 
-    def turn(self, namespace: str, vm: str, job_id: int, *, upto_seq: int) -> Turn:
-        """The mailbox up to ``upto_seq``, the job and the VM record, in one pipelined read.
+    def turn(self, namespace: str, vm: str, job_id: int) -> Turn:
+        """The mailbox up to ``job_id``'s place, the job and the VM record, in one step.
 
+        Nothing pending if the job is final (it left the mailbox) or unknown.
         # LOCK: the caller holds vm:<ns>:<vm>.
         """
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zrangebyscore(keys.vm_mailbox(namespace, vm), "-inf", upto_seq, withscores=True)
-        pipe.hgetall(keys.job(job_id))
-        pipe.hgetall(keys.vm(namespace, vm))
-        rows, job, record = pipe.execute()
-        found: Vm | NotFound = Vm.from_hash(_hash(record), host_up=True) if record else NotFound(
+        rows, job, record = self._turn(keys=[keys.vm_mailbox(namespace, vm), keys.job(job_id), keys.vm(namespace, vm)],
+                                       args=[job_id])
+        pending = [(int(i), int(float(sc))) for i, sc in zip(rows[::2], rows[1::2], strict=True)]
+        found: Vm | NotFound = Vm.from_hash(_pairs(record), host_up=True) if record else NotFound(
             f"no VM {vm!r} in namespace {namespace!r}", hint="list VMs with 'vmorch vm list' (and check --namespace)")
-        return Turn([(int(i), int(sc)) for i, sc in rows], Job.from_hash(_hash(job)) if job else None, found)
+        return Turn(pending, Job.from_hash(_pairs(job)) if job else None, found)
 
     def get_vm(self, namespace: str, name: str, *, as_stored: bool = False) -> Vm:
         """The VM; its state is ``unknown`` while its host is down, unless ``as_stored``."""
@@ -202,11 +208,16 @@ class Store:
 
     def list_vms(self, namespace: str) -> list[Vm]:
         names = self.vm_names(namespace)
-        pipe = self.redis.pipeline(transaction=False)
-        for name in names:
-            pipe.hgetall(keys.vm(namespace, name))
         up = {h.name for h in self.hosts() if h.state is not HostState.DOWN}
-        return [Vm.from_hash(_hash(h), host_up=h["host"] in up) for h in pipe.execute() if h]
+        records = self._hashes([keys.vm(namespace, name) for name in names])
+        return [Vm.from_hash(h, host_up=h["host"] in up) for h in records if h]
+
+    def _hashes(self, hash_keys: list[str], batch: int = 1000) -> list[dict[str, str]]:
+        """HGETALL of many keys, ``batch`` keys per script call ({} for a missing key)."""
+        out: list[dict[str, str]] = []
+        for start in range(0, len(hash_keys), batch):
+            out += [_pairs(flat) for flat in self._hgetall_many(keys=hash_keys[start:start + batch])]
+        return out
 
     # -- namespaces ---------------------------------------------------------------------
 
@@ -315,8 +326,9 @@ class Store:
 
     # -- running (worker side) ----------------------------------------------------------
 
-    def mark_waiting(self, job: Job, worker: str) -> None:
-        self._mark_waiting(keys=[keys.job(job.id), keys.UPDATES, keys.events(job.namespace)], args=[job.id, worker])
+    def mark_waiting(self, namespace: str, job_id: int, worker: str) -> None:
+        """A worker has the job's message and waits for the VM's turn (from queued only)."""
+        self._mark_waiting(keys=[keys.job(job_id), keys.UPDATES, keys.events(namespace)], args=[job_id, worker])
 
     def begin(self, job: Job, fence: Fence, worker: str) -> int | None:
         """Start an attempt; return its number, or None if the job is already final.

@@ -67,21 +67,18 @@ CANCEL_POLL_S = 0.1
 
 
 def run_message(w: Worker, namespace: str, vm: str, job_id: int) -> None:
-    """Handle the message of one job: run the VM's mailbox up to and including it."""
-    try:
-        job = w.store.get_job(job_id)
-    except NotFound:
-        log.warning("message for unknown job %s ignored", job_id)
-        return
-    if job.state.final:
-        return  # a duplicate, or already run by the worker that drained an earlier message
+    """Handle the message of one job: run the VM's mailbox up to and including it.
+
+    The job is first read under the lock: a final job's message (a duplicate, or one whose
+    job a worker draining an earlier message ran already) finds nothing to do there.
+    """
     lock = vm_lock(namespace, vm)
     # Marked waiting only when it really waits: a free lock costs no extra script.
     with w.locks.hold(lock, timeout=w.settings.lock_wait_timeout,
-                      on_wait=lambda: w.store.mark_waiting(job, w.name)) as holding:
+                      on_wait=lambda: w.store.mark_waiting(namespace, job_id, w.name)) as holding:
         fence = holding.fence(lock)
         # LOCK: vm -- the mailbox read here can only grow behind job_id's seq, never before it.
-        turn = w.store.turn(namespace, vm, job_id, upto_seq=job.seq)
+        turn = w.store.turn(namespace, vm, job_id)
         vm_now: Vm | NotFound | None = turn.vm
         for earlier_id, _seq in turn.pending:
             holding.check()

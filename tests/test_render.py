@@ -1,0 +1,25 @@
+"""Long lists print as plain aligned text (rich lays out every cell: seconds for 10,000 rows)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cli import render
+from orchestrator.records import Vm
+
+
+def vm(i: int) -> Vm:
+    return Vm.from_hash({"name": f"vm{i}", "namespace": "ns", "host": "h1" if i % 2 else "host-two",
+                         "state": "running" if i % 3 else "paused", "memory_mib": "64", "vcpus": "1",
+                         "tags": '{"role": "web"}', "domain": f"ns.vm{i}", "note": ""})
+
+
+def test_a_long_list_is_plain_aligned_text(capsys: pytest.CaptureFixture[str]) -> None:
+    vms = [vm(i) for i in range(render.PLAIN_ROWS + 1)]
+    render.listing(vms, render.vms_table, as_json=False, empty="none")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(vms) + 1
+    assert lines[0].split() == ["NAME", "HOST", "STATE", "MEMORY", "VCPUS", "TAGS", "NOTE"]
+    assert lines[1].split() == ["vm0", "host-two", "paused", "64", "MiB", "1", "role=web"]  # no markup left
+    state_at = lines[0].index("STATE")
+    assert {line[state_at:].split()[0] for line in lines[1:]} == {"running", "paused"}  # columns line up
