@@ -15,9 +15,10 @@ MARK = {checks.Status.OK: "[green]ok  [/green]", checks.Status.WARN: "[yellow]wa
 
 
 def doctor(ctx: typer.Context) -> None:
-    """Check Redis (version, persistence, eviction), every host's worker, libvirt and clock, and versions.
+    """Check the cluster and say how to fix what is wrong.
 
-    Exits 1 if something is wrong (a warning alone exits 0).
+    Checks Redis (version, persistence, eviction policy), every host's worker, its libvirt
+    connection and clock, and versions. Exits 1 if something is wrong (a warning alone exits 0).
     """
     st = state(ctx)
     found = checks.examine(st.settings)
