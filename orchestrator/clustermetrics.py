@@ -29,8 +29,9 @@ _PRIORITY_SUFFIXES = ("", *(f"\x06\x16{p}" for p in (3, 6, 9)))
 class ClusterCollector(Collector):
     """Reads jobs not yet final, host records and Celery queue lengths from Redis at each scrape.
 
-    The cost is a few pipelined round trips, proportional to the VMs and their unfinished jobs.
-    If Redis can't be reached, ``vmorch_redis_up`` is 0 and nothing else is reported.
+    The cost is two pipelines (hosts, queue lengths) and one read-only Lua call that walks the
+    VM registry inside Redis (``bench.scrape``: ~40 ms of Redis and client time for 50 hosts and
+    2,000 VMs). If Redis can't be reached, ``vmorch_redis_up`` is 0 and nothing else is reported.
     """
 
     def __init__(self, store: Store) -> None:
