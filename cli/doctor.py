@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 from rich.markup import escape
 
@@ -14,13 +16,19 @@ MARK = {checks.Status.OK: "[green]ok  [/green]", checks.Status.WARN: "[yellow]wa
         checks.Status.FAIL: "[red]FAIL[/red]"}
 
 
-def doctor(ctx: typer.Context) -> None:
-    """Check Redis (version, persistence, eviction), every host's worker, libvirt and clock, and versions.
+def doctor(
+    ctx: typer.Context,
+    stuck_after: Annotated[float, typer.Option(
+        "--stuck-after", min=1, help="seconds after which a VM's next job not yet started on an up host is stuck")
+    ] = checks.STUCK_AFTER_S,
+) -> None:
+    """Check the cluster and say how to fix what is wrong.
 
-    Exits 1 if something is wrong (a warning alone exits 0).
+    Checks Redis (version, persistence, eviction policy), every host's worker, its libvirt
+    connection and clock, and versions. Exits 1 if something is wrong (a warning alone exits 0).
     """
     st = state(ctx)
-    found = checks.examine(st.settings)
+    found = checks.examine(st.settings, stuck_after=stuck_after)
     failed = [c for c in found if c.status is checks.Status.FAIL]
     if st.json:
         render.dump_json({"ok": not failed, "checks": [c.to_dict() for c in found]})

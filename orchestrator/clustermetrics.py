@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter as Tally
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, cast
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -30,12 +29,14 @@ _PRIORITY_SUFFIXES = ("", *(f"\x06\x16{p}" for p in (3, 6, 9)))
 class ClusterCollector(Collector):
     """Reads jobs not yet final, host records and Celery queue lengths from Redis at each scrape.
 
-    The cost is a few pipelined round trips, proportional to the VMs and their unfinished jobs.
-    If Redis can't be reached, ``vmorch_redis_up`` is 0 and nothing else is reported.
+    The cost is two pipelines (hosts, queue lengths) and one read-only Lua call that walks the
+    VM registry inside Redis (``bench.scrape``: ~40 ms of Redis and client time for 50 hosts and
+    2,000 VMs). If Redis can't be reached, ``vmorch_redis_up`` is 0 and nothing else is reported.
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._count_unfinished = store.redis.register_script(_UNFINISHED)
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("vmorch_redis_up", "Whether the cluster's Redis answered this scrape")
@@ -54,7 +55,7 @@ class ClusterCollector(Collector):
         hosts = self.store.hosts()
         yield from _host_families(self.store, hosts)
         yield _queue_depth(self.store, [h.name for h in hosts])
-        yield _unfinished_jobs(self.store)
+        yield _unfinished_jobs(cast(list[str | int], self._count_unfinished(args=_template_args())))
         submitted = CounterMetricFamily("vmorch_jobs_submitted", "Jobs ever accepted by the cluster")
         submitted.add_metric([], float(self.store.redis.get(keys.JOB_NEXT) or 0))
         yield submitted
@@ -97,31 +98,52 @@ def _queue_depth(store: Store, hosts: list[str]) -> Metric:
     return depth
 
 
-def _unfinished_jobs(store: Store) -> Metric:
-    """Every job not yet final is in its VM's mailbox: count them by host, op and state."""
+# Counts the jobs not yet final, by host, op and state, inside Redis: one call instead of
+# two commands per VM from here (2,000 VMs: ~0.5 s of client round trips, ~2 ms in Lua).
+# Read-only; it derives keys from names as the scripts of orchestrator.scripts do (one Redis,
+# not Redis Cluster). ARGV: the namespaces set, then each key template split around its names.
+_UNFINISHED = """
+local counts = {}
+for _, ns in ipairs(redis.call('SMEMBERS', ARGV[1])) do
+  for _, vm in ipairs(redis.call('SMEMBERS', ARGV[2] .. ns)) do
+    for _, id in ipairs(redis.call('ZRANGE', ARGV[3] .. ns .. ARGV[4] .. vm .. ARGV[5], 0, -1)) do
+      local f = redis.call('HMGET', ARGV[6] .. id, 'host', 'op', 'state')
+      if f[2] and f[3] then
+        local k = (f[1] or '') .. '\t' .. f[2] .. '\t' .. f[3]
+        counts[k] = (counts[k] or 0) + 1
+      end
+    end
+  end
+end
+local out = {}
+for k, n in pairs(counts) do
+  out[#out + 1] = k
+  out[#out + 1] = n
+end
+return out
+"""
+
+
+def _template_args() -> list[str]:
+    ns, vm = "\x00", "\x01"
+    vms_head = keys.vms(ns).split(ns)[0]
+    box_head, rest = keys.vm_mailbox(ns, vm).split(ns)
+    box_mid, box_tail = rest.split(vm)
+    return [keys.NAMESPACES, vms_head, box_head, box_mid, box_tail, keys.JOB_PREFIX]
+
+
+def _unfinished_jobs(raw: list[str | int]) -> Metric:
+    """Every job not yet final is in its VM's mailbox: their counts by host, op and state, from _UNFINISHED."""
     jobs = GaugeMetricFamily("vmorch_jobs", "Jobs not yet final (queued, waiting, running)",
                              labels=["host", "op", "state"])
-    namespaces = cast(set[str], store.redis.smembers(keys.NAMESPACES))
-    vms = [(ns, vm) for ns in namespaces for vm in store.vm_names(ns)]
-    pipe = store.redis.pipeline(transaction=False)
-    for ns, vm in vms:
-        pipe.zrange(keys.vm_mailbox(ns, vm), 0, -1)
-    ids = [int(i) for box in pipe.execute() for i in box]
-    for job_id in ids:
-        pipe.hmget(keys.job(job_id), "host", "op", "state")
-    tally = Tally(_rows(pipe.execute() if ids else []))
-    for (host, op, state_), count in sorted(tally.items()):
-        jobs.add_metric([host, op, state_], count)
+    rows = sorted((str(k).split("\t"), int(n)) for k, n in zip(raw[::2], raw[1::2], strict=True))
+    for (host, op, state), count in rows:
+        if state not in _FINAL:
+            jobs.add_metric([host, op, state], count)
     return jobs
 
 
 _FINAL = {s.value for s in FINAL_STATES}
-
-
-def _rows(rows: Iterable[list[str | None]]) -> Iterator[tuple[str, str, str]]:
-    for host, op, state in rows:
-        if op and state and state not in _FINAL:
-            yield host or "", op, state
 
 
 class _ThisProcess(Collector):

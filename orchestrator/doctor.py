@@ -14,7 +14,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from . import __version__
-from .records import Host, HostState
+from .records import Host, HostState, JobState
 from .redisconn import connect_quick, is_sentinel, redact
 from .settings import Settings
 from .store import Store
@@ -24,6 +24,8 @@ MIN_REDIS = (6, 2)
 #: a host's clock this far from Redis's skews latencies and log times (warn) or breaks comparisons (fail)
 SKEW_WARN_S = 0.25
 SKEW_FAIL_S = 2.0
+#: the first unfinished job of a VM not started after this long, on a host that is up, is stuck
+STUCK_AFTER_S = 120.0
 
 
 def _conf_fix(name: str, value: str) -> str:
@@ -47,7 +49,7 @@ class Check:
         return asdict(self)
 
 
-def examine(settings: Settings) -> list[Check]:
+def examine(settings: Settings, *, stuck_after: float = STUCK_AFTER_S) -> list[Check]:
     """Run every check against the cluster of ``settings``; never raises for a sick cluster."""
     url = settings.resolved_redis_url()
     redis = connect_quick(url, timeout=3.0)
@@ -64,6 +66,7 @@ def examine(settings: Settings) -> list[Check]:
             hosts = store.hosts()
             checks += _host_checks(hosts)
             checks += _clock_checks(hosts)
+            checks.append(_stuck_jobs(store, hosts, stuck_after))
             checks.append(_versions(info, hosts))
         except RedisError as exc:
             checks.append(Check("hosts", Status.FAIL, f"cannot read the host records: {exc}",
@@ -169,3 +172,27 @@ def _versions(info: dict[str, Any], hosts: list[Host]) -> Check:
         return Check("versions", Status.WARN, f"{summary}; workers on another version: {behind}",
                      "upgrade every host to the same vmorch version (a rolling upgrade may mix them briefly)")
     return Check("versions", Status.OK, f"{summary}; every worker the same")
+
+
+def _stuck_jobs(store: Store, hosts: list[Host], stuck_after: float) -> Check:
+    """Each VM's next job should start soon when its host is up: if not, that host's consumer is stuck.
+
+    Only the head of each VM's mailbox is looked at: the jobs behind it wait for it, by design.
+    """
+    up = {h.name: h for h in hosts if h.state is not HostState.DOWN}
+    now = store.redis_time()
+    stuck = []
+    for ns in store.namespaces():
+        for job in store.next_jobs(ns.name):
+            if job.host in up and job.state in (JobState.QUEUED, JobState.WAITING) and job.submitted_at \
+                    and now - job.submitted_at.timestamp() > stuck_after:
+                stuck.append((now - job.submitted_at.timestamp(), job))
+    if not stuck:
+        return Check("jobs", Status.OK, f"no VM's next job has waited more than {stuck_after:.0f}s on an up host")
+    stuck.sort(key=lambda pair: pair[0], reverse=True)
+    age, job = stuck[0]
+    return Check("jobs", Status.WARN,
+                 f"{len(stuck)} VM(s) have a next job not started after {stuck_after:.0f}s on an up host; oldest: "
+                 f"job {job.id} ({job.op.value} {job.namespace}/{job.vm} on {job.host}, {age:.0f}s, {job.state.value})",
+                 f"see 'vmorch job show {job.id}'; if its host's worker heartbeats but runs nothing, restart it: "
+                 f"systemctl restart vmorch-worker@{job.host}")

@@ -142,9 +142,12 @@ def asgi_app(settings: Settings) -> Any:
     from prometheus_client import make_asgi_app
 
     from .clustermetrics import cluster_registry
-    from .redisconn import connect
+    from .redisconn import connect_quick
     from .store import Store
 
     enable()
-    store = Store(connect(settings.resolved_redis_url(), retries=2), host_down_after=settings.host_down_after)
+    # One retry (for an idle connection Redis closed) and short timeouts: a scrape must answer,
+    # with vmorch_redis_up 0 if need be, within Prometheus's scrape timeout.
+    redis = connect_quick(settings.resolved_redis_url(), timeout=3.0, retries=1)
+    store = Store(redis, host_down_after=settings.host_down_after)
     return make_asgi_app(registry=cluster_registry(store))

@@ -122,10 +122,10 @@ def connect(url: str, *, retries: int = 40, decode: bool = True) -> Redis:
                    retry=_retry(retries), health_check_interval=15)
 
 
-def connect_quick(url: str, *, timeout: float = 0.5) -> Redis:
-    """A client that gives up at once: for shell completion and probes, which must never hang."""
+def connect_quick(url: str, *, timeout: float = 0.5, retries: int = 0) -> Redis:
+    """A client that gives up soon: for shell completion, scrapes and checks, which must never hang."""
     return _client(url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout,
-                   retry=Retry(ExponentialBackoff(), retries=0))
+                   retry=_retry(retries))
 
 
 def connect_for_locks(url: str, *, retries: int = 40) -> Redis:

@@ -195,6 +195,14 @@ class Store:
             f"no VM {vm!r} in namespace {namespace!r}", hint="list VMs with 'vmorch vm list' (and check --namespace)")
         return Turn(pending, Job.from_hash(_pairs(job)) if job else None, found)
 
+    def next_jobs(self, namespace: str) -> list[Job]:
+        """The first unfinished job of every VM of the namespace (the one its worker should run now)."""
+        names = self.vm_names(namespace)
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.zrange(keys.vm_mailbox(namespace, name), 0, 0)
+        return self.get_jobs(int(box[0]) for box in pipe.execute() if box)
+
     def get_vm(self, namespace: str, name: str, *, as_stored: bool = False) -> Vm:
         """The VM; its state is ``unknown`` while its host is down, unless ``as_stored``."""
         data = _hash(self.redis.hgetall(keys.vm(namespace, name)))

@@ -186,6 +186,51 @@ def test_sentinel_url_works_for_worker_cli_and_client(sentinel: tuple[RedisServe
         direct.close()
 
 
+@pytest.mark.slow
+def test_a_sentinel_failover_is_followed_by_worker_and_cli(tmp_path: Path) -> None:
+    """Master, replica and sentinel; after 'SENTINEL FAILOVER' the same URL leads everyone to the new master."""
+    master = RedisServer(free_port(), tmp_path / "master")
+    master.start()
+    replica = RedisServer(free_port(), tmp_path / "replica", extra=("--replicaof", "127.0.0.1", str(master.port)))
+    replica.start()
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\nlogfile {tmp_path / 'sentinel.log'}\n"
+                    f"sentinel monitor mymaster 127.0.0.1 {master.port} 1\n"
+                    "sentinel down-after-milliseconds mymaster 2000\nsentinel failover-timeout mymaster 10000\n")
+    proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    probe = Redis(port=port, socket_connect_timeout=0.5, decode_responses=True)
+    (tmp_path / "home").mkdir()
+    settings = Settings(redis_url=f"sentinel://127.0.0.1:{port}/0?master=mymaster", home=tmp_path / "home",
+                        namespace="fo", lock_expire=4, heartbeat_interval=0.5, host_down_after=3.0)
+    try:
+        def replica_known() -> bool:
+            try:
+                return len(probe.execute_command("SENTINEL", "replicas", "mymaster")) == 1
+            except Exception:
+                return False
+
+        wait_until(replica_known, timeout=30, what="the sentinel to know the replica")
+        with running_hosts(settings, start_worker(settings, "fo1")):
+            assert run_cli(settings, "vm", "launch", "box1", "--memory", "64", "--wait").returncode == 0
+            wait_until(lambda: Redis(port=replica.port, decode_responses=True).exists("vmorch:vm:fo:box1") == 1,
+                       what="the replica to catch up")
+            probe.execute_command("SENTINEL", "failover", "mymaster")
+            wait_until(lambda: probe.execute_command("SENTINEL", "get-master-addr-by-name", "mymaster")[1]
+                       == str(replica.port), timeout=30, what="the failover")
+            paused = run_cli(settings, "vm", "pause", "box1", "--wait", timeout=90)
+            assert paused.returncode == 0, paused.stderr
+            assert Redis(port=replica.port, decode_responses=True).hget("vmorch:vm:fo:box1", "state") == "paused"
+            assert run_cli(settings, "vm", "delete", "box1", "--wait", timeout=90).returncode == 0
+    finally:
+        probe.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+        replica.stop()
+        master.stop()
+
+
 def test_a_bad_sentinel_url_is_refused_with_its_form(tmp_path: Path) -> None:
     settings = Settings(redis_url="sentinel://127.0.0.1:1/0", home=tmp_path, namespace="x")
     out = run_cli(settings, "vm", "list")

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +20,10 @@ from orchestrator.settings import Settings
 from .conftest import RedisServer, free_port, run_cli, running_hosts, start_worker, wait_until
 
 
-def doctor(settings: Settings) -> tuple[int, dict[str, Any], str]:
+def doctor(settings: Settings, *args: str) -> tuple[int, dict[str, Any], str]:
     """Exit code, the --json report, and the text report."""
-    as_json = run_cli(settings, "--json", "doctor")
-    text = run_cli(settings, "doctor")
+    as_json = run_cli(settings, "--json", "doctor", *args)
+    text = run_cli(settings, "doctor", *args)
     assert as_json.returncode == text.returncode, (as_json.stderr, text.stderr)
     return text.returncode, json.loads(as_json.stdout), text.stdout
 
@@ -66,6 +67,39 @@ def test_healthy_cluster_then_a_dead_worker(fresh: Settings) -> None:
     assert host["status"] == "fail" and "no heartbeat since" in host["message"]
     assert "systemctl status vmorch-worker@doc1" in host["fix"]
     assert "FAIL" in text and "fix: " in text
+
+
+def test_doctor_warns_of_a_host_that_heartbeats_but_runs_nothing(fresh: Settings) -> None:
+    """A worker whose Celery consumer died while its heartbeat thread goes on: its VMs' jobs never start."""
+    from orchestrator.client import RedisClient
+    from orchestrator.operation import Op, Operation
+
+    client = RedisClient(fresh)
+    store = client.store
+    store.register_host("mute1", {"libvirt_uri": "test:///default", "cpus": 8, "memory_mib": 8192, "pid": 1,
+                                  "version": "0.1.0", "libvirt_ok": "1"})
+    beating = threading.Event()
+
+    def beat() -> None:
+        while not beating.wait(0.5):
+            store.heartbeat("mute1", {"libvirt_ok": "1"})
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        job = client.submit([Operation.build(Op.LAUNCH, "doc", "stuck1", memory_mib=64, host="mute1")])[0]
+        wait_until(lambda: check(doctor(fresh, "--stuck-after", "1")[1], "jobs")["status"] == "warn",
+                   timeout=15, what="the doctor to see the stuck job")
+        code, report, _ = doctor(fresh, "--stuck-after", "1")
+        jobs = check(report, "jobs")
+        assert f"job {job.id} (launch doc/stuck1 on mute1" in jobs["message"]
+        assert "systemctl restart vmorch-worker@mute1" in jobs["fix"]
+        assert code == 0  # a warning: the job may be legitimately slow
+        assert check(doctor(fresh)[1], "jobs")["status"] == "ok"  # not stuck by the default 120 s
+        client.cancel(job.id)
+    finally:
+        beating.set()
+        thread.join(timeout=5)
 
 
 def test_doctor_catches_an_evicting_redis_without_aof(tmp_path: Path) -> None:

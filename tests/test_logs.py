@@ -15,7 +15,7 @@ from orchestrator.locks import LockManager, vm_lock
 from orchestrator.operation import Op
 from orchestrator.settings import Settings
 
-from .conftest import ops, running_hosts, start_worker
+from .conftest import ops, run_cli, running_hosts, start_worker
 
 
 def test_json_worker_log_is_one_object_per_line_with_job_fields(base_settings: Settings, settings: Settings,
@@ -77,3 +77,9 @@ def test_lock_lines_carry_the_lock_level(redis_server: object, base_settings: Se
 def test_unknown_format_is_refused() -> None:
     with pytest.raises(InvalidInput, match="unknown log format"):
         logs.formatter("xml")
+
+
+def test_worker_refuses_an_unknown_log_format(settings: Settings) -> None:
+    out = run_cli(settings, "worker", "--host", "nolog", "--log-format", "xml")
+    assert out.returncode == 2
+    assert "unknown log format 'xml'" in out.stderr and "json" in out.stderr
