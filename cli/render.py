@@ -64,9 +64,21 @@ def took(job: Job) -> str:
     return "-"
 
 
+def by_state(jobs: Sequence[Job]) -> dict[str, int]:
+    """Counts by state, in the order of JobState, states with none left out."""
+    return {s.value: n for s in JobState if (n := sum(j.state is s for j in jobs))}
+
+
 def job_line(job: Job) -> str:
+    if job.is_parent and job.children is not None:
+        c = job.children
+        line = (f"job {job.id} {styled(job.state.value)}: {'/'.join(job.params.get('ops', []))} "
+                f"{job.namespace}/{job.params.get('label', '')} ({c['total']} jobs: {c['succeeded']} succeeded, "
+                f"{c['failed']} failed, {c['canceled']} canceled, {c['pending']} pending)")
+        return line + (f" - {job.error.message}" if job.error else "")
     what = f"{job.op.value} {job.namespace}/{job.vm}"
-    line = f"job {job.id} {styled(job.state.value)}: {what} (seq {job.seq}, host {job.host})"
+    where = f"waits for jobs {', '.join(map(str, job.after))}" if job.held else f"seq {job.seq}, host {job.host}"
+    line = f"job {job.id} {styled(job.state.value)}: {what} ({where})"
     if job.error:
         line += f" - {job.error.code}: {job.error.message}"
         if job.error.hint:
@@ -97,6 +109,10 @@ def job_detail(job: Job) -> Table:
         ("started", _iso(job.started_at)), ("finished", _iso(job.finished_at)), ("took", took(job)),
         ("attempts", str(job.attempts)), ("params", json.dumps(job.params)),
     ]
+    links = [("parent", job.parent), ("retry of", job.retry_of)]
+    rows += [(k, str(v)) for k, v in links if v is not None]
+    if job.after:
+        rows.append(("after", ", ".join(map(str, job.after)) + (" (not all met yet)" if job.held else "")))
     if job.error:
         rows.append(("error", f"[red]{job.error.code}[/red]: {job.error.message}"))
     if job.result is not None:

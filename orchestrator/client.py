@@ -9,18 +9,21 @@ import getpass
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
 
-from . import keys, placement
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import deps, keys, placement
 from .errors import AlreadyExists, ClusterUnavailable, ExecError, InvalidInput, NotFound
-from .locks import LockManager, cmd_lock, host_lock, vms_lock
+from .locks import LockManager, LockName, cmd_lock, host_lock, vms_lock
 from .names import check_namespace
 from .operation import LaunchParams, MoveOutParams, Op, Operation
 from .records import Event, Host, HostState, Job, JobState, Namespace, Vm
 from .redisconn import connect, ping
 from .settings import Settings
-from .store import Store, Submitted
+from .store import BatchEntry, Store, Submitted
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -28,8 +31,26 @@ if TYPE_CHECKING:
 OnUpdate = Callable[[list[Job]], None]
 
 
+class SubmitOptions(BaseModel):
+    """How a batch of operations is accepted (plain JSON, as the HTTP API takes it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    #: run only once these jobs succeeded; fail at once ("dependency <id> failed") if one does not
+    after: list[int] = Field(default_factory=list)
+    #: run once these jobs are final, whatever their state (a teardown)
+    after_final: list[int] = Field(default_factory=list)
+    #: one parent job over the batch; None: when it has more than one operation
+    parent: bool | None = None
+    #: what the parent covers, for people (the command's target); default: made from the VM names
+    label: str = Field(default="", max_length=200)
+    #: the job these re-run (``job retry``)
+    retry_of: int | None = None
+
+
 class Client(Protocol):
-    def submit(self, ops: Sequence[Operation]) -> list[Job]: ...
+    def submit(self, ops: Sequence[Operation], options: SubmitOptions | None = None) -> list[Job]: ...
+    def children(self, job_id: int) -> list[Job]: ...
+    def retry(self, job_id: int) -> list[Job]: ...
     def job(self, job_id: int) -> Job: ...
     def jobs(self, namespace: str, *, vm: str | None = None, state: JobState | None = None,
              op: Op | None = None, limit: int = 50) -> list[Job]: ...
@@ -82,13 +103,61 @@ class RedisClient:
 
     # -- submitting ---------------------------------------------------------------------
 
-    def submit(self, ops: Sequence[Operation]) -> list[Job]:
-        """Accept operations: all of them or, on bad input, none."""
+    def submit(self, ops: Sequence[Operation], options: SubmitOptions | None = None) -> list[Job]:
+        """Accept operations: all of them (with their parent job and dependencies) or, on bad input, none.
+
+        Returns the jobs, in the order of ``ops``; with a parent, each carries its id in ``parent``.
+        """
+        return self._submit(list(ops), options or SubmitOptions())
+
+    def _submit(self, ops: list[Operation], opts: SubmitOptions,
+                retry_of: Sequence[int | None] | None = None) -> list[Job]:
+        if not ops:
+            raise InvalidInput("no VM to operate on", hint="give a name, a range such as web[1-3], or --tag")
+        after = deps.edges(opts.after, opts.after_final, (o.op for o in ops))
+        self._refuse_bad(ops)
+        make_parent = opts.parent if opts.parent is not None else len(ops) > 1
+        parent = None
+        if make_parent:
+            namespaces = sorted({o.namespace for o in ops})
+            parent = {"namespace": namespaces[0], "retry_of": opts.retry_of,
+                      "params": {"ops": sorted({o.op.value for o in ops}), "label": opts.label or _label(ops)}}
+        retries = list(retry_of) if retry_of is not None else [None] * len(ops)
+        if retry_of is None and not make_parent:
+            retries = [opts.retry_of] * len(ops)
+        launches = [o for o in ops if o.op is Op.LAUNCH]
+        moves = [o for o in ops if o.op is Op.MOVE_OUT]
+        with self._placement_locks(launches, moves) as candidates:
+            chosen = self._place_launches(launches, candidates)
+            sources = {(o.namespace, o.vm): self._place_move(o) for o in moves}  # LOCK: cmd, hosts
+            entries = []
+            for op, again in zip(ops, retries, strict=True):
+                if op.op is Op.LAUNCH:
+                    entries.append(BatchEntry(op, host=chosen[(op.namespace, op.vm)], retry_of=again))
+                elif op.op is Op.MOVE_OUT:
+                    p = op.params
+                    assert isinstance(p, MoveOutParams)
+                    entries.append(BatchEntry(op, host=p.to, source=sources[(op.namespace, op.vm)], retry_of=again))
+                else:
+                    entries.append(BatchEntry(op, retry_of=again))
+            _, submitted = self.store.submit_batch(entries, who=who(), parent=parent, after=after)  # LOCK: all
+        by_job = iter(submitted)
+        accepted: list[tuple[Submitted, Operation]] = []
+        for op in ops:
+            accepted.append((next(by_job), op))
+            if op.op is Op.MOVE_OUT:
+                accepted.append((next(by_job), op))
+        self._enqueue([(s, op) for s, op in accepted if s.seq])  # a held job is woken when released
+        return self.store.get_jobs(s.id for s, _ in accepted)
+
+    def _refuse_bad(self, ops: list[Operation]) -> None:
+        """Refuse the whole batch before accepting any of it (one round trip for all the names)."""
         if any(o.op is Op.MOVE_IN for o in ops):
             raise InvalidInput("move-in jobs are made by 'vm move'", hint="use 'vmorch vm move NAME --to HOST'")
-        launches = [o for o in ops if o.op is Op.LAUNCH]
+        names = [(o.namespace, o.vm) for o in ops if o.op is Op.LAUNCH]
+        if len(set(names)) < len(names):
+            raise InvalidInput("a VM is launched twice in one batch", hint="give each name once")
         others = [o for o in ops if o.op is not Op.LAUNCH]
-        # Refuse the whole batch before accepting any of it (one round trip for all the names).
         pipe = self.redis.pipeline(transaction=False)
         for op in others:
             pipe.sismember(keys.vms(op.namespace), op.vm)
@@ -101,26 +170,84 @@ class RedisClient:
                 # an earlier job of this batch on the same VM (a kill, say) is as good as a pending one
                 self._check_move(op, behind_others=(op.namespace, op.vm) in seen)
             seen.add((op.namespace, op.vm))
-        accepted = self._submit_launches(launches) if launches else []
-        for op in others:  # in the order given: it is the VMs' order
-            accepted += self._submit_move(op) if op.op is Op.MOVE_OUT else [(self.store.submit(op, who()), op)]
-        self._enqueue(accepted)
-        return self.store.get_jobs(s.id for s, _ in accepted)
 
-    def _submit_launches(self, ops: list[Operation]) -> list[tuple[Submitted, Operation]]:
+    @contextmanager
+    def _placement_locks(self, launches: list[Operation], moves: list[Operation]) -> Iterator[set[str]]:
+        """cmd: the name reservation and placement decision; vms: the registry write; host:*: the
+        reservations on every candidate, so placements in other namespaces can't race for the same room.
+        A move: cmd for the placement decision, both hosts for the reservation and the hand-over."""
+        names: list[LockName] = []
         by_ns: dict[str, list[Operation]] = defaultdict(list)
-        for op in ops:
+        for op in launches:
             by_ns[op.namespace].append(op)
-        out: list[tuple[Submitted, Operation]] = []
-        for ns, batch in sorted(by_ns.items()):
-            # cmd: the name reservation and placement decision; vms: the registry write; host:*: the
-            # reservations on every candidate, so placements in other namespaces can't race for the same room.
+        all_candidates: set[str] = set()
+        for ns, batch in by_ns.items():
             candidates = self._candidate_hosts(ns, batch)
-            host_locks = [host_lock(name) for name in candidates]
-            with self.locks.hold(cmd_lock(ns), vms_lock(ns), *host_locks, timeout=self.settings.submit_lock_timeout):
-                chosen = self._plan(ns, batch, locked=set(candidates))
-                out += [(self.store.submit_launch(op, chosen[op.vm], who()), op) for op in batch]  # LOCK: all
+            all_candidates |= set(candidates)
+            names += [cmd_lock(ns), vms_lock(ns), *(host_lock(h) for h in candidates)]
+        for op in moves:
+            p = op.params
+            assert isinstance(p, MoveOutParams)
+            names += [cmd_lock(op.namespace), host_lock(self.store.get_vm(op.namespace, op.vm).host), host_lock(p.to)]
+        if not names:
+            yield all_candidates
+            return
+        with self.locks.hold(*names, timeout=self.settings.submit_lock_timeout):
+            yield all_candidates
+
+    def _place_launches(self, launches: list[Operation], locked: set[str]) -> dict[tuple[str, str], str]:
+        """# LOCK: the caller holds the locks of ``_placement_locks``."""
+        by_ns: dict[str, list[Operation]] = defaultdict(list)
+        for op in launches:
+            by_ns[op.namespace].append(op)
+        out: dict[tuple[str, str], str] = {}
+        for ns, batch in sorted(by_ns.items()):
+            for vm, host in self._plan(ns, batch, locked=locked).items():
+                out[(ns, vm)] = host
         return out
+
+    def _place_move(self, op: Operation) -> str:
+        """Check the target has room for the VM; returns its current host.
+
+        # LOCK: the caller holds cmd:<ns> and both hosts' locks.
+        """
+        p = op.params
+        assert isinstance(p, MoveOutParams)
+        ns = op.namespace
+        vm = self.store.get_vm(ns, op.vm, as_stored=True)
+        info = self.store.namespace(ns)
+        allowed = set(info.hosts) if info is not None and info.hosts else None
+        limits = placement.Limits(self.settings.memory_allocation_ratio, self.settings.cpu_allocation_ratio)
+        placement.plan([placement.Request(vm.name, vm.memory_mib, vm.vcpus, host=p.to)],
+                       [h for h in self.store.hosts() if h.name == p.to], allowed=allowed, limits=limits)
+        return vm.host
+
+    # -- parents, retries -----------------------------------------------------------------
+
+    def children(self, job_id: int) -> list[Job]:
+        """The children of a parent job, oldest first (empty for any other job)."""
+        self.store.get_job(job_id)  # NotFound
+        return self.store.children(job_id)
+
+    def retry(self, job_id: int) -> list[Job]:
+        """Run a failed job again as a new job (``retry_of``); for a parent, its failed children,
+        under a new parent (the old one's final state stays what it was: history is not rewritten)."""
+        job = self.store.get_job(job_id)
+        if not job.state.final:
+            raise InvalidInput(f"job {job_id} is {job.state.value}; only a final job can be retried",
+                               hint=f"wait for it ('vmorch job wait {job_id}') or cancel it")
+        if job.is_parent:
+            failed = [c for c in self.store.children(job_id) if c.state is JobState.FAILED]
+            if not failed:
+                raise InvalidInput(f"no failed job under job {job_id}", hint=f"see 'vmorch job show {job_id}'")
+            ops = [_again(c) for c in failed]
+            label = str(job.params.get("label") or "")
+            return self._submit(ops, SubmitOptions(parent=True, label=label, retry_of=job_id),
+                                retry_of=[c.id for c in failed])
+        if job.state is JobState.SUCCEEDED:
+            raise InvalidInput(f"job {job_id} succeeded; there is nothing to retry",
+                               hint="submit the operation again to run it again")
+        return self._submit([_again(job)], SubmitOptions(parent=False, retry_of=job_id))
 
     def _candidate_hosts(self, ns: str, batch: list[Operation]) -> list[str]:
         """The hosts a batch could land on, to lock (before locking: placement re-checks under the locks).
@@ -197,23 +324,6 @@ class RedisClient:
                                hint="stop it first ('vmorch vm stop NAME --force'), or move it --live")
         return vm
 
-    def _submit_move(self, op: Operation) -> list[tuple[Submitted, Operation]]:
-        p = op.params
-        assert isinstance(p, MoveOutParams)
-        ns = op.namespace
-        vm = self._check_move(op)
-        # cmd: a placement decision; both hosts: the reservation on the target, the hand-over between them.
-        with self.locks.hold(cmd_lock(ns), host_lock(vm.host), host_lock(p.to),
-                             timeout=self.settings.submit_lock_timeout):
-            vm = self.store.get_vm(ns, op.vm, as_stored=True)
-            info = self.store.namespace(ns)
-            allowed = set(info.hosts) if info is not None and info.hosts else None
-            limits = placement.Limits(self.settings.memory_allocation_ratio, self.settings.cpu_allocation_ratio)
-            placement.plan([placement.Request(vm.name, vm.memory_mib, vm.vcpus, host=p.to)],
-                           [h for h in self.store.hosts() if h.name == p.to], allowed=allowed, limits=limits)
-            out, into = self.store.submit_move(op, p.to, vm.host, who())  # LOCK: cmd, host:source, host:target
-        return [(out, op), (into, op)]
-
     def plan(self, ops: Sequence[Operation]) -> dict[str, str]:
         """Where launches would go, changing nothing (``vm launch --dry-run``)."""
         out: dict[str, str] = {}
@@ -275,7 +385,7 @@ class RedisClient:
             try:
                 enqueue(self.celery, s.host, op.namespace, op.vm, s.id)
             except Exception as exc:  # the broker refused: the job must not stay queued forever
-                self.store.fail_unsent(s, f"could not enqueue: {exc}")
+                deps.wake(self.celery, self.store, self.store.fail_unsent(s, f"could not enqueue: {exc}"))
 
     # -- reading ------------------------------------------------------------------------
 
@@ -303,7 +413,13 @@ class RedisClient:
         return self.store.events(namespace, vm=vm, job_id=job_id, limit=limit)
 
     def cancel(self, job_id: int) -> Job:
-        self.store.cancel(job_id, who())
+        """Cancel a job; for a parent, its children not yet started (running ones carry on)."""
+        job = self.store.get_job(job_id)
+        targets = [c.id for c in self.store.children(job_id) if c.state in (JobState.QUEUED, JobState.WAITING)] \
+            if job.is_parent else [job_id]
+        for target in targets:
+            _, released = self.store.cancel(target, who())
+            deps.wake(self.celery, self.store, released)
         return self.store.get_job(job_id)
 
     def wait(self, ids: Sequence[int], *, timeout: float | None = None, on_update: OnUpdate | None = None) -> list[Job]:
@@ -348,6 +464,18 @@ def _check_live(source: Host, target: Host, vm: Vm) -> None:
     if vm.state.value != "running":
         raise InvalidInput(f"VM {vm.name!r} is {vm.state.value}; only a running VM moves live",
                            hint="move it without --live")
+
+
+def _label(ops: Sequence[Operation]) -> str:
+    names = [o.vm for o in ops]
+    return ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]} ({len(names)} VMs)"
+
+
+def _again(job: Job) -> Operation:
+    if not isinstance(job.op, Op) or job.op in (Op.MOVE_OUT, Op.MOVE_IN):
+        raise InvalidInput(f"job {job.id} ({job.op.value}) can't be retried as it is",
+                           hint="move the VM again with 'vmorch vm move'")
+    return Operation.build(job.op, job.namespace, job.vm, **job.params)
 
 
 def _drain_updates(pubsub: object, wait: float) -> set[int]:

@@ -8,6 +8,12 @@ key                             type     holds
 P:job:next                      string   the last job id handed out (INCR)
 P:job:<id>                      hash     one job record
 P:jobs:<ns>                     zset     job ids of a namespace, score = id
+P:job:<id>:children             zset     a parent job's children, score = id
+P:job:<id>:dependents           hash     jobs waiting for this one: id -> "ok" (needs it
+                                         succeeded) or "final" (any final state)
+P:released                      zset     jobs whose dependencies were just met, score = when;
+                                         removed once their wake-up is sent (the janitor
+                                         re-sends those left behind by a crash)
 P:ns                            set      the namespaces
 P:namespace:<ns>                hash     a namespace: its hosts (JSON list; empty = all), state
 P:vms:<ns>                      set      the VM registry of a namespace (names)
@@ -41,10 +47,19 @@ JOB_NEXT = f"{PREFIX}:job:next"
 NAMESPACES = f"{PREFIX}:ns"
 HOSTS = f"{PREFIX}:hosts"
 UPDATES = f"{PREFIX}:updates"
+RELEASED = f"{PREFIX}:released"
 
 
 def job(job_id: int) -> str:
     return f"{PREFIX}:job:{job_id}"
+
+
+def job_children(job_id: int) -> str:
+    return f"{job(job_id)}:children"
+
+
+def job_dependents(job_id: int) -> str:
+    return f"{job(job_id)}:dependents"
 
 
 def namespace(name: str) -> str:
@@ -101,6 +116,8 @@ def queue(host_name: str) -> str:
     return f"host.{host_name}"
 
 
+#: for Lua scripts that derive any key (``P:``): a batch touches keys it can only name once it runs
+KEY_PREFIX = f"{PREFIX}:"
 #: for Lua scripts that derive a host's key from its name
 HOST_PREFIX = f"{PREFIX}:host:"
 #: for Lua scripts that derive a job's key from its id (vmorch targets a single Redis, not Redis Cluster)

@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from celery import Celery
 from redis import Redis
 
+from orchestrator import deps
 from orchestrator.errors import Canceled, LockError, NotFound, OperationTimeout, VmGone, VmorchError
 from orchestrator.locks import Holding, LockManager, vm_lock
 from orchestrator.operation import Op
 from orchestrator.queue import enqueue
 from orchestrator.records import Job, JobState, VmState
 from orchestrator.settings import Settings
-from orchestrator.store import Fence, Store
+from orchestrator.store import Fence, Finished, Store
 
 from .driver import Driver
 from .handlers import HANDLERS, Context, Outcome, failure_adjust
@@ -67,8 +68,8 @@ def run_message(w: Worker, namespace: str, vm: str, job_id: int) -> None:
     except NotFound:
         log.warning("message for unknown job %s ignored", job_id)
         return
-    if job.state.final:
-        return  # a duplicate, or already run by the worker that drained an earlier message
+    if job.state.final or job.held:
+        return  # a duplicate, already run by the worker that drained an earlier message, or not released yet
     w.store.mark_waiting(job, w.name)
     lock = vm_lock(namespace, vm)
     with w.locks.hold(lock, timeout=w.settings.lock_wait_timeout) as holding:
@@ -93,14 +94,14 @@ def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job) -> str | None:
     if job.state.final:
         return None
     if job.cancel_requested_by:
-        w.store.finish(job, fence, JobState.CANCELED, error=Canceled(f"canceled by {job.cancel_requested_by}"),
-                       by=w.name)
+        _wake(w, w.store.finish(job, fence, JobState.CANCELED, error=Canceled(f"canceled by {job.cancel_requested_by}"),
+                       by=w.name))
         return None
     try:
         vm = w.store.get_vm(job.namespace, job.vm, as_stored=True)
     except NotFound:
-        w.store.finish(job, fence, JobState.FAILED,
-                       error=VmGone(f"VM {job.vm!r} was deleted before this job's turn"), by=w.name)
+        _wake(w, w.store.finish(job, fence, JobState.FAILED,
+                       error=VmGone(f"VM {job.vm!r} was deleted before this job's turn"), by=w.name))
         return None
     if vm.host != w.host:
         return vm.host
@@ -126,18 +127,24 @@ def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job) -> str | None:
         outcome, error = _execute(w, ctx)
         if error is None:
             assert outcome is not None
-            w.store.finish(job, fence, JobState.SUCCEEDED, result=outcome.result, vm_update=outcome.vm_update,
-                           delete_vm=outcome.delete_vm, adjust=outcome.adjust, by=w.name)
+            _wake(w, w.store.finish(job, fence, JobState.SUCCEEDED, result=outcome.result, vm_update=outcome.vm_update,
+                           delete_vm=outcome.delete_vm, adjust=outcome.adjust, by=w.name))
         else:
             state = JobState.CANCELED if isinstance(error, Canceled) else JobState.FAILED
             # A launch that failed was rolled back by the driver: the name and the reservation go back too.
-            w.store.finish(job, fence, state, error=error, vm_update=_observed(w, job, vm.domain, error),
-                           delete_vm=job.op is Op.LAUNCH, adjust=failure_adjust(job, vm), by=w.name)
+            _wake(w, w.store.finish(job, fence, state, error=error, vm_update=_observed(w, job, vm.domain, error),
+                           delete_vm=job.op is Op.LAUNCH, adjust=failure_adjust(job, vm), by=w.name))
     finally:
         w.watchdog.untrack(job)
     log.info("job %s %s %s/%s seq=%s: %s", job.id, job.op.value, job.namespace, job.vm, job.seq,
              "succeeded" if error is None else f"{error.code}: {error.message}")
     return None
+
+
+def _wake(w: Worker, finished: Finished) -> None:
+    """Wake the jobs that waited for the one just finished (their turn is theirs now)."""
+    if finished.released and w.app is not None:
+        deps.wake(w.app, w.store, finished.released)
 
 
 def _execute(w: Worker, ctx: Context) -> tuple[Outcome | None, VmorchError | None]:
@@ -146,6 +153,7 @@ def _execute(w: Worker, ctx: Context) -> tuple[Outcome | None, VmorchError | Non
     Lock errors are raised: nothing may be written without the lock, so the task retries
     and whoever holds the lock next re-runs the job.
     """
+    assert isinstance(ctx.job.op, Op)  # a parent job is never in a mailbox
     handler = HANDLERS[ctx.job.op]
     try:
         with w.locks.hold(*handler.extra_locks(ctx.job), timeout=w.settings.lock_wait_timeout) as extra:
