@@ -15,7 +15,7 @@ from orchestrator.errors import InvalidInput, VmorchError
 from orchestrator.names import check_namespace
 from orchestrator.settings import Settings
 
-from . import cluster, hosts, jobs, namespaces, vms
+from . import cluster, experiments, hosts, jobs, namespaces, vms
 from .context import State
 from .render import error
 
@@ -31,6 +31,7 @@ app.add_typer(vms.app, name="vm")
 app.add_typer(jobs.app, name="job")
 app.add_typer(hosts.app, name="host")
 app.add_typer(namespaces.app, name="ns")
+app.add_typer(experiments.app, name="experiment")
 cluster.register(app)
 
 

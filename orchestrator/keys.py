@@ -27,6 +27,9 @@ P:host:<name>                   hash     one host record (heartbeat, capacity, p
 P:host:<name>:vms               set      "<ns>/<name>" of the VMs placed on that host
 P:transfer:<job id>             hash     a VM on its way to another host: definition, disk size
 P:transfer:<job id>:disk        list     its disk, in chunks (deleted once imported; expires)
+P:run:next                      string   the last experiment run id handed out (INCR)
+P:run:<id>                      hash     one experiment run: its file, its steps' parent jobs
+P:runs:<ns>                     zset     experiment run ids of a namespace, score = id
 P:events:<ns>                   stream   history: every job state change and VM change
 P:fence:<lock name>             string   the lock's fencing counter (INCR on every acquire)
 P:updates                       pubsub   channel: "<job id> <state>" on every job change
@@ -60,6 +63,17 @@ def job_children(job_id: int) -> str:
 
 def job_dependents(job_id: int) -> str:
     return f"{job(job_id)}:dependents"
+
+
+RUN_NEXT = f"{PREFIX}:run:next"
+
+
+def run(run_id: int) -> str:
+    return f"{PREFIX}:run:{run_id}"
+
+
+def runs(namespace: str) -> str:
+    return f"{PREFIX}:runs:{namespace}"
 
 
 def namespace(name: str) -> str:

@@ -308,7 +308,8 @@ class Store:
         """
         ids = [int(i) for i in cast(list[str], self.redis.zrange(keys.jobs(name), 0, -1))]
         doomed = [k for i in ids for k in (keys.job(i), keys.job_children(i), keys.job_dependents(i))]
-        doomed += [keys.jobs(name), keys.events(name), keys.namespace(name), keys.vms(name)]
+        doomed += [keys.jobs(name), keys.events(name), keys.namespace(name), keys.vms(name), keys.runs(name)]
+        doomed += [keys.run(int(i)) for i in cast(list[str], self.redis.zrange(keys.runs(name), 0, -1))]
         doomed += list(cast(Iterable[str], self.redis.scan_iter(f"{keys.PREFIX}:vm:{name}:*", count=1000)))
         removed = 0
         for start in range(0, len(doomed), 1000):
