@@ -15,7 +15,7 @@ from orchestrator.errors import InvalidInput, VmorchError
 from orchestrator.names import check_namespace
 from orchestrator.settings import Settings
 
-from . import cluster, experiments, hosts, jobs, namespaces, vms
+from . import cluster, experiments, hosts, jobs, namespaces, schedules, vms
 from .context import State
 from .render import error
 
@@ -32,6 +32,8 @@ app.add_typer(jobs.app, name="job")
 app.add_typer(hosts.app, name="host")
 app.add_typer(namespaces.app, name="ns")
 app.add_typer(experiments.app, name="experiment")
+app.add_typer(schedules.app, name="schedule")
+app.command(name="scheduler")(schedules.scheduler)
 cluster.register(app)
 
 

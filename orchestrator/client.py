@@ -23,6 +23,8 @@ from .operation import LaunchParams, MoveOutParams, Op, Operation
 from .records import Event, Host, HostState, Job, JobState, Namespace, Vm
 from .redisconn import connect, ping
 from .runs import ExperimentRun, RunStep, RunStore, derive_state
+from .schedules import Schedule, ScheduleSpec, ScheduleStore
+from .schedules import lock as schedule_lock
 from .settings import Settings
 from .store import BatchEntry, Store, Submitted
 
@@ -55,6 +57,11 @@ class Client(Protocol):
     def run_experiment(self, text: str, *, namespace: str, source: str = "") -> ExperimentRun: ...
     def experiment_run(self, run_id: int) -> ExperimentRun: ...
     def experiment_runs(self, namespace: str, *, limit: int = 20) -> list[ExperimentRun]: ...
+    def add_schedule(self, spec: ScheduleSpec) -> Schedule: ...
+    def schedule(self, namespace: str, name: str, *, history: int = 10) -> Schedule: ...
+    def schedules(self, namespace: str) -> list[Schedule]: ...
+    def pause_schedule(self, namespace: str, name: str, paused: bool) -> Schedule: ...
+    def remove_schedule(self, namespace: str, name: str) -> None: ...
     def job(self, job_id: int) -> Job: ...
     def jobs(self, namespace: str, *, vm: str | None = None, state: JobState | None = None,
              op: Op | None = None, limit: int = 50) -> list[Job]: ...
@@ -88,6 +95,7 @@ class RedisClient:
         ping(self.redis, self.url)
         self.store = Store(self.redis, host_down_after=settings.host_down_after)
         self.runs = RunStore(self.redis)
+        self._schedule_store: ScheduleStore | None = None
         self._locks: LockManager | None = None
         self._celery: Celery | None = None
 
@@ -400,6 +408,35 @@ class RedisClient:
 
     def experiment_runs(self, namespace: str, *, limit: int = 20) -> list[ExperimentRun]:
         return [self.experiment_run(i) for i in self.runs.ids(namespace, limit)]
+
+    # -- schedules ----------------------------------------------------------------------
+
+    @property
+    def _schedules(self) -> ScheduleStore:
+        if self._schedule_store is None:
+            self._schedule_store = ScheduleStore(self)
+        return self._schedule_store
+
+    def add_schedule(self, spec: ScheduleSpec) -> Schedule:
+        with self.locks.hold(schedule_lock(spec.namespace, spec.name), timeout=self.settings.submit_lock_timeout):
+            self._schedules.add(spec, who())  # LOCK: schedule
+        return self.schedule(spec.namespace, spec.name)
+
+    def schedule(self, namespace: str, name: str, *, history: int = 10) -> Schedule:
+        return self._schedules.get(namespace, name, history=history)
+
+    def schedules(self, namespace: str) -> list[Schedule]:
+        store = self._schedules
+        return [store.get(namespace, n, history=1) for n in store.names(namespace)]
+
+    def pause_schedule(self, namespace: str, name: str, paused: bool) -> Schedule:
+        with self.locks.hold(schedule_lock(namespace, name), timeout=self.settings.submit_lock_timeout):
+            self._schedules.set_paused(namespace, name, paused)  # LOCK: schedule
+        return self.schedule(namespace, name)
+
+    def remove_schedule(self, namespace: str, name: str) -> None:
+        with self.locks.hold(schedule_lock(namespace, name), timeout=self.settings.submit_lock_timeout):
+            self._schedules.remove(namespace, name)  # LOCK: schedule
 
     # -- namespaces ---------------------------------------------------------------------
 

@@ -30,6 +30,12 @@ P:transfer:<job id>:disk        list     its disk, in chunks (deleted once impor
 P:run:next                      string   the last experiment run id handed out (INCR)
 P:run:<id>                      hash     one experiment run: its file, its steps' parent jobs
 P:runs:<ns>                     zset     experiment run ids of a namespace, score = id
+P:schedules:<ns>                set      schedule names of a namespace
+P:schedule:<ns>:<name>          hash     a schedule: when, what (an experiment's text or a vm
+                                         command), paused, missed-slot policy, last slot fired
+P:schedule:<ns>:<name>:history  list     its firings, newest first (JSON: slot, jobs, run, error)
+P:redbeat:<ns>/<name>           hash     celery-redbeat's entry of a schedule (RedBeat's own)
+P:redbeat::schedule, ::lock     zset,str RedBeat's due times, and the active scheduler's lock
 P:events:<ns>                   stream   history: every job state change and VM change
 P:fence:<lock name>             string   the lock's fencing counter (INCR on every acquire)
 P:updates                       pubsub   channel: "<job id> <state>" on every job change
@@ -74,6 +80,24 @@ def run(run_id: int) -> str:
 
 def runs(namespace: str) -> str:
     return f"{PREFIX}:runs:{namespace}"
+
+
+def schedules(namespace: str) -> str:
+    return f"{PREFIX}:schedules:{namespace}"
+
+
+def schedule(namespace: str, name: str) -> str:
+    return f"{PREFIX}:schedule:{namespace}:{name}"
+
+
+def schedule_history(namespace: str, name: str) -> str:
+    return f"{schedule(namespace, name)}:history"
+
+
+#: celery-redbeat's key prefix (its entries are ``<prefix><ns>/<name>``)
+REDBEAT_PREFIX = f"{PREFIX}:redbeat:"
+#: the queue of schedule firings, consumed by ``vmorch scheduler``
+SCHEDULE_QUEUE = f"{PREFIX}.schedules"
 
 
 def namespace(name: str) -> str:
