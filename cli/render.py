@@ -77,7 +77,10 @@ def job_line(job: Job) -> str:
                 f"{c['failed']} failed, {c['canceled']} canceled, {c['pending']} pending)")
         return line + (f" - {job.error.message}" if job.error else "")
     what = f"{job.op.value} {job.namespace}/{job.vm}"
-    where = f"waits for jobs {', '.join(map(str, job.after))}" if job.held else f"seq {job.seq}, host {job.host}"
+    where = f"seq {job.seq}, host {job.host}"
+    if job.held:
+        where = f"starts at {when(job.not_before)}" if job.not_before else \
+            f"waits for jobs {', '.join(map(str, job.after))}"
     line = f"job {job.id} {styled(job.state.value)}: {what} ({where})"
     if job.error:
         line += f" - {job.error.code}: {job.error.message}"

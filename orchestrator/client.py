@@ -48,6 +48,8 @@ class SubmitOptions(BaseModel):
     label: str = Field(default="", max_length=200)
     #: the job these re-run (``job retry``)
     retry_of: int | None = None
+    #: once their dependencies are met (or at once), wait this many seconds for their turn
+    delay_s: float = Field(default=0.0, ge=0, le=7 * 86400)
 
 
 class Client(Protocol):
@@ -127,7 +129,7 @@ class RedisClient:
                 retry_of: Sequence[int | None] | None = None) -> list[Job]:
         if not ops:
             raise InvalidInput("no VM to operate on", hint="give a name, a range such as web[1-3], or --tag")
-        after = deps.edges(opts.after, opts.after_final, (o.op for o in ops))
+        after = deps.edges(opts.after, opts.after_final, (o.op for o in ops), opts.delay_s)
         self._refuse_bad(ops)
         make_parent = opts.parent if opts.parent is not None else len(ops) > 1
         parent = None
@@ -153,7 +155,8 @@ class RedisClient:
                     entries.append(BatchEntry(op, host=p.to, source=sources[(op.namespace, op.vm)], retry_of=again))
                 else:
                     entries.append(BatchEntry(op, retry_of=again))
-            _, submitted = self.store.submit_batch(entries, who=who(), parent=parent, after=after)  # LOCK: all
+            _, submitted = self.store.submit_batch(entries, who=who(), parent=parent, after=after,  # LOCK: all
+                                                   delay_s=opts.delay_s)
         by_job = iter(submitted)
         accepted: list[tuple[Submitted, Operation]] = []
         for op in ops:
@@ -370,7 +373,7 @@ class RedisClient:
                 name = experiment.step_name(step, i)
                 after = step.after if step.after is not None else previous
                 job = self._submit_step(self._step_ops(ns, step), f"{exp.name}: {name}",
-                                        SubmitOptions(after=[ids[a] for a in after]))
+                                        SubmitOptions(after=[ids[a] for a in after], delay_s=step.wait_s))
                 steps.append(RunStep(name=name, kind="step", job=job, after=after))
                 ids[name], previous = job, [name]
             before_teardown = list(ids.values())
@@ -378,7 +381,7 @@ class RedisClient:
                 name = experiment.step_name(step, i, "teardown")
                 # final, not succeeded: a teardown runs whatever became of the steps before it
                 job = self._submit_step(self._step_ops(ns, step), f"{exp.name}: {name}",
-                                        SubmitOptions(after_final=before_teardown))
+                                        SubmitOptions(after_final=before_teardown, delay_s=step.wait_s))
                 steps.append(RunStep(name=name, kind="teardown", job=job, after=list(ids)))
                 ids[name] = job
                 before_teardown = [*before_teardown, job]

@@ -5,6 +5,10 @@ is not in its VM's mailbox, so no worker waits for it and the VM's other jobs ru
 its last dependency becomes final, the Lua step that finished that dependency gives it its place
 in the VM's order (``scripts._SETTLE``); the process that ran that step sends the wake-up. If that
 process dies in between, the job is still in ``P:released`` and a worker's janitor sends it.
+
+A job may also ask to wait some seconds once its dependencies are met (``delay_s``): it then
+stays held, with its start time in ``P:delayed``, until a worker's janitor releases it (so the
+delay is honoured to within a janitor's interval, ``VMORCH_HOST_DOWN_AFTER``/2).
 """
 
 from __future__ import annotations
@@ -31,11 +35,11 @@ FINAL = "final"
 RESEND_AFTER = 5.0
 
 
-def edges(after: Iterable[int], after_final: Iterable[int], ops: Iterable[Op]) -> dict[int, str]:
+def edges(after: Iterable[int], after_final: Iterable[int], ops: Iterable[Op], delay_s: float = 0.0) -> dict[int, str]:
     """The dependency edges of a batch; refuses what can't wait."""
     deps = {int(i): FINAL for i in after_final}
     deps.update({int(i): OK for i in after})  # needing success is the stronger of the two
-    if deps:
+    if deps or delay_s:
         bad = sorted({o.value for o in ops} & {Op.LAUNCH.value, Op.MOVE_OUT.value})
         if bad:
             raise InvalidInput(f"{bad[0]} jobs can't wait for other jobs",
@@ -55,6 +59,13 @@ def wake(app: Celery, store: Store, released: Iterable[Released]) -> None:
         except Exception as exc:  # the broker is away: a janitor sends it later
             log.warning("wake-up of released job %s not sent: %s", r.id, exc)
     store.woken(sent)
+
+
+def release_due(app: Celery, store: Store, by: str = "") -> int:
+    """Release and wake the delayed jobs whose time has come (an experiment step's ``wait:``)."""
+    released = store.release_due(by)
+    wake(app, store, released)
+    return len(released)
 
 
 def resend(app: Celery, store: Store, older_than: float = RESEND_AFTER) -> int:

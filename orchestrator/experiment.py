@@ -9,6 +9,7 @@ run even when a step failed.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import yaml
@@ -21,6 +22,16 @@ from .operation import Op, Operation
 #: ops a step may run (launches are the ``vms:`` section; a move is two jobs made by ``vm move``)
 STEP_OPS = sorted(o.value for o in Op if o not in (Op.LAUNCH, Op.MOVE_OUT, Op.MOVE_IN))
 MAX_VMS = 1000
+_DURATION = re.compile(r"^(\d+)\s*([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(value: str) -> int:
+    """``"30s"``, ``"10m"``, ``"1h"``, ``"1d"`` in seconds (at least one)."""
+    match = _DURATION.match(value.strip())
+    if not match or int(match[1]) == 0:
+        raise InvalidInput(f"bad duration {value!r}", hint="write a number and a unit: 30s, 10m, 1h, 1d")
+    return int(match[1]) * _UNITS[match[2]]
 
 
 class _Strict(BaseModel):
@@ -57,6 +68,22 @@ class Step(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     #: names of the steps to wait for (they must succeed); default: the step before
     after: list[str] | None = None
+    #: then wait this long before starting ("30s", "5m"): to let a workload run, say
+    wait: str | None = None
+
+    @field_validator("wait")
+    @classmethod
+    def _wait(cls, wait: str | None) -> str | None:
+        if wait is not None:
+            try:
+                duration_seconds(wait)
+            except InvalidInput as exc:
+                raise ValueError(exc.message) from None
+        return wait
+
+    @property
+    def wait_s(self) -> float:
+        return float(duration_seconds(self.wait)) if self.wait else 0.0
 
     @field_validator("op")
     @classmethod

@@ -11,6 +11,8 @@ P:jobs:<ns>                     zset     job ids of a namespace, score = id
 P:job:<id>:children             zset     a parent job's children, score = id
 P:job:<id>:dependents           hash     jobs waiting for this one: id -> "ok" (needs it
                                          succeeded) or "final" (any final state)
+P:delayed                       zset     held jobs whose dependencies are met, waiting out a
+                                         delay, score = when they start (a janitor releases them)
 P:released                      zset     jobs whose dependencies were just met, score = when;
                                          removed once their wake-up is sent (the janitor
                                          re-sends those left behind by a crash)
@@ -57,6 +59,7 @@ NAMESPACES = f"{PREFIX}:ns"
 HOSTS = f"{PREFIX}:hosts"
 UPDATES = f"{PREFIX}:updates"
 RELEASED = f"{PREFIX}:released"
+DELAYED = f"{PREFIX}:delayed"
 
 
 def job(job_id: int) -> str:

@@ -103,6 +103,8 @@ class Job(_Record):
     after: list[int] = []
     #: the job this one re-runs (``job retry``)
     retry_of: int | None = None
+    #: a delayed job (an experiment step's ``wait:``) starts at this time, once its dependencies are met
+    not_before: datetime | None = None
 
     @property
     def is_parent(self) -> bool:
@@ -140,6 +142,7 @@ class Job(_Record):
             children=children,
             after=json.loads(h["after"]) if h.get("after") else [],
             retry_of=int(h["retry_of"]) if h.get("retry_of") else None,
+            not_before=ts(h.get("not_before")),
         )
 
 

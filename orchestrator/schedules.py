@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -48,15 +47,14 @@ HISTORY = 100
 #: the ``vm`` commands a schedule may run (they make jobs; list/show only read)
 VM_COMMANDS = frozenset({"launch", "start", "stop", "kill", "pause", "resume", "reboot", "delete", "set",
                          "snapshot", "revert", "tag", "move"})
-_EVERY = re.compile(r"^(\d+)\s*([smhd])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def every_seconds(value: str) -> int:
-    match = _EVERY.match(value.strip())
-    if not match or int(match[1]) == 0:
-        raise InvalidInput(f"bad interval {value!r}", hint="write --every as a number and a unit: 30s, 10m, 1h, 1d")
-    return int(match[1]) * _UNITS[match[2]]
+    try:
+        return experiment.duration_seconds(value)
+    except InvalidInput:
+        raise InvalidInput(f"bad interval {value!r}",
+                           hint="write --every as a number and a unit: 30s, 10m, 1h, 1d") from None
 
 
 class ScheduleSpec(BaseModel):

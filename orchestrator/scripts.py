@@ -49,6 +49,32 @@ local function is_final(st)
   return st == 'succeeded' or st == 'failed' or st == 'canceled'
 end
 
+-- A held job's turn: its place in its VM's order, or, if it asked for a delay, a time in P:delayed
+-- (a janitor releases it then). d = HMGET state, held, namespace, vm, op, host, delay.
+local function release(did, d, by, why, released)
+  local dk = P .. 'job:' .. did
+  local delay = tonumber(d[7] or '') or 0
+  if delay > 0 then
+    local due = tonumber(now) + delay
+    redis.call('HSET', dk, 'delay', '', 'not_before', string.format('%.6f', due))
+    redis.call('ZADD', P .. 'delayed', due, did)
+    ev(d[3], 'job', did, d[4], d[5], 'queued', by, why .. '; starts in ' .. delay .. 's')
+    return
+  end
+  local vk = P .. 'vm:' .. d[3] .. ':' .. d[4]
+  local seq = redis.call('INCR', vk .. ':seq')
+  local host = redis.call('HGET', vk, 'host') or d[6]
+  redis.call('HSET', dk, 'seq', seq, 'host', host, 'held', '')
+  redis.call('ZADD', vk .. ':mailbox', seq, did)
+  redis.call('ZADD', P .. 'released', now, did)
+  redis.call('PUBLISH', P .. 'updates', did .. ' queued')
+  ev(d[3], 'job', did, d[4], d[5], 'queued', by, why .. '; seq ' .. seq .. ' on host ' .. host)
+  table.insert(released, did)
+  table.insert(released, host)
+  table.insert(released, d[3])
+  table.insert(released, d[4])
+end
+
 local function settle(id, state, by)
   local released = {}
   local work = {{id, state}}
@@ -80,22 +106,11 @@ local function settle(id, state, by)
     for i = 1, #edges, 2 do
       local did, kind = edges[i], edges[i + 1]
       local dk = P .. 'job:' .. did
-      local d = redis.call('HMGET', dk, 'state', 'held', 'namespace', 'vm', 'op', 'host')
+      local d = redis.call('HMGET', dk, 'state', 'held', 'namespace', 'vm', 'op', 'host', 'delay')
       if d[1] == 'queued' and d[2] == '1' then
         if st == 'succeeded' or kind == 'final' then
           if redis.call('HINCRBY', dk, 'deps_left', -1) <= 0 then
-            local vk = P .. 'vm:' .. d[3] .. ':' .. d[4]
-            local seq = redis.call('INCR', vk .. ':seq')
-            local host = redis.call('HGET', vk, 'host') or d[6]
-            redis.call('HSET', dk, 'seq', seq, 'host', host, 'held', '')
-            redis.call('ZADD', vk .. ':mailbox', seq, did)
-            redis.call('ZADD', P .. 'released', now, did)
-            redis.call('PUBLISH', P .. 'updates', did .. ' queued')
-            ev(d[3], 'job', did, d[4], d[5], 'queued', by, 'dependencies met; seq ' .. seq .. ' on host ' .. host)
-            table.insert(released, did)
-            table.insert(released, host)
-            table.insert(released, d[3])
-            table.insert(released, d[4])
+            release(did, d, by, 'dependencies met', released)
           end
         else
           local err = cjson.encode({code = 'dependency_failed', message = 'dependency ' .. jid .. ' failed'})
@@ -339,7 +354,7 @@ return settle(ARGV[2], 'failed', ARGV[4])
 # A whole batch of jobs, with their parent and dependencies, in one step: all of it or none.
 # Every key is derived from P, so the batch can touch any VM (vmorch targets one Redis, not a cluster).
 # ARGV: key_prefix, request_json =
-#   {who, parent?: {ns, params}, after: {dep id: "ok"|"final"}, after_json,
+#   {who, parent?: {ns, params}, after: {dep id: "ok"|"final"}, after_json, delay?: seconds once released,
 #    jobs: [{t: "plain"|"launch"|"move", ns, vm, op, params, retry_of?,
 #            launch: host, mib, vcpus, disk, image, tags, domain; move: in_params, source, target}]}
 # LOCK: for launches the caller holds cmd:<ns>, vms:<ns> and the hosts' locks; for moves cmd:<ns>
@@ -393,11 +408,14 @@ local function new_job(j, op, params, host)
   local seq = 0
   if #waiting > 0 then
     -- held: no place in the VM's order yet, so it holds up none of the VM's other jobs
-    redis.call('HSET', jk, 'held', '1', 'deps_left', #waiting)
+    redis.call('HSET', jk, 'held', '1', 'deps_left', #waiting, 'delay', req.delay or '')
     for _, d in ipairs(waiting) do
       redis.call('HSET', P .. 'job:' .. d[1] .. ':dependents', id, d[2])
     end
     ev(j.ns, 'job', id, j.vm, op, 'queued', who, 'waits for jobs ' .. req.after_json)
+  elseif (req.delay or 0) > 0 then
+    redis.call('HSET', jk, 'held', '1', 'deps_left', 0)
+    release(id, {'queued', '1', j.ns, j.vm, op, host, req.delay}, who, 'accepted', {})
   else
     seq = redis.call('INCR', vk .. ':seq')
     redis.call('HSET', jk, 'seq', seq)
@@ -437,4 +455,19 @@ for _, j in ipairs(req.jobs) do
   end
 end
 return out
+"""
+
+# The delayed jobs whose time has come (``SubmitOptions.delay_s``): their place in their VMs' order.
+# ARGV: key_prefix, who. Returns the released jobs as _SETTLE does.
+RELEASE_DUE = _NOW + "local P = ARGV[1]\n" + _SETTLE + """
+local released = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'delayed', '-inf', now)) do
+  redis.call('ZREM', P .. 'delayed', id)
+  local d = redis.call('HMGET', P .. 'job:' .. id, 'state', 'held', 'namespace', 'vm', 'op', 'host', 'delay')
+  if d[1] == 'queued' and d[2] == '1' then
+    d[7] = ''
+    release(id, d, ARGV[2], 'its delay is over', released)
+  end
+end
+return released
 """

@@ -90,6 +90,7 @@ class Store:
         self._submit_move = redis.register_script(scripts.SUBMIT_MOVE)
         self._submit_batch = redis.register_script(scripts.SUBMIT_BATCH)
         self._fail_unsent = redis.register_script(scripts.FAIL_UNSENT)
+        self._release_due = redis.register_script(scripts.RELEASE_DUE)
 
     # -- submitting ---------------------------------------------------------------------
 
@@ -149,11 +150,13 @@ class Store:
         return Submitted(int(res[0]), int(res[1]), source), Submitted(int(res[2]), int(res[3]), to)
 
     def submit_batch(self, entries: list[BatchEntry], *, who: str = "", parent: Mapping[str, Any] | None = None,
-                     after: Mapping[int, str] | None = None) -> tuple[int | None, list[Submitted]]:
+                     after: Mapping[int, str] | None = None, delay_s: float = 0.0,
+                     ) -> tuple[int | None, list[Submitted]]:
         """Accept a batch of jobs, with their parent and their dependencies, in one atomic step.
 
         ``after`` maps a job id to "ok" (it must succeed) or "final" (any final state will do).
         ``parent``: ``{"namespace", "params"[, "retry_of"]}`` to make one parent job over them all.
+        ``delay_s``: once its dependencies are met (or at once), each job waits this long for its turn.
         # LOCK: see scripts.SUBMIT_BATCH (launches and moves need their placement locks held).
         """
         jobs: list[dict[str, Any]] = []
@@ -174,7 +177,7 @@ class Store:
             jobs.append(entry)
         deps = {str(k): v for k, v in (after or {}).items()}
         request: dict[str, Any] = {"who": who, "after": deps, "after_json": json.dumps(sorted(int(k) for k in deps))
-                                   if deps else "", "jobs": jobs}
+                                   if deps else "", "jobs": jobs, "delay": delay_s}
         if parent is not None:
             request["parent"] = {"ns": parent["namespace"], "params": json.dumps(parent["params"]),
                                  **({"retry_of": parent["retry_of"]} if parent.get("retry_of") else {})}
@@ -190,6 +193,10 @@ class Store:
         """A job accepted but whose message could not be sent: make it final, not stranded."""
         error = json.dumps({"code": "enqueue_failed", "message": reason})
         return _released(self._fail_unsent(keys=[], args=[keys.KEY_PREFIX, submitted.id, error, ""]))
+
+    def release_due(self, by: str = "") -> list[Released]:
+        """Give the delayed jobs whose time has come their place in their VMs' order."""
+        return _released(self._release_due(keys=[], args=[keys.KEY_PREFIX, by]))
 
     def children(self, parent_id: int) -> list[Job]:
         return self.get_jobs(int(i) for i in cast(list[str], self.redis.zrange(keys.job_children(parent_id), 0, -1)))

@@ -109,3 +109,23 @@ def test_after_on_the_command_line(cluster: list[WorkerProc], client: RedisClien
     assert bad.returncode == 2 and "bad job id" in bad.stderr
     unknown = run_cli(settings, "vm", "resume", "a2", "--after", "99999999")
     assert unknown.returncode == 3 and "no job 99999999" in unknown.stderr
+
+
+def test_a_delayed_job_starts_after_its_delay_once_its_dependencies_are_met(cluster: list[WorkerProc],
+                                                                           client: RedisClient) -> None:
+    ns = client.settings.namespace
+    run(client, Op.LAUNCH, "w[1-2]", memory_mib=32, disk_gib=0)
+    [first] = client.submit(ops(Op.PAUSE, ns, "w1"))
+    [later] = client.submit(ops(Op.PAUSE, ns, "w2"), SubmitOptions(after=[first.id], delay_s=2))
+    [other] = run(client, Op.TAG, "w2", set={"k": "v"})  # the VM's other jobs don't wait for it
+    wait_until(lambda: client.job(later.id).not_before is not None, what="the dependency to be met")
+    held = client.job(later.id)
+    assert held.state is JobState.QUEUED and held.held and held.not_before is not None
+    done = client.wait([first.id, later.id], timeout=30)
+    assert [j.state for j in done] == [JobState.SUCCEEDED, JobState.SUCCEEDED]
+    assert done[0].finished_at is not None and done[1].started_at is not None
+    waited = (done[1].started_at - done[0].finished_at).total_seconds()
+    assert 2 <= waited < 2 + 2 * 1.5 + 1, waited  # the delay, then at most a janitor's interval or two
+    assert done[1].seq > other.seq
+    with pytest.raises(InvalidInput, match="launch jobs can't wait"):
+        client.submit(ops(Op.LAUNCH, ns, "w9", memory_mib=32), SubmitOptions(delay_s=1))

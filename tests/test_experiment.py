@@ -96,6 +96,9 @@ def test_an_example_runs_to_the_end(cluster: list[WorkerProc], client: RedisClie
     assert run["state"] == "succeeded" and [s["name"] for s in run["steps"]] == [
         "launch", "stop", "grow", "start", "tag", "kill", "delete"]
     assert all(j["state"] == "succeeded" for j in run["jobs"].values())
+    grown = max(j.finished_at for j in client.children(run["jobs"]["grow"]["id"]) if j.finished_at)
+    started = min(j.started_at for j in client.children(run["jobs"]["start"]["id"]) if j.started_at)
+    assert (started - grown).total_seconds() >= 2  # the step's wait: 2s
     assert client.vms(settings.namespace) == []  # torn down
     listed = run_cli(settings, "--json", "experiment", "list")
     assert [r["id"] for r in json.loads(listed.stdout)] == [run["id"]]

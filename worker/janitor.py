@@ -67,6 +67,7 @@ class Janitor:
             try:
                 sweep(self.worker)
                 if self.worker.app is not None:
+                    deps.release_due(self.worker.app, self.worker.store, by=f"janitor@{self.worker.name}")
                     deps.resend(self.worker.app, self.worker.store)
             except (RedisError, LockError) as exc:  # Redis restarting, or a busy VM: next pass
                 log.warning("janitor pass skipped: %s", exc)
