@@ -193,5 +193,10 @@ def any_failed(jobs: Sequence[Job]) -> bool:
     return any(j.state in (JobState.FAILED, JobState.CANCELED) for j in jobs)
 
 
+def iso(value: datetime | None) -> str:
+    """A full ISO 8601 UTC timestamp, or '-'."""
+    return _iso(value)
+
+
 def _iso(value: datetime | None) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else "-"

@@ -89,8 +89,8 @@ def list_(ctx: typer.Context) -> None:
     for col in ("NAME", "WHEN", "WHAT", "STATE", "NEXT", "LAST"):
         table.add_column(col, no_wrap=col != "WHAT")
     for s in items:
-        last = f"{render._iso(s.history[0].slot)} {s.history[0].state}" if s.history else "-"
-        table.add_row(s.name, s.when, s.what, "paused" if s.paused else "active", render._iso(s.next_at), last)
+        last = f"{render.iso(s.history[0].slot)} {s.history[0].state}" if s.history else "-"
+        table.add_row(s.name, s.when, s.what, "paused" if s.paused else "active", render.iso(s.next_at), last)
     render.out.print(table)
 
 
@@ -145,7 +145,7 @@ def show_schedule(s: Schedule, *, as_json: bool) -> None:
         return
     state_ = "paused" if s.paused else "active"
     render.out.print(f"schedule {s.name} ({s.namespace}): {s.when}, {state_}, missed slots: {s.missed}\n"
-                     f"  runs: {s.what}\n  next: {render._iso(s.next_at)}")
+                     f"  runs: {s.what}\n  next: {render.iso(s.next_at)}")
     if s.history:
         render.out.print(_history_table(s))
 
@@ -155,7 +155,7 @@ def _history_table(s: Schedule) -> Table:
     for col in ("SLOT", "FIRED", "STATE", "RUN", "JOBS", "ERROR"):
         table.add_column(col, no_wrap=col != "ERROR")
     for f in s.history:
-        table.add_row(render._iso(f.slot), render._iso(f.fired_at), render.styled(f.state),
+        table.add_row(render.iso(f.slot), render.iso(f.fired_at), render.styled(f.state),
                       str(f.run) if f.run else "-", ",".join(map(str, f.jobs[:8])) + ("..." if len(f.jobs) > 8 else ""),
                       f.error or "")
     return table
