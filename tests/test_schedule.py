@@ -161,3 +161,44 @@ def test_a_standby_scheduler_takes_over_after_a_sigkill_and_no_slot_runs_twice(
         client.wait([i for f in history for i in f.jobs], timeout=30)
     finally:
         client.remove_schedule(ns, "fo")
+
+
+@pytest.mark.parametrize("missed", ["once", "skip"])
+def test_a_late_firing_runs_once_or_is_skipped_as_asked(client: RedisClient, missed: str) -> None:
+    """After downtime RedBeat fires a late schedule once; the slot it stands for is the last one due."""
+    ns = client.settings.namespace
+    client.add_schedule(ScheduleSpec(name="late", namespace=ns, every="1h", command=["vm", "pause", "x"],
+                                     missed=missed))  # type: ignore[arg-type]
+    try:
+        store = client._schedules
+        raw = store.raw(ns, "late")
+        anchor = float(int(float(raw["created_at"])))
+        with client.locks.hold(schedules.lock(ns, "late"), timeout=5):
+            claimed = store.claim(ns, "late", anchor + 3 * 3600 + 120)  # 3 slots missed, 2 min after the last
+            assert claimed is not None
+            _, slot, skip = claimed
+            assert slot == anchor + 3 * 3600 and skip is (missed == "skip")
+            assert store.claim(ns, "late", anchor + 3 * 3600 + 121) is None  # that slot is taken now
+            assert store.claim(ns, "late", anchor + 3600) is None  # and an older one is not run after it
+    finally:
+        client.remove_schedule(ns, "late")
+
+
+def test_cron_and_one_off_schedules_say_when_they_fire_next(client: RedisClient) -> None:
+    ns = client.settings.namespace
+    at = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=2)
+    try:
+        cron = client.add_schedule(ScheduleSpec(name="nightly", namespace=ns, cron="0 2 * * *",
+                                                command=["vm", "stop", "x", "--force"]))
+        assert cron.when == "cron 0 2 * * *" and cron.next_at is not None
+        assert (cron.next_at.hour, cron.next_at.minute) == (2, 0) and cron.next_at > datetime.now(UTC)
+        once = client.add_schedule(ScheduleSpec(name="once", namespace=ns, at=at, experiment=EXPERIMENT))
+        assert once.next_at == at and once.what == "experiment (inline)"
+        paused = client.pause_schedule(ns, "once", True)
+        assert paused.paused and paused.next_at is None
+        assert client.pause_schedule(ns, "once", False).next_at == at
+        assert [s.name for s in client.schedules(ns)] == ["nightly", "once"]
+    finally:
+        for name in ("nightly", "once"):
+            client.remove_schedule(ns, name)
+    assert client.schedules(ns) == []
