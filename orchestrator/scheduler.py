@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import sys
 import threading
 
 from . import keys, schedules
@@ -36,12 +38,29 @@ def run(settings: Settings, *, loglevel: str = "INFO") -> None:
                      firing.error or firing.jobs)
 
     beat = Service(app, scheduler_cls=RedBeatScheduler, max_interval=settings.scheduler_tick)
-    thread = threading.Thread(target=beat.start, name="vmorch-beat", daemon=True)
+    stopping = threading.Event()
+    beat_died = threading.Event()
+
+    def run_beat() -> None:
+        try:
+            beat.start()
+        finally:
+            if not stopping.is_set():
+                # Its lock lost (Redis restarted, say): a scheduler without beat would consume firings
+                # and never send one. Stop the whole process; its supervisor starts a fresh one.
+                log.error("beat stopped unexpectedly; stopping the scheduler so that it is restarted")
+                beat_died.set()
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=run_beat, name="vmorch-beat", daemon=True)
     thread.start()
     try:
         worker = app.Worker(queues=[keys.SCHEDULE_QUEUE], pool="threads", concurrency=2, hostname=me,
                             loglevel=loglevel, without_gossip=True, without_mingle=True, without_heartbeat=True)
         worker.start()
     finally:
+        stopping.set()
         beat.stop()  # releases RedBeat's lock: a standby takes over at once
-        thread.join(timeout=5)
+        thread.join(timeout=2)  # a standby may be blocked on the lock: it is a daemon thread
+    if beat_died.is_set():
+        sys.exit(1)

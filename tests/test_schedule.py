@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import schedules
+from orchestrator import keys, schedules
 from orchestrator.client import RedisClient
 from orchestrator.errors import AlreadyExists, InvalidInput, NotFound
 from orchestrator.operation import Op
@@ -202,3 +202,14 @@ def test_cron_and_one_off_schedules_say_when_they_fire_next(client: RedisClient)
         for name in ("nightly", "once"):
             client.remove_schedule(ns, name)
     assert client.schedules(ns) == []
+
+
+def test_a_scheduler_whose_lock_was_lost_exits_to_be_restarted(client: RedisClient, settings: Settings,
+                                                                tmp_path: Path) -> None:
+    """Beat stops when its lock is taken from it; the process must not go on as a consumer only."""
+    lock_key = f"{keys.REDBEAT_PREFIX}:lock"
+    with scheduler(settings, tmp_path / "s.log") as proc:
+        wait_until(lambda: client.redis.exists(lock_key), timeout=15, what="the scheduler to take its lock")
+        client.redis.delete(lock_key)
+        assert proc.wait(timeout=20) == 1, (tmp_path / "s.log").read_text()[-2000:]
+    assert "beat stopped unexpectedly" in (tmp_path / "s.log").read_text()
