@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.errors import VmorchError
@@ -72,8 +73,9 @@ def by_state(jobs: Sequence[Job]) -> dict[str, int]:
 def job_line(job: Job) -> str:
     if job.is_parent and job.children is not None:
         c = job.children
+        label = escape(str(job.params.get("label", "")))
         line = (f"job {job.id} {styled(job.state.value)}: {'/'.join(job.params.get('ops', []))} "
-                f"{job.namespace}/{job.params.get('label', '')} ({c['total']} jobs: {c['succeeded']} succeeded, "
+                f"{job.namespace}/{label} ({c['total']} jobs: {c['succeeded']} succeeded, "
                 f"{c['failed']} failed, {c['canceled']} canceled, {c['pending']} pending)")
         return line + (f" - {job.error.message}" if job.error else "")
     what = f"{job.op.value} {job.namespace}/{job.vm}"
@@ -97,7 +99,8 @@ def jobs_table(jobs: Sequence[Job]) -> Table:
         table.add_column(col, no_wrap=col != "ERROR")
     for j in jobs:
         error = f"{j.error.code}: {j.error.message}" if j.error else ""
-        table.add_row(str(j.id), j.op.value, j.vm, str(j.seq), j.host, styled(j.state.value), when(j.submitted_at),
+        vm = escape(f"({j.params.get('label', '')})") if j.is_parent else j.vm
+        table.add_row(str(j.id), j.op.value, vm, str(j.seq), j.host, styled(j.state.value), when(j.submitted_at),
                       when(j.started_at), when(j.finished_at), str(j.attempts), error)
     return table
 
