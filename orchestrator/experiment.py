@@ -145,7 +145,9 @@ def parse(text: str) -> tuple[Experiment | None, list[Problem]]:
             loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("list[", "literal["))))
             problems.append(Problem(line=_line(root, loc), field=_dotted(loc),
                                     message=e["msg"].removeprefix("Value error, ")))
-        return None, _dedupe(problems)
+        # the entries that are well-formed on their own can still be checked on their own
+        problems += [Problem(line=_line(root, loc), field=_dotted(loc), message=msg) for loc, msg in _piecewise(data)]
+        return None, sorted(_dedupe(problems), key=lambda p: p.line or 0)
     problems = [Problem(line=_line(root, loc), field=_dotted(loc), message=msg) for loc, msg in _semantics(exp)]
     return (exp if not problems else None), sorted(problems, key=lambda p: p.line or 0)
 
@@ -179,16 +181,40 @@ def _semantics(exp: Experiment) -> list[tuple[tuple[Any, ...], str]]:
     return out
 
 
+def _piecewise(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """The checks of each entry that validates on its own (when the whole file doesn't)."""
+    out: list[tuple[tuple[Any, ...], str]] = []
+    for section in ("vms", "steps", "teardown"):
+        items = data.get(section)
+        for i, raw in enumerate(items if isinstance(items, list) else []):
+            try:
+                if section == "vms":
+                    problem = _spec_problem(VmSpec.model_validate(raw))
+                    out += [((section, i), problem)] if problem else []
+                else:
+                    out += [((section, i, *sub), msg) for sub, msg in _step_problems(Step.model_validate(raw))]
+            except ValidationError:
+                continue  # reported already
+    return out
+
+
+def _spec_problem(spec: VmSpec) -> str | None:
+    try:
+        Operation.build(Op.LAUNCH, "default", spec.names()[0], **spec.launch_params())
+    except InvalidInput as exc:
+        return exc.message
+    return None
+
+
 def _vm_problems(exp: Experiment) -> list[tuple[tuple[Any, ...], str]]:
     out: list[tuple[tuple[Any, ...], str]] = []
     seen: set[str] = set()
     for i, spec in enumerate(exp.vms):
-        try:
-            names = spec.names()
-            Operation.build(Op.LAUNCH, "default", names[0], **spec.launch_params())
-        except InvalidInput as exc:
-            out.append((("vms", i), exc.message))
+        problem = _spec_problem(spec)
+        if problem:
+            out.append((("vms", i), problem))
             continue
+        names = spec.names()
         for n in names:
             if n in seen:
                 out.append((("vms", i, "name"), f"VM {n!r} is declared twice"))

@@ -63,6 +63,9 @@ def test_validate_reports_every_problem_with_its_line(tmp_path: Path, settings: 
                                                      (17, "steps[2].after[0]")]
     _, structural = parse("name: x\nvms:\n  - name: a\n    memroy: 32\nsteps:\n  - op: fly\n    target: a\n")
     assert [(p.line, p.field) for p in structural] == [(4, "vms[0].memroy"), (6, "steps[0].op")]
+    _, mixed = parse("name: x\nvms:\n  - name: a\n    memroy: 32\nsteps:\n  - op: fly\n    target: a\n"
+                     "  - op: pause\n    target: b[1-\n")
+    assert [(p.line, p.field) for p in mixed] == [(4, "vms[0].memroy"), (6, "steps[0].op"), (9, "steps[1].target")]
     _, broken = parse("name: x\nsteps: [\n")
     assert broken[0].line is not None and "not valid YAML" in broken[0].message
 
