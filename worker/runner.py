@@ -94,14 +94,14 @@ def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job) -> str | None:
     if job.state.final:
         return None
     if job.cancel_requested_by:
-        _wake(w, w.store.finish(job, fence, JobState.CANCELED, error=Canceled(f"canceled by {job.cancel_requested_by}"),
-                       by=w.name))
+        _wake(w, w.store.finish(job, fence, JobState.CANCELED,
+                                error=Canceled(f"canceled by {job.cancel_requested_by}"), by=w.name))
         return None
     try:
         vm = w.store.get_vm(job.namespace, job.vm, as_stored=True)
     except NotFound:
         _wake(w, w.store.finish(job, fence, JobState.FAILED,
-                       error=VmGone(f"VM {job.vm!r} was deleted before this job's turn"), by=w.name))
+                                error=VmGone(f"VM {job.vm!r} was deleted before this job's turn"), by=w.name))
         return None
     if vm.host != w.host:
         return vm.host
@@ -127,13 +127,14 @@ def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job) -> str | None:
         outcome, error = _execute(w, ctx)
         if error is None:
             assert outcome is not None
-            _wake(w, w.store.finish(job, fence, JobState.SUCCEEDED, result=outcome.result, vm_update=outcome.vm_update,
-                           delete_vm=outcome.delete_vm, adjust=outcome.adjust, by=w.name))
+            _wake(w, w.store.finish(job, fence, JobState.SUCCEEDED, result=outcome.result,
+                                    vm_update=outcome.vm_update, delete_vm=outcome.delete_vm,
+                                    adjust=outcome.adjust, by=w.name))
         else:
             state = JobState.CANCELED if isinstance(error, Canceled) else JobState.FAILED
             # A launch that failed was rolled back by the driver: the name and the reservation go back too.
             _wake(w, w.store.finish(job, fence, state, error=error, vm_update=_observed(w, job, vm.domain, error),
-                           delete_vm=job.op is Op.LAUNCH, adjust=failure_adjust(job, vm), by=w.name))
+                                    delete_vm=job.op is Op.LAUNCH, adjust=failure_adjust(job, vm), by=w.name))
     finally:
         w.watchdog.untrack(job)
     log.info("job %s %s %s/%s seq=%s: %s", job.id, job.op.value, job.namespace, job.vm, job.seq,
