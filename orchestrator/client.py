@@ -11,7 +11,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,6 +50,9 @@ class SubmitOptions(BaseModel):
     retry_of: int | None = None
     #: once their dependencies are met (or at once), wait this many seconds for their turn
     delay_s: float = Field(default=0.0, ge=0, le=7 * 86400)
+    #: a job of ``after`` that already failed: "refuse" the batch, or "fail" its jobs at once (a graph
+    #: submitted piece by piece, whose first piece may fail before the last is accepted)
+    if_dependency_failed: Literal["refuse", "fail"] = "refuse"
 
 
 class Client(Protocol):
@@ -156,7 +159,8 @@ class RedisClient:
                 else:
                     entries.append(BatchEntry(op, retry_of=again))
             _, submitted = self.store.submit_batch(entries, who=who(), parent=parent, after=after,  # LOCK: all
-                                                   delay_s=opts.delay_s)
+                                                   delay_s=opts.delay_s,
+                                                   fail_on_failed_dep=opts.if_dependency_failed == "fail")
         by_job = iter(submitted)
         accepted: list[tuple[Submitted, Operation]] = []
         for op in ops:
@@ -373,7 +377,8 @@ class RedisClient:
                 name = experiment.step_name(step, i)
                 after = step.after if step.after is not None else previous
                 job = self._submit_step(self._step_ops(ns, step), f"{exp.name}: {name}",
-                                        SubmitOptions(after=[ids[a] for a in after], delay_s=step.wait_s))
+                                        SubmitOptions(after=[ids[a] for a in after], delay_s=step.wait_s,
+                                                      if_dependency_failed="fail"))
                 steps.append(RunStep(name=name, kind="step", job=job, after=after))
                 ids[name], previous = job, [name]
             before_teardown = list(ids.values())
@@ -467,6 +472,10 @@ class RedisClient:
             info = self.store.namespace(name)
             if info is None:
                 raise NotFound(f"no namespace {name!r}", hint="see 'vmorch ns list'")
+            scheduled = self._schedules.names(name)
+            if scheduled:  # they would fire into a namespace that is gone
+                raise InvalidInput(f"namespace {name!r} has schedules: {', '.join(scheduled)}",
+                                   hint=f"remove them first ('vmorch -n {name} schedule remove NAME')")
             names = self.store.vm_names(name)
             if names and not force:
                 raise InvalidInput(f"namespace {name!r} has {len(names)} VMs",

@@ -355,6 +355,7 @@ return settle(ARGV[2], 'failed', ARGV[4])
 # Every key is derived from P, so the batch can touch any VM (vmorch targets one Redis, not a cluster).
 # ARGV: key_prefix, request_json =
 #   {who, parent?: {ns, params}, after: {dep id: "ok"|"final"}, after_json, delay?: seconds once released,
+#    fail_on_failed_dep?: a dependency that already failed fails the jobs (else the batch is refused),
 #    jobs: [{t: "plain"|"launch"|"move", ns, vm, op, params, retry_of?,
 #            launch: host, mib, vcpus, disk, image, tags, domain; move: in_params, source, target}]}
 # LOCK: for launches the caller holds cmd:<ns>, vms:<ns> and the hosts' locks; for moves cmd:<ns>
@@ -365,11 +366,13 @@ local req = cjson.decode(ARGV[2])
 local who = req.who
 -- first every check, then every write
 local waiting = {}
+local failed_dep = nil
 for dep, kind in pairs(req.after) do
   local st = redis.call('HGET', P .. 'job:' .. dep, 'state')
   if not st then return redis.error_reply('unknown_dep ' .. dep) end
   if (st == 'failed' or st == 'canceled') and kind == 'ok' then
-    return redis.error_reply('dep_failed ' .. dep .. ' ' .. st)
+    if not req.fail_on_failed_dep then return redis.error_reply('dep_failed ' .. dep .. ' ' .. st) end
+    failed_dep = failed_dep or dep
   end
   if not is_final(st) then table.insert(waiting, {dep, kind}) end
 end
@@ -396,6 +399,7 @@ if req.parent then
 end
 
 local out = {parent == '' and 0 or parent}
+local doomed = {}
 local function new_job(j, op, params, host)
   local id = redis.call('INCR', P .. 'job:next')
   local jk = P .. 'job:' .. id
@@ -406,7 +410,13 @@ local function new_job(j, op, params, host)
   redis.call('ZADD', P .. 'jobs:' .. j.ns, id, id)
   if parent ~= '' then redis.call('ZADD', P .. 'job:' .. parent .. ':children', id, id) end
   local seq = 0
-  if #waiting > 0 then
+  if failed_dep then
+    -- as if it had been waiting for it: it fails at once (the caller settles it below)
+    local err = cjson.encode({code = 'dependency_failed', message = 'dependency ' .. failed_dep .. ' failed'})
+    redis.call('HSET', jk, 'state', 'failed', 'finished_at', now, 'error', err)
+    ev(j.ns, 'job', id, j.vm, op, 'failed', who, 'dependency ' .. failed_dep .. ' failed before it was accepted')
+    table.insert(doomed, id)
+  elseif #waiting > 0 then
     -- held: no place in the VM's order yet, so it holds up none of the VM's other jobs
     redis.call('HSET', jk, 'held', '1', 'deps_left', #waiting, 'delay', req.delay or '')
     for _, d in ipairs(waiting) do
@@ -453,6 +463,10 @@ for _, j in ipairs(req.jobs) do
     new_job(j, 'move-out', j.params, j.source)
     new_job(j, 'move-in', j.in_params, j.target)
   end
+end
+for _, id in ipairs(doomed) do
+  redis.call('PUBLISH', P .. 'updates', id .. ' failed')
+  settle(id, 'failed', who)  -- nothing waits for it yet: only its parent counts it
 end
 return out
 """

@@ -151,12 +151,14 @@ class Store:
 
     def submit_batch(self, entries: list[BatchEntry], *, who: str = "", parent: Mapping[str, Any] | None = None,
                      after: Mapping[int, str] | None = None, delay_s: float = 0.0,
-                     ) -> tuple[int | None, list[Submitted]]:
+                     fail_on_failed_dep: bool = False) -> tuple[int | None, list[Submitted]]:
         """Accept a batch of jobs, with their parent and their dependencies, in one atomic step.
 
         ``after`` maps a job id to "ok" (it must succeed) or "final" (any final state will do).
         ``parent``: ``{"namespace", "params"[, "retry_of"]}`` to make one parent job over them all.
         ``delay_s``: once its dependencies are met (or at once), each job waits this long for its turn.
+        ``fail_on_failed_dep``: a dependency that already failed fails the jobs at once, as it would have
+        had it failed a moment later (else the batch is refused).
         # LOCK: see scripts.SUBMIT_BATCH (launches and moves need their placement locks held).
         """
         jobs: list[dict[str, Any]] = []
@@ -177,7 +179,8 @@ class Store:
             jobs.append(entry)
         deps = {str(k): v for k, v in (after or {}).items()}
         request: dict[str, Any] = {"who": who, "after": deps, "after_json": json.dumps(sorted(int(k) for k in deps))
-                                   if deps else "", "jobs": jobs, "delay": delay_s}
+                                   if deps else "", "jobs": jobs, "delay": delay_s,
+                                   "fail_on_failed_dep": fail_on_failed_dep}
         if parent is not None:
             request["parent"] = {"ns": parent["namespace"], "params": json.dumps(parent["params"]),
                                  **({"retry_of": parent["retry_of"]} if parent.get("retry_of") else {})}

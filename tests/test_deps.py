@@ -45,15 +45,17 @@ def test_a_dependent_job_is_held_without_blocking_its_vm_then_runs(cluster: list
 
 
 def test_a_failed_dependency_fails_its_dependents_at_once_down_the_graph(cluster: list[WorkerProc],
-                                                                         client: RedisClient) -> None:
+                                                                         client: RedisClient,
+                                                                         base_settings: Settings) -> None:
     ns = client.settings.namespace
     run(client, Op.LAUNCH, "f[1-3]", memory_mib=32, disk_gib=0)
     run(client, Op.KILL, "f1")
-    [bad] = client.submit(ops(Op.PAUSE, ns, "f1"))  # fails: f1 is shut off
-    middle = client.submit(ops(Op.PAUSE, ns, "f[2-3]"), SubmitOptions(after=[bad.id]))
-    parent_id = middle[0].parent or 0
-    [last] = client.submit(ops(Op.REBOOT, ns, "f2"), SubmitOptions(after=[parent_id]))
-    [teardown] = client.submit(ops(Op.KILL, ns, "f3"), SubmitOptions(after_final=[parent_id]))
+    with vm_held(base_settings, ns, "f1"):  # the graph is whole before its first job can fail
+        [bad] = client.submit(ops(Op.PAUSE, ns, "f1"))  # fails: f1 is shut off
+        middle = client.submit(ops(Op.PAUSE, ns, "f[2-3]"), SubmitOptions(after=[bad.id]))
+        parent_id = middle[0].parent or 0
+        [last] = client.submit(ops(Op.REBOOT, ns, "f2"), SubmitOptions(after=[parent_id]))
+        [teardown] = client.submit(ops(Op.KILL, ns, "f3"), SubmitOptions(after_final=[parent_id]))
     done = client.wait([bad.id, *(j.id for j in middle), parent_id, last.id, teardown.id], timeout=30)
     states = [j.state for j in done]
     assert states == [JobState.FAILED] * 5 + [JobState.SUCCEEDED], done
@@ -66,6 +68,13 @@ def test_a_failed_dependency_fails_its_dependents_at_once_down_the_graph(cluster
 
     with pytest.raises(InvalidInput, match=f"job {bad.id} to wait for is already failed"):
         client.submit(ops(Op.PAUSE, ns, "f2"), SubmitOptions(after=[bad.id]))
+    # a graph submitted piece by piece (an experiment) asks for the failure instead of a refusal
+    late = client.submit(ops(Op.PAUSE, ns, "f[2-3]"), SubmitOptions(after=[bad.id], if_dependency_failed="fail"))
+    assert [j.state for j in late] == [JobState.FAILED] * 2 and late[0].attempts == 0
+    assert late[0].error is not None and late[0].error.message == f"dependency {bad.id} failed"
+    late_parent = client.job(late[0].parent or 0)
+    assert late_parent.state is JobState.FAILED and late_parent.children is not None
+    assert late_parent.children["failed"] == 2
     with pytest.raises(InvalidInput, match="launch jobs can't wait"):
         client.submit(ops(Op.LAUNCH, ns, "f9", memory_mib=32), SubmitOptions(after=[bad.id]))
 

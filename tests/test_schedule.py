@@ -213,3 +213,14 @@ def test_a_scheduler_whose_lock_was_lost_exits_to_be_restarted(client: RedisClie
         client.redis.delete(lock_key)
         assert proc.wait(timeout=20) == 1, (tmp_path / "s.log").read_text()[-2000:]
     assert "beat stopped unexpectedly" in (tmp_path / "s.log").read_text()
+
+
+def test_a_namespace_with_schedules_is_not_deleted(client: RedisClient) -> None:
+    ns = client.settings.namespace
+    client.create_namespace(ns, None)
+    client.add_schedule(ScheduleSpec(name="keep", namespace=ns, every="1h", command=["vm", "pause", "x"]))
+    with pytest.raises(InvalidInput, match="has schedules: keep"):
+        client.delete_namespace(ns, force=True)
+    client.remove_schedule(ns, "keep")
+    assert client.delete_namespace(ns, force=True) == []
+    client.finish_namespace_delete(ns)
