@@ -15,7 +15,7 @@ from orchestrator.errors import InvalidInput, VmorchError
 from orchestrator.names import check_namespace
 from orchestrator.settings import Settings
 
-from . import cluster, completion, hosts, jobs, namespaces, vms
+from . import cluster, completion, experiments, hosts, jobs, namespaces, schedules, vms
 from .context import State
 from .doctor import doctor
 from .render import error
@@ -32,6 +32,9 @@ app.add_typer(vms.app, name="vm")
 app.add_typer(jobs.app, name="job")
 app.add_typer(hosts.app, name="host")
 app.add_typer(namespaces.app, name="ns")
+app.add_typer(experiments.app, name="experiment")
+app.add_typer(schedules.app, name="schedule")
+app.command(name="scheduler")(schedules.scheduler)
 cluster.register(app)
 app.command()(doctor)
 

@@ -24,12 +24,22 @@ def show(ctx: typer.Context, job_id: JobId) -> None:
     st = state(ctx)
     job = st.client.job(job_id)
     events = st.client.events(job.namespace, vm=job.vm, job_id=job.id)
+    children = st.client.children(job.id) if job.is_parent else []
+    failed = [c for c in children if c.state is JobState.FAILED]
     if st.json:
-        render.dump_json({**job.model_dump(mode="json"), "events": [e.model_dump(mode="json") for e in events]})
-    else:
-        render.out.print(render.job_detail(job))
-        if events:
-            render.out.print(render.events_table(events))
+        extra = {"by_state": render.by_state(children), "failed": [c.model_dump(mode="json") for c in failed]} \
+            if job.is_parent else {}
+        render.dump_json({**job.model_dump(mode="json"), **extra,
+                          "events": [e.model_dump(mode="json") for e in events]})
+        return
+    render.out.print(render.job_detail(job))
+    if job.is_parent:
+        counts = render.by_state(children)
+        render.out.print("children: " + ", ".join(f"{n} {render.styled(s)}" for s, n in counts.items()))
+        if failed:
+            render.out.print(render.jobs_table(failed))
+    if events:
+        render.out.print(render.events_table(events))
 
 
 @app.command(name="list")
@@ -65,12 +75,36 @@ def wait(
 
 
 @app.command()
+def retry(ctx: typer.Context, job_id: JobId,
+          wait: Annotated[bool, typer.Option("--wait", "-w", help="wait until the new jobs are final")] = False,
+          ) -> None:
+    """Run a failed job again (a new job, linked by retry_of); for a parent job, only its failed
+    children, under a new parent."""
+    st = state(ctx)
+    jobs = st.client.retry(job_id)
+    parent = st.client.job(jobs[0].parent) if jobs[0].parent is not None else None
+    if wait:
+        jobs = wait_for(st.client, jobs, parent=parent)
+        parent = st.client.job(parent.id) if parent is not None else None
+    if st.json:
+        render.dump_json(jobs[0] if parent is None else [parent, *jobs])
+    else:
+        for job in ([parent] if parent else []) + jobs:
+            render.out.print(render.job_line(job))
+    if wait and render.any_failed(jobs):
+        raise typer.Exit(1)
+
+
+@app.command()
 def cancel(ctx: typer.Context, job_id: JobId) -> None:
-    """Cancel a job: at once if not started, at its next step if running."""
+    """Cancel a job: at once if not started, at its next step if running. For a parent job: its
+    children not yet started (running ones finish)."""
     st = state(ctx)
     job = st.client.cancel(job_id)
     if st.json:
         render.dump_json(job)
+    elif job.is_parent:
+        render.out.print(render.job_line(job))
     elif job.state is JobState.RUNNING:
         render.out.print(f"job {job.id} is running; it stops at its next step ({render.job_line(job)})")
     else:

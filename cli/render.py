@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -81,9 +82,25 @@ def took(job: Job) -> str:
     return "-"
 
 
+def by_state(jobs: Sequence[Job]) -> dict[str, int]:
+    """Counts by state, in the order of JobState, states with none left out."""
+    return {s.value: n for s in JobState if (n := sum(j.state is s for j in jobs))}
+
+
 def job_line(job: Job) -> str:
+    if job.is_parent and job.children is not None:
+        c = job.children
+        label = escape(str(job.params.get("label", "")))
+        line = (f"job {job.id} {styled(job.state.value)}: {'/'.join(job.params.get('ops', []))} "
+                f"{job.namespace}/{label} ({c['total']} jobs: {c['succeeded']} succeeded, "
+                f"{c['failed']} failed, {c['canceled']} canceled, {c['pending']} pending)")
+        return line + (f" - {job.error.message}" if job.error else "")
     what = f"{job.op.value} {job.namespace}/{job.vm}"
-    line = f"job {job.id} {styled(job.state.value)}: {what} (seq {job.seq}, host {job.host})"
+    where = f"seq {job.seq}, host {job.host}"
+    if job.held:
+        where = f"starts at {when(job.not_before)}" if job.not_before else \
+            f"waits for jobs {', '.join(map(str, job.after))}"
+    line = f"job {job.id} {styled(job.state.value)}: {what} ({where})"
     if job.error:
         line += f" - {job.error.code}: {job.error.message}"
         if job.error.hint:
@@ -99,7 +116,8 @@ def jobs_table(jobs: Sequence[Job]) -> Table:
         table.add_column(col, no_wrap=col != "ERROR")
     for j in jobs:
         error = f"{j.error.code}: {j.error.message}" if j.error else ""
-        table.add_row(str(j.id), j.op.value, j.vm, str(j.seq), j.host, styled(j.state.value), when(j.submitted_at),
+        vm = escape(f"({j.params.get('label', '')})") if j.is_parent else j.vm
+        table.add_row(str(j.id), j.op.value, vm, str(j.seq), j.host, styled(j.state.value), when(j.submitted_at),
                       when(j.started_at), when(j.finished_at), str(j.attempts), error)
     return table
 
@@ -114,6 +132,10 @@ def job_detail(job: Job) -> Table:
         ("started", _iso(job.started_at)), ("finished", _iso(job.finished_at)), ("took", took(job)),
         ("attempts", str(job.attempts)), ("params", json.dumps(job.params)),
     ]
+    links = [("parent", job.parent), ("retry of", job.retry_of)]
+    rows += [(k, str(v)) for k, v in links if v is not None]
+    if job.after:
+        rows.append(("after", ", ".join(map(str, job.after)) + (" (not all met yet)" if job.held else "")))
     if job.error:
         rows.append(("error", f"[red]{job.error.code}[/red]: {job.error.message}"))
     if job.result is not None:
@@ -189,6 +211,11 @@ def error(exc: VmorchError, *, as_json: bool) -> None:
 
 def any_failed(jobs: Sequence[Job]) -> bool:
     return any(j.state in (JobState.FAILED, JobState.CANCELED) for j in jobs)
+
+
+def iso(value: datetime | None) -> str:
+    """A full ISO 8601 UTC timestamp, or '-'."""
+    return _iso(value)
 
 
 def _iso(value: datetime | None) -> str:

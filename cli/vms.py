@@ -8,8 +8,9 @@ import typer
 
 from orchestrator.errors import InvalidInput, NotFound
 from orchestrator.names import check_name, check_tag, expand_target
-from orchestrator.operation import Op, Operation
+from orchestrator.operation import Op, Operation, SubmitOptions
 from orchestrator.records import HostState, Job
+from orchestrator.targets import resolve
 
 from . import completion, render
 from .context import state
@@ -18,29 +19,54 @@ from .waiting import wait as wait_for
 if TYPE_CHECKING:
     from orchestrator.client import Client
 
-app = typer.Typer(help="Operate on VMs. TARGET is a name or a range such as web[1-10].", no_args_is_help=True)
+app = typer.Typer(help="Operate on VMs. TARGET is a name, a list a,b or a range such as web[1-10]; "
+                       "--tag key=value selects VMs by their tags.", no_args_is_help=True)
 
-Target = Annotated[str, typer.Argument(help="a VM name, or a range such as web[1-10] or web[1,3,5-7]",
-                                        autocompletion=completion.vm_names)]
+NewTarget = Annotated[str, typer.Argument(help="a VM name, a list a,b, or a range such as web[1-10] or web[1,3,5-7]")]
+Target = Annotated[str | None, typer.Argument(
+    help="a VM name, a list a,b, or a range such as web[1-10] or web[1,3,5-7] (or none, with --tag)",
+    autocompletion=completion.vm_names)]
 VmName = Annotated[str, typer.Argument(help="VM name", autocompletion=completion.vm_names)]
+Select = Annotated[list[str] | None, typer.Option(
+    "--tag", "-t", help="only VMs with this tag key=value (repeatable: all must match)")]
+After = Annotated[str | None, typer.Option(
+    "--after", help="run only once these jobs succeeded: ID[,ID...] (fails if one of them fails)")]
 Wait = Annotated[bool, typer.Option("--wait", "-w", help="wait until the jobs are final; exit 1 if one failed")]
 
 
-def submit(ctx: typer.Context, op: Op, target: str, wait: bool, **params: Any) -> None:
+def submit(ctx: typer.Context, op: Op, target: str | None, wait: bool, *, select: list[str] | None = None,
+           after: str | None = None, **params: Any) -> None:
     st = state(ctx)
     params = {k: v for k, v in params.items() if v is not None}
-    ops = [Operation.build(op, st.namespace, name, **params) for name in expand_target(target)]
-    jobs = st.client.submit(ops)
+    names = resolve(st.client, st.namespace, target, parse_tags(select))
+    ops = [Operation.build(op, st.namespace, name, **params) for name in names]
+    label = target or ",".join(select or [])
+    jobs = st.client.submit(ops, SubmitOptions(after=parse_ids(after), label=label))
     warn_down_hosts(st.client, jobs, st.settings.host_down_deadline)
+    parent = st.client.job(jobs[0].parent) if jobs[0].parent is not None else None
     if wait:
-        jobs = wait_for(st.client, jobs)
+        jobs = wait_for(st.client, jobs, parent=parent)
+        parent = st.client.job(parent.id) if parent is not None else None
     if st.json:
         render.dump_json(jobs[0] if len(jobs) == 1 else jobs)
     else:
+        if parent is not None:
+            render.out.print(render.job_line(parent))
         for job in jobs:
             render.out.print(render.job_line(job))
     if wait and render.any_failed(jobs):
         raise typer.Exit(1)
+
+
+def parse_ids(value: str | None) -> list[int]:
+    ids = []
+    for part in (value or "").split(","):
+        if not part.strip():
+            continue
+        if not part.strip().isdigit():
+            raise InvalidInput(f"bad job id {part!r} in --after", hint="write --after ID[,ID...], e.g. --after 12,13")
+        ids.append(int(part))
+    return ids
 
 
 def warn_down_hosts(client: Client, jobs: list[Job], deadline: float) -> None:
@@ -63,7 +89,7 @@ def parse_tags(pairs: list[str] | None) -> dict[str, str]:
 
 @app.command()
 def launch(
-    ctx: typer.Context, target: Target,
+    ctx: typer.Context, target: NewTarget,
     memory: Annotated[int, typer.Option("--memory", "-m", help="memory in MiB")] = 128,
     vcpus: Annotated[int, typer.Option("--vcpus", "-c", help="virtual CPUs")] = 1,
     disk: Annotated[int, typer.Option("--disk", help="size in GiB of the qcow2 disk vmorch creates (0: none)")] = 1,
@@ -95,8 +121,9 @@ def launch(
 
 
 def _simple(op: Op, doc: str) -> None:
-    def command(ctx: typer.Context, target: Target, wait: Wait = False) -> None:
-        submit(ctx, op, target, wait)
+    def command(ctx: typer.Context, target: Target = None, select: Select = None, after: After = None,
+                wait: Wait = False) -> None:
+        submit(ctx, op, target, wait, select=select, after=after)
 
     command.__doc__ = doc
     app.command(name=op.value)(command)
@@ -112,38 +139,43 @@ _simple(Op.DELETE, "Delete VMs: power off, undefine, remove the storage vmorch c
 
 @app.command()
 def stop(
-    ctx: typer.Context, target: Target,
+    ctx: typer.Context, target: Target = None, select: Select = None, after: After = None,
     force: Annotated[bool, typer.Option("--force", help="power off when the guest doesn't shut down in time")] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="seconds to wait for a graceful shutdown")] = 60.0,
     wait: Wait = False,
 ) -> None:
     """Shut VMs down gracefully (ACPI), optionally forcing them off after the timeout."""
-    submit(ctx, Op.STOP, target, wait, force=force, timeout_s=timeout)
+    submit(ctx, Op.STOP, target, wait, select=select, after=after, force=force, timeout_s=timeout)
 
 
 @app.command(name="set")
 def set_(
-    ctx: typer.Context, target: Target,
+    ctx: typer.Context, target: Target = None, select: Select = None, after: After = None,
     memory: Annotated[int | None, typer.Option("--memory", "-m", help="memory in MiB")] = None,
     vcpus: Annotated[int | None, typer.Option("--vcpus", "-c", help="virtual CPUs")] = None,
     wait: Wait = False,
 ) -> None:
     """Change memory or vCPUs: always in the definition, live too where libvirt allows."""
-    submit(ctx, Op.SET, target, wait, memory_mib=memory, vcpus=vcpus)
+    submit(ctx, Op.SET, target, wait, select=select, after=after, memory_mib=memory, vcpus=vcpus)
 
 
 @app.command()
 def snapshot(ctx: typer.Context, target: Target, name: Annotated[str, typer.Argument(help="snapshot name")],
-             wait: Wait = False) -> None:
-    """Take a snapshot of VMs."""
-    submit(ctx, Op.SNAPSHOT, target, wait, name=name)
+             select: Select = None, after: After = None, wait: Wait = False) -> None:
+    """Take a snapshot of VMs (TARGET is required here: use a range, or '-' with --tag)."""
+    submit(ctx, Op.SNAPSHOT, _dash(target), wait, select=select, after=after, name=name)
 
 
 @app.command()
 def revert(ctx: typer.Context, target: Target, name: Annotated[str, typer.Argument(help="snapshot name")],
-           wait: Wait = False) -> None:
-    """Revert VMs to a snapshot."""
-    submit(ctx, Op.REVERT, target, wait, name=name)
+           select: Select = None, after: After = None, wait: Wait = False) -> None:
+    """Revert VMs to a snapshot (TARGET is required here: use a range, or '-' with --tag)."""
+    submit(ctx, Op.REVERT, _dash(target), wait, select=select, after=after, name=name)
+
+
+def _dash(target: str | None) -> str | None:
+    """'-' stands for "no TARGET" where a positional argument follows it."""
+    return None if target == "-" else target
 
 
 @app.command()
@@ -151,21 +183,22 @@ def tag(
     ctx: typer.Context, target: Target,
     pairs: Annotated[list[str] | None, typer.Argument(help="key=value to set")] = None,
     remove: Annotated[list[str] | None, typer.Option("--remove", "-r", help="tag key to remove, repeatable")] = None,
-    wait: Wait = False,
+    select: Select = None, after: After = None, wait: Wait = False,
 ) -> None:
-    """Set or remove tags."""
-    submit(ctx, Op.TAG, target, wait, set=parse_tags(pairs), remove=remove or [])
+    """Set or remove tags (select VMs by their tags with TARGET '-' and --tag)."""
+    submit(ctx, Op.TAG, _dash(target), wait, select=select, after=after, set=parse_tags(pairs), remove=remove or [])
 
 
 @app.command()
 def move(
-    ctx: typer.Context, target: Target,
+    ctx: typer.Context,
     to: Annotated[str, typer.Option("--to", help="the host to move to")],
+    target: Target = None, select: Select = None,
     live: Annotated[bool, typer.Option("--live", help="live migration (needs libvirtd on both hosts)")] = False,
     wait: Wait = False,
 ) -> None:
     """Move shut-off VMs to another host: definition and disk go along (two jobs: out, then in)."""
-    submit(ctx, Op.MOVE_OUT, target, wait, to=to, live=live)
+    submit(ctx, Op.MOVE_OUT, target, wait, select=select, to=to, live=live)
 
 
 @app.command(name="list")

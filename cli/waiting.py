@@ -13,19 +13,22 @@ if TYPE_CHECKING:
     from orchestrator.client import Client
 
 
-def wait(client: Client, jobs: Sequence[Job], *, timeout: float | None = None) -> list[Job]:
+def wait(client: Client, jobs: Sequence[Job], *, timeout: float | None = None, parent: Job | None = None) -> list[Job]:
+    """Follow ``jobs`` (a bulk command's children, with their ``parent``) to their final states."""
     # imported here: only '--wait' needs it (start-up time of every other command)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     ids = [j.id for j in jobs]
+    prefix = f"job {parent.id} ({len(ids)} jobs): " if parent is not None else ""
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn()]
     # Only on a terminal: piped, a progress display is noise (and leaves a blank line behind).
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
-        task = progress.add_task(_describe(jobs), total=len(ids))
+        task = progress.add_task(prefix + _describe(jobs), total=len(ids))
 
         def update(current: list[Job]) -> None:
-            progress.update(task, completed=sum(j.state.final for j in current), description=_describe(current))
+            progress.update(task, completed=sum(j.state.final for j in current),
+                            description=prefix + _describe(current))
 
         return client.wait(ids, timeout=timeout, on_update=update)
 

@@ -10,20 +10,24 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.exceptions import RedisError
 
-from . import keys, placement
-from .errors import AlreadyExists, ClusterUnavailable, ExecError, InvalidInput, NotFound
-from .locks import LockManager, cmd_lock, host_lock, vms_lock
+from . import deps, experiment, keys, placement, targets
+from .errors import AlreadyExists, ClusterUnavailable, ExecError, InvalidInput, NotFound, VmorchError
+from .locks import LockManager, LockName, cmd_lock, host_lock, vms_lock
 from .names import check_namespace
-from .operation import LaunchParams, MoveOutParams, Op, Operation
+from .operation import LaunchParams, MoveOutParams, Op, Operation, SubmitOptions
 from .records import Event, Host, HostState, Job, JobState, Namespace, Vm
 from .redisconn import connect, ping
+from .runs import ExperimentRun, RunStep, RunStore, derive_state
+from .schedules import Schedule, ScheduleSpec, ScheduleStore
+from .schedules import lock as schedule_lock
 from .settings import Settings
-from .store import Store, Submitted
+from .store import BatchEntry, Store, Submitted
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -32,7 +36,17 @@ OnUpdate = Callable[[list[Job]], None]
 
 
 class Client(Protocol):
-    def submit(self, ops: Sequence[Operation]) -> list[Job]: ...
+    def submit(self, ops: Sequence[Operation], options: SubmitOptions | None = None) -> list[Job]: ...
+    def children(self, job_id: int) -> list[Job]: ...
+    def retry(self, job_id: int) -> list[Job]: ...
+    def run_experiment(self, text: str, *, namespace: str, source: str = "") -> ExperimentRun: ...
+    def experiment_run(self, run_id: int) -> ExperimentRun: ...
+    def experiment_runs(self, namespace: str, *, limit: int = 20) -> list[ExperimentRun]: ...
+    def add_schedule(self, spec: ScheduleSpec) -> Schedule: ...
+    def schedule(self, namespace: str, name: str, *, history: int = 10) -> Schedule: ...
+    def schedules(self, namespace: str) -> list[Schedule]: ...
+    def pause_schedule(self, namespace: str, name: str, paused: bool) -> Schedule: ...
+    def remove_schedule(self, namespace: str, name: str) -> None: ...
     def job(self, job_id: int) -> Job: ...
     def jobs(self, namespace: str, *, vm: str | None = None, state: JobState | None = None,
              op: Op | None = None, limit: int = 50) -> list[Job]: ...
@@ -65,6 +79,8 @@ class RedisClient:
         self.redis = connect(self.url, retries=2)
         ping(self.redis, self.url)
         self.store = Store(self.redis, host_down_after=settings.host_down_after)
+        self.runs = RunStore(self.redis)
+        self._schedule_store: ScheduleStore | None = None
         self._locks: LockManager | None = None
         self._celery: Celery | None = None
         self._local = threading.local()
@@ -86,14 +102,65 @@ class RedisClient:
 
     # -- submitting ---------------------------------------------------------------------
 
-    def submit(self, ops: Sequence[Operation]) -> list[Job]:
-        """Accept operations: all of them or, on bad input, none."""
+    def submit(self, ops: Sequence[Operation], options: SubmitOptions | None = None) -> list[Job]:
+        """Accept operations: all of them (with their parent job and dependencies) or, on bad input, none.
+
+        Returns the jobs, in the order of ``ops``; with a parent, each carries its id in ``parent``.
+        """
+        return self._submit(list(ops), options or SubmitOptions())
+
+    def _submit(self, ops: list[Operation], opts: SubmitOptions,
+                retry_of: Sequence[int | None] | None = None) -> list[Job]:
+        if not ops:
+            raise InvalidInput("no VM to operate on", hint="give a name, a range such as web[1-3], or --tag")
+        after = deps.edges(opts.after, opts.after_final, (o.op for o in ops), opts.delay_s)
+        self._refuse_bad(ops)
+        make_parent = opts.parent if opts.parent is not None else len(ops) > 1
+        parent = None
+        if make_parent:
+            namespaces = sorted({o.namespace for o in ops})
+            parent = {"namespace": namespaces[0], "retry_of": opts.retry_of,
+                      "params": {"ops": sorted({o.op.value for o in ops}), "label": opts.label or _label(ops)}}
+        retries = list(retry_of) if retry_of is not None else [None] * len(ops)
+        if retry_of is None and not make_parent:
+            retries = [opts.retry_of] * len(ops)
+        launches = [o for o in ops if o.op is Op.LAUNCH]
+        moves = [o for o in ops if o.op is Op.MOVE_OUT]
+        with self._placement_locks(launches, moves) as candidates:
+            chosen = self._place_launches(launches, candidates)
+            sources = {(o.namespace, o.vm): self._place_move(o) for o in moves}  # LOCK: cmd, hosts
+            entries = []
+            for op, again in zip(ops, retries, strict=True):
+                if op.op is Op.LAUNCH:
+                    entries.append(BatchEntry(op, host=chosen[(op.namespace, op.vm)], retry_of=again))
+                elif op.op is Op.MOVE_OUT:
+                    p = op.params
+                    assert isinstance(p, MoveOutParams)
+                    entries.append(BatchEntry(op, host=p.to, source=sources[(op.namespace, op.vm)], retry_of=again))
+                else:
+                    entries.append(BatchEntry(op, retry_of=again))
+            _, submitted = self.store.submit_batch(entries, who=who(), parent=parent, after=after,  # LOCK: all
+                                                   delay_s=opts.delay_s,
+                                                   fail_on_failed_dep=opts.if_dependency_failed == "fail")
+        by_job = iter(submitted)
+        accepted: list[tuple[Submitted, Operation]] = []
+        for op in ops:
+            accepted.append((next(by_job), op))
+            if op.op is Op.MOVE_OUT:
+                accepted.append((next(by_job), op))
+        self._enqueue([(s, op) for s, op in accepted if s.seq])  # a held job is woken when released
+        return self.store.get_jobs(s.id for s, _ in accepted)
+
+    def _refuse_bad(self, ops: list[Operation]) -> None:
+        """Refuse the whole batch before accepting any of it (one round trip for all the names)."""
         if any(o.op is Op.MOVE_IN for o in ops):
             raise InvalidInput("move-in jobs are made by 'vm move'", hint="use 'vmorch vm move NAME --to HOST'")
-        launches = [o for o in ops if o.op is Op.LAUNCH]
+        names = [(o.namespace, o.vm) for o in ops if o.op is Op.LAUNCH]
+        if len(set(names)) < len(names):
+            raise InvalidInput("a VM is launched twice in one batch", hint="give each name once")
         others = [o for o in ops if o.op is not Op.LAUNCH]
         seen: set[tuple[str, str]] = set()
-        for op, exists in zip(others, self._exist(others, alone=not launches), strict=True):
+        for op, exists in zip(others, self._exist(others, alone=not names), strict=True):
             if not exists:
                 raise NotFound(f"no VM {op.vm!r} in namespace {op.namespace!r}",
                                hint="list VMs with 'vmorch vm list' (and check --namespace)")
@@ -101,11 +168,6 @@ class RedisClient:
                 # an earlier job of this batch on the same VM (a kill, say) is as good as a pending one
                 self._check_move(op, behind_others=(op.namespace, op.vm) in seen)
             seen.add((op.namespace, op.vm))
-        accepted = self._submit_launches(launches) if launches else []
-        for op in others:  # in the order given: it is the VMs' order
-            accepted += self._submit_move(op) if op.op is Op.MOVE_OUT else [(self.store.submit(op, who()), op)]
-        self._enqueue(accepted)
-        return self.store.get_jobs(s.id for s, _ in accepted)
 
     def _exist(self, ops: list[Operation], *, alone: bool) -> list[bool]:
         """Whether each operation's VM exists: the whole batch is refused before any of it is accepted.
@@ -119,20 +181,83 @@ class RedisClient:
             pipe.sismember(keys.vms(op.namespace), op.vm)
         return [bool(e) for e in pipe.execute()]
 
-    def _submit_launches(self, ops: list[Operation]) -> list[tuple[Submitted, Operation]]:
+    @contextmanager
+    def _placement_locks(self, launches: list[Operation], moves: list[Operation]) -> Iterator[set[str]]:
+        """cmd: the name reservation and placement decision; vms: the registry write; host:*: the
+        reservations on every candidate, so placements in other namespaces can't race for the same room.
+        A move: cmd for the placement decision, both hosts for the reservation and the hand-over."""
+        names: list[LockName] = []
         by_ns: dict[str, list[Operation]] = defaultdict(list)
-        for op in ops:
+        for op in launches:
             by_ns[op.namespace].append(op)
-        out: list[tuple[Submitted, Operation]] = []
-        for ns, batch in sorted(by_ns.items()):
-            # cmd: the name reservation and placement decision; vms: the registry write; host:*: the
-            # reservations on every candidate, so placements in other namespaces can't race for the same room.
+        all_candidates: set[str] = set()
+        for ns, batch in by_ns.items():
             candidates = self._candidate_hosts(ns, batch)
-            host_locks = [host_lock(name) for name in candidates]
-            with self.locks.hold(cmd_lock(ns), vms_lock(ns), *host_locks, timeout=self.settings.submit_lock_timeout):
-                chosen = self._plan(ns, batch, locked=set(candidates))
-                out += [(self.store.submit_launch(op, chosen[op.vm], who()), op) for op in batch]  # LOCK: all
+            all_candidates |= set(candidates)
+            names += [cmd_lock(ns), vms_lock(ns), *(host_lock(h) for h in candidates)]
+        for op in moves:
+            p = op.params
+            assert isinstance(p, MoveOutParams)
+            names += [cmd_lock(op.namespace), host_lock(self.store.get_vm(op.namespace, op.vm).host), host_lock(p.to)]
+        if not names:
+            yield all_candidates
+            return
+        with self.locks.hold(*names, timeout=self.settings.submit_lock_timeout):
+            yield all_candidates
+
+    def _place_launches(self, launches: list[Operation], locked: set[str]) -> dict[tuple[str, str], str]:
+        """# LOCK: the caller holds the locks of ``_placement_locks``."""
+        by_ns: dict[str, list[Operation]] = defaultdict(list)
+        for op in launches:
+            by_ns[op.namespace].append(op)
+        out: dict[tuple[str, str], str] = {}
+        for ns, batch in sorted(by_ns.items()):
+            for vm, host in self._plan(ns, batch, locked=locked).items():
+                out[(ns, vm)] = host
         return out
+
+    def _place_move(self, op: Operation) -> str:
+        """Check the target has room for the VM; returns its current host.
+
+        # LOCK: the caller holds cmd:<ns> and both hosts' locks.
+        """
+        p = op.params
+        assert isinstance(p, MoveOutParams)
+        ns = op.namespace
+        vm = self.store.get_vm(ns, op.vm, as_stored=True)
+        info = self.store.namespace(ns)
+        allowed = set(info.hosts) if info is not None and info.hosts else None
+        limits = placement.Limits(self.settings.memory_allocation_ratio, self.settings.cpu_allocation_ratio)
+        placement.plan([placement.Request(vm.name, vm.memory_mib, vm.vcpus, host=p.to)],
+                       [h for h in self.store.hosts() if h.name == p.to], allowed=allowed, limits=limits)
+        return vm.host
+
+    # -- parents, retries -----------------------------------------------------------------
+
+    def children(self, job_id: int) -> list[Job]:
+        """The children of a parent job, oldest first (empty for any other job)."""
+        self.store.get_job(job_id)  # NotFound
+        return self.store.children(job_id)
+
+    def retry(self, job_id: int) -> list[Job]:
+        """Run a failed job again as a new job (``retry_of``); for a parent, its failed children,
+        under a new parent (the old one's final state stays what it was: history is not rewritten)."""
+        job = self.store.get_job(job_id)
+        if not job.state.final:
+            raise InvalidInput(f"job {job_id} is {job.state.value}; only a final job can be retried",
+                               hint=f"wait for it ('vmorch job wait {job_id}') or cancel it")
+        if job.is_parent:
+            failed = [c for c in self.store.children(job_id) if c.state is JobState.FAILED]
+            if not failed:
+                raise InvalidInput(f"no failed job under job {job_id}", hint=f"see 'vmorch job show {job_id}'")
+            ops = [_again(c) for c in failed]
+            label = str(job.params.get("label") or "")
+            return self._submit(ops, SubmitOptions(parent=True, label=label, retry_of=job_id),
+                                retry_of=[c.id for c in failed])
+        if job.state is JobState.SUCCEEDED:
+            raise InvalidInput(f"job {job_id} succeeded; there is nothing to retry",
+                               hint="submit the operation again to run it again")
+        return self._submit([_again(job)], SubmitOptions(parent=False, retry_of=job_id))
 
     def _candidate_hosts(self, ns: str, batch: list[Operation]) -> list[str]:
         """The hosts a batch could land on, to lock (before locking: placement re-checks under the locks).
@@ -209,23 +334,6 @@ class RedisClient:
                                hint="stop it first ('vmorch vm stop NAME --force'), or move it --live")
         return vm
 
-    def _submit_move(self, op: Operation) -> list[tuple[Submitted, Operation]]:
-        p = op.params
-        assert isinstance(p, MoveOutParams)
-        ns = op.namespace
-        vm = self._check_move(op)
-        # cmd: a placement decision; both hosts: the reservation on the target, the hand-over between them.
-        with self.locks.hold(cmd_lock(ns), host_lock(vm.host), host_lock(p.to),
-                             timeout=self.settings.submit_lock_timeout):
-            vm = self.store.get_vm(ns, op.vm, as_stored=True)
-            info = self.store.namespace(ns)
-            allowed = set(info.hosts) if info is not None and info.hosts else None
-            limits = placement.Limits(self.settings.memory_allocation_ratio, self.settings.cpu_allocation_ratio)
-            placement.plan([placement.Request(vm.name, vm.memory_mib, vm.vcpus, host=p.to)],
-                           [h for h in self.store.hosts() if h.name == p.to], allowed=allowed, limits=limits)
-            out, into = self.store.submit_move(op, p.to, vm.host, who())  # LOCK: cmd, host:source, host:target
-        return [(out, op), (into, op)]
-
     def plan(self, ops: Sequence[Operation]) -> dict[str, str]:
         """Where launches would go, changing nothing (``vm launch --dry-run``)."""
         out: dict[str, str] = {}
@@ -235,6 +343,98 @@ class RedisClient:
         for ns, batch in sorted(by_ns.items()):
             out.update(self._plan(ns, batch))
         return out
+
+    # -- experiments ------------------------------------------------------------------------
+
+    def run_experiment(self, text: str, *, namespace: str, source: str = "") -> ExperimentRun:
+        """Run an experiment file (its YAML text) as a job graph and record the run.
+
+        Each step is accepted whole or not at all; if a later step is refused (a target that
+        matches no VM, say), the steps already accepted are canceled before the error is raised.
+        """
+        exp = experiment.load(text)
+        ns = exp.namespace or namespace
+        steps: list[RunStep] = []
+        try:
+            if exp.vms:
+                launches = [Operation.build(Op.LAUNCH, ns, n, **spec.launch_params())
+                            for spec in exp.vms for n in spec.names()]
+                steps.append(RunStep(name="launch", kind="launch",
+                                     job=self._submit_step(launches, f"{exp.name}: launch")))
+            ids = {s.name: s.job for s in steps}
+            previous = [s.name for s in steps]
+            for i, step in enumerate(exp.steps):
+                name = experiment.step_name(step, i)
+                after = step.after if step.after is not None else previous
+                job = self._submit_step(self._step_ops(ns, step), f"{exp.name}: {name}",
+                                        SubmitOptions(after=[ids[a] for a in after], delay_s=step.wait_s,
+                                                      if_dependency_failed="fail"))
+                steps.append(RunStep(name=name, kind="step", job=job, after=after))
+                ids[name], previous = job, [name]
+            before_teardown = list(ids.values())
+            for i, step in enumerate(exp.teardown_steps()):
+                name = experiment.step_name(step, i, "teardown")
+                # final, not succeeded: a teardown runs whatever became of the steps before it
+                job = self._submit_step(self._step_ops(ns, step), f"{exp.name}: {name}",
+                                        SubmitOptions(after_final=before_teardown, delay_s=step.wait_s))
+                steps.append(RunStep(name=name, kind="teardown", job=job, after=list(ids)))
+                ids[name] = job
+                before_teardown = [*before_teardown, job]
+        except VmorchError:
+            for s in steps:
+                self.cancel(s.job)
+            raise
+        run_id = self.runs.save(name=exp.name, namespace=ns, source=source, text=text, by=who(), steps=steps)
+        return self.experiment_run(run_id)
+
+    def _step_ops(self, ns: str, step: experiment.Step) -> list[Operation]:
+        names = targets.resolve(self, ns, step.target, step.tag)
+        return [Operation.build(step.op, ns, n, **step.params) for n in names]
+
+    def _submit_step(self, ops: list[Operation], label: str, options: SubmitOptions | None = None) -> int:
+        opts = (options or SubmitOptions()).model_copy(update={"parent": True, "label": label})
+        parent = self.submit(ops, opts)[0].parent
+        assert parent is not None
+        return parent
+
+    def experiment_run(self, run_id: int) -> ExperimentRun:
+        run = self.runs.get(run_id)
+        jobs = self.store.get_jobs(s.job for s in run.steps)
+        by_id = {j.id: j for j in jobs}
+        return run.model_copy(update={"jobs": {s.name: by_id[s.job] for s in run.steps if s.job in by_id},
+                                      "state": derive_state(jobs)})
+
+    def experiment_runs(self, namespace: str, *, limit: int = 20) -> list[ExperimentRun]:
+        return [self.experiment_run(i) for i in self.runs.ids(namespace, limit)]
+
+    # -- schedules ----------------------------------------------------------------------
+
+    @property
+    def _schedules(self) -> ScheduleStore:
+        if self._schedule_store is None:
+            self._schedule_store = ScheduleStore(self)
+        return self._schedule_store
+
+    def add_schedule(self, spec: ScheduleSpec) -> Schedule:
+        with self.locks.hold(schedule_lock(spec.namespace, spec.name), timeout=self.settings.submit_lock_timeout):
+            self._schedules.add(spec, who())  # LOCK: schedule
+        return self.schedule(spec.namespace, spec.name)
+
+    def schedule(self, namespace: str, name: str, *, history: int = 10) -> Schedule:
+        return self._schedules.get(namespace, name, history=history)
+
+    def schedules(self, namespace: str) -> list[Schedule]:
+        store = self._schedules
+        return [store.get(namespace, n, history=1) for n in store.names(namespace)]
+
+    def pause_schedule(self, namespace: str, name: str, paused: bool) -> Schedule:
+        with self.locks.hold(schedule_lock(namespace, name), timeout=self.settings.submit_lock_timeout):
+            self._schedules.set_paused(namespace, name, paused)  # LOCK: schedule
+        return self.schedule(namespace, name)
+
+    def remove_schedule(self, namespace: str, name: str) -> None:
+        with self.locks.hold(schedule_lock(namespace, name), timeout=self.settings.submit_lock_timeout):
+            self._schedules.remove(namespace, name)  # LOCK: schedule
 
     # -- namespaces ---------------------------------------------------------------------
 
@@ -262,6 +462,10 @@ class RedisClient:
             info = self.store.namespace(name)
             if info is None:
                 raise NotFound(f"no namespace {name!r}", hint="see 'vmorch ns list'")
+            scheduled = self._schedules.names(name)
+            if scheduled:  # they would fire into a namespace that is gone
+                raise InvalidInput(f"namespace {name!r} has schedules: {', '.join(scheduled)}",
+                                   hint=f"remove them first ('vmorch -n {name} schedule remove NAME')")
             names = self.store.vm_names(name)
             if names and not force:
                 raise InvalidInput(f"namespace {name!r} has {len(names)} VMs",
@@ -287,7 +491,7 @@ class RedisClient:
             try:
                 enqueue(self.celery, s.host, op.namespace, op.vm, s.id)
             except Exception as exc:  # the broker refused: the job must not stay queued forever
-                self.store.fail_unsent(s, f"could not enqueue: {exc}")
+                deps.wake(self.celery, self.store, self.store.fail_unsent(s, f"could not enqueue: {exc}"))
 
     # -- reading ------------------------------------------------------------------------
 
@@ -315,7 +519,13 @@ class RedisClient:
         return self.store.events(namespace, vm=vm, job_id=job_id, limit=limit)
 
     def cancel(self, job_id: int) -> Job:
-        self.store.cancel(job_id, who())
+        """Cancel a job; for a parent, its children not yet started (running ones carry on)."""
+        job = self.store.get_job(job_id)
+        targets = [c.id for c in self.store.children(job_id) if c.state in (JobState.QUEUED, JobState.WAITING)] \
+            if job.is_parent else [job_id]
+        for target in targets:
+            _, released = self.store.cancel(target, who())
+            deps.wake(self.celery, self.store, released)
         return self.store.get_job(job_id)
 
     def wait(self, ids: Sequence[int], *, timeout: float | None = None, on_update: OnUpdate | None = None) -> list[Job]:
@@ -385,6 +595,18 @@ def _check_live(source: Host, target: Host, vm: Vm) -> None:
 
 
 _FINAL = frozenset(s.value for s in JobState if s.final)
+
+
+def _label(ops: Sequence[Operation]) -> str:
+    names = [o.vm for o in ops]
+    return ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]} ({len(names)} VMs)"
+
+
+def _again(job: Job) -> Operation:
+    if not isinstance(job.op, Op) or job.op in (Op.MOVE_OUT, Op.MOVE_IN):
+        raise InvalidInput(f"job {job.id} ({job.op.value}) can't be retried as it is",
+                           hint="move the VM again with 'vmorch vm move'")
+    return Operation.build(job.op, job.namespace, job.vm, **job.params)
 
 
 def _drain_updates(pubsub: Any, wait: float) -> dict[int, str]:

@@ -8,6 +8,14 @@ key                             type     holds
 P:job:next                      string   the last job id handed out (INCR)
 P:job:<id>                      hash     one job record
 P:jobs:<ns>                     zset     job ids of a namespace, score = id
+P:job:<id>:children             zset     a parent job's children, score = id
+P:job:<id>:dependents           hash     jobs waiting for this one: id -> "ok" (needs it
+                                         succeeded) or "final" (any final state)
+P:delayed                       zset     held jobs whose dependencies are met, waiting out a
+                                         delay, score = when they start (a janitor releases them)
+P:released                      zset     jobs whose dependencies were just met, score = when;
+                                         removed once their wake-up is sent (the janitor
+                                         re-sends those left behind by a crash)
 P:ns                            set      the namespaces
 P:namespace:<ns>                hash     a namespace: its hosts (JSON list; empty = all), state
 P:vms:<ns>                      set      the VM registry of a namespace (names)
@@ -21,6 +29,15 @@ P:host:<name>                   hash     one host record (heartbeat, capacity, p
 P:host:<name>:vms               set      "<ns>/<name>" of the VMs placed on that host
 P:transfer:<job id>             hash     a VM on its way to another host: definition, disk size
 P:transfer:<job id>:disk        list     its disk, in chunks (deleted once imported; expires)
+P:run:next                      string   the last experiment run id handed out (INCR)
+P:run:<id>                      hash     one experiment run: its file, its steps' parent jobs
+P:runs:<ns>                     zset     experiment run ids of a namespace, score = id
+P:schedules:<ns>                set      schedule names of a namespace
+P:schedule:<ns>:<name>          hash     a schedule: when, what (an experiment's text or a vm
+                                         command), paused, missed-slot policy, last slot fired
+P:schedule:<ns>:<name>:history  list     its firings, newest first (JSON: slot, jobs, run, error)
+P:redbeat:<ns>/<name>           hash     celery-redbeat's entry of a schedule (RedBeat's own)
+P:redbeat::schedule, ::lock     zset,str RedBeat's due times, and the active scheduler's lock
 P:events:<ns>                   stream   history: every job state change and VM change
 P:fence:<lock name>             string   the lock's fencing counter (INCR on every acquire)
 P:updates                       pubsub   channel: "<job id> <state>" on every job change
@@ -41,10 +58,49 @@ JOB_NEXT = f"{PREFIX}:job:next"
 NAMESPACES = f"{PREFIX}:ns"
 HOSTS = f"{PREFIX}:hosts"
 UPDATES = f"{PREFIX}:updates"
+RELEASED = f"{PREFIX}:released"
+DELAYED = f"{PREFIX}:delayed"
 
 
 def job(job_id: int) -> str:
     return f"{PREFIX}:job:{job_id}"
+
+
+def job_children(job_id: int) -> str:
+    return f"{job(job_id)}:children"
+
+
+def job_dependents(job_id: int) -> str:
+    return f"{job(job_id)}:dependents"
+
+
+RUN_NEXT = f"{PREFIX}:run:next"
+
+
+def run(run_id: int) -> str:
+    return f"{PREFIX}:run:{run_id}"
+
+
+def runs(namespace: str) -> str:
+    return f"{PREFIX}:runs:{namespace}"
+
+
+def schedules(namespace: str) -> str:
+    return f"{PREFIX}:schedules:{namespace}"
+
+
+def schedule(namespace: str, name: str) -> str:
+    return f"{PREFIX}:schedule:{namespace}:{name}"
+
+
+def schedule_history(namespace: str, name: str) -> str:
+    return f"{schedule(namespace, name)}:history"
+
+
+#: celery-redbeat's key prefix (its entries are ``<prefix><ns>/<name>``)
+REDBEAT_PREFIX = f"{PREFIX}:redbeat:"
+#: the queue of schedule firings, consumed by ``vmorch scheduler``
+SCHEDULE_QUEUE = f"{PREFIX}.schedules"
 
 
 def namespace(name: str) -> str:
@@ -106,6 +162,8 @@ def queue(host_name: str) -> str:
     return f"host.{host_name}"
 
 
+#: for Lua scripts that derive any key (``P:``): a batch touches keys it can only name once it runs
+KEY_PREFIX = f"{PREFIX}:"
 #: for Lua scripts that derive a host's key from its name
 HOST_PREFIX = f"{PREFIX}:host:"
 #: for Lua scripts that derive a job's key from its id (vmorch targets a single Redis, not Redis Cluster)

@@ -70,7 +70,28 @@ Namespace = Annotated[str, AfterValidator(_as_value_error(check_namespace))]
 
 
 def expand_target(target: str) -> list[str]:
-    """``web[1-3,7]`` -> ``[web1, web2, web3, web7]``; a plain name -> ``[name]`` (minimega's syntax)."""
+    """minimega's syntax: ``web[1-3,7]`` -> ``[web1, web2, web3, web7]``; a plain name -> ``[name]``;
+    a comma-separated list of those (``db1,web[1-2]``) -> all of them, in order, once each."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(target):
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            parts.append(target[start:i])
+            start = i + 1
+    parts.append(target[start:])
+    if len(parts) == 1:
+        return _expand_one(target)
+    names: list[str] = []
+    for part in parts:
+        if not part.strip():
+            raise InvalidInput(f"empty name in {target!r}", hint="separate names with single commas: a,b,web[1-3]")
+        names.extend(_expand_one(part.strip()))
+        if len(names) > MAX_TARGETS:
+            raise InvalidInput(f"target {target!r} names more than {MAX_TARGETS} VMs", hint="split it")
+    return list(dict.fromkeys(names))
+
+
+def _expand_one(target: str) -> list[str]:
     match = _RANGE.match(target)
     if match is None:
         if "[" in target or "]" in target:

@@ -7,7 +7,7 @@ beside it (``orchestrator.job``) is its execution record.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
@@ -203,3 +203,24 @@ def invalid_input(exc: ValidationError) -> InvalidInput:
 
 
 __all__ = ["PARAMS", "Op", "Operation", "Params", "check_name"]
+
+
+class SubmitOptions(BaseModel):
+    """How a batch of operations is accepted (plain JSON, as the HTTP API takes it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    #: run only once these jobs succeeded; fail at once ("dependency <id> failed") if one does not
+    after: list[int] = Field(default_factory=list)
+    #: run once these jobs are final, whatever their state (a teardown)
+    after_final: list[int] = Field(default_factory=list)
+    #: one parent job over the batch; None: when it has more than one operation
+    parent: bool | None = None
+    #: what the parent covers, for people (the command's target); default: made from the VM names
+    label: str = Field(default="", max_length=200)
+    #: the job these re-run (``job retry``)
+    retry_of: int | None = None
+    #: once their dependencies are met (or at once), wait this many seconds for their turn
+    delay_s: float = Field(default=0.0, ge=0, le=7 * 86400)
+    #: a job of ``after`` that already failed: "refuse" the batch, or "fail" its jobs at once (a graph
+    #: submitted piece by piece, whose first piece may fail before the last is accepted)
+    if_dependency_failed: Literal["refuse", "fail"] = "refuse"

@@ -33,6 +33,12 @@ class JobState(StrEnum):
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
 
 
+class BulkOp(StrEnum):
+    """The op of a parent job: it runs nothing itself, its children do."""
+
+    BULK = "bulk"
+
+
 class VmState(StrEnum):
     RUNNING = "running"
     PAUSED = "paused"
@@ -74,7 +80,7 @@ class JobError(BaseModel):
 
 class Job(_Record):
     id: int
-    op: Op
+    op: Op | BulkOp
     namespace: str
     vm: str
     host: str
@@ -89,12 +95,36 @@ class Job(_Record):
     params: dict[str, Any]
     #: who asked to cancel this job while it was running (it stops at its next step)
     cancel_requested_by: str | None = None
+    #: the parent job of a bulk command's child
+    parent: int | None = None
+    #: a parent's children by state: total, pending (not final yet), succeeded, failed, canceled
+    children: dict[str, int] | None = None
+    #: the jobs this one waits for (``--after``); it is held out of its VM's order until they are met
+    after: list[int] = []
+    #: the job this one re-runs (``job retry``)
+    retry_of: int | None = None
+    #: a delayed job (an experiment step's ``wait:``) starts at this time, once its dependencies are met
+    not_before: datetime | None = None
+
+    @property
+    def is_parent(self) -> bool:
+        return self.op is BulkOp.BULK
+
+    @property
+    def held(self) -> bool:
+        """Queued, but waiting for its dependencies (it has no place in its VM's order yet)."""
+        return self.state is JobState.QUEUED and self.seq == 0 and not self.is_parent
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Job:
+        children = None
+        if h["op"] == BulkOp.BULK:
+            n = {k: int(h.get(f"n_{k}") or 0) for k in ("total", "final", "succeeded", "failed", "canceled")}
+            children = {"total": n["total"], "pending": n["total"] - n["final"], "succeeded": n["succeeded"],
+                        "failed": n["failed"], "canceled": n["canceled"]}
         return cls(
             id=int(h["id"]),
-            op=Op(h["op"]),
+            op=BulkOp(h["op"]) if h["op"] == BulkOp.BULK else Op(h["op"]),
             namespace=h["namespace"],
             vm=h["vm"],
             host=h.get("host", ""),
@@ -108,6 +138,11 @@ class Job(_Record):
             result=json.loads(h["result"]) if h.get("result") else None,
             params=json.loads(h.get("params") or "{}"),
             cancel_requested_by=h.get("cancel_requested") or None,
+            parent=int(h["parent"]) if h.get("parent") else None,
+            children=children,
+            after=json.loads(h["after"]) if h.get("after") else [],
+            retry_of=int(h["retry_of"]) if h.get("retry_of") else None,
+            not_before=ts(h.get("not_before")),
         )
 
 

@@ -32,6 +32,100 @@ local function fenced(fence_key, token)
 end
 """
 
+
+# What follows a job's final state, in the same atomic step (P = the key prefix, ``keys.KEY_PREFIX``):
+# its parent counts it (and becomes final with its last child); the jobs waiting for it are
+# released into their VMs' mailboxes once all their dependencies are met, or fail at once when a
+# dependency they needed to succeed did not (and so on down the graph). The released jobs are
+# returned as {id, host, namespace, vm, ...} for the caller to wake, and noted in P:released
+# so a wake-up lost to a crash is sent again by a janitor.
+_SETTLE = """
+local function ev(ns, kind, job, vm, op, state, by, detail)
+  redis.call('XADD', P .. 'events:' .. ns, 'MAXLEN', '~', 100000, '*', 'at', now, 'kind', kind, 'job', job,
+    'vm', vm, 'op', op, 'state', state, 'by', by, 'detail', detail)
+end
+
+local function is_final(st)
+  return st == 'succeeded' or st == 'failed' or st == 'canceled'
+end
+
+-- A held job's turn: its place in its VM's order, or, if it asked for a delay, a time in P:delayed
+-- (a janitor releases it then). d = HMGET state, held, namespace, vm, op, host, delay.
+local function release(did, d, by, why, released)
+  local dk = P .. 'job:' .. did
+  local delay = tonumber(d[7] or '') or 0
+  if delay > 0 then
+    local due = tonumber(now) + delay
+    redis.call('HSET', dk, 'delay', '', 'not_before', string.format('%.6f', due))
+    redis.call('ZADD', P .. 'delayed', due, did)
+    ev(d[3], 'job', did, d[4], d[5], 'queued', by, why .. '; starts in ' .. delay .. 's')
+    return
+  end
+  local vk = P .. 'vm:' .. d[3] .. ':' .. d[4]
+  local seq = redis.call('INCR', vk .. ':seq')
+  local host = redis.call('HGET', vk, 'host') or d[6]
+  redis.call('HSET', dk, 'seq', seq, 'host', host, 'held', '')
+  redis.call('ZADD', vk .. ':mailbox', seq, did)
+  redis.call('ZADD', P .. 'released', now, did)
+  redis.call('PUBLISH', P .. 'updates', did .. ' queued')
+  ev(d[3], 'job', did, d[4], d[5], 'queued', by, why .. '; seq ' .. seq .. ' on host ' .. host)
+  table.insert(released, did)
+  table.insert(released, host)
+  table.insert(released, d[3])
+  table.insert(released, d[4])
+end
+
+local function settle(id, state, by)
+  local released = {}
+  local work = {{id, state}}
+  while #work > 0 do
+    local item = table.remove(work)
+    local jid, st = item[1], item[2]
+    local parent = redis.call('HGET', P .. 'job:' .. jid, 'parent')
+    if parent and parent ~= '' then
+      local pk = P .. 'job:' .. parent
+      redis.call('HINCRBY', pk, 'n_' .. st, 1)
+      local done = redis.call('HINCRBY', pk, 'n_final', 1)
+      local n = redis.call('HMGET', pk, 'n_total', 'n_failed', 'n_canceled', 'namespace', 'state')
+      if done >= tonumber(n[1]) and not is_final(n[5]) then
+        local pst, err = 'succeeded', ''
+        if tonumber(n[2] or '0') > 0 then
+          pst = 'failed'
+          err = cjson.encode({code = 'children_failed', message = n[2] .. ' of ' .. n[1] .. ' jobs failed'})
+        elseif tonumber(n[3] or '0') > 0 then
+          pst = 'canceled'
+          err = cjson.encode({code = 'canceled', message = n[3] .. ' of ' .. n[1] .. ' jobs were canceled'})
+        end
+        redis.call('HSET', pk, 'state', pst, 'finished_at', now, 'error', err)
+        redis.call('PUBLISH', P .. 'updates', parent .. ' ' .. pst)
+        ev(n[4], 'job', parent, '', 'bulk', pst, by, 'all ' .. n[1] .. ' jobs final')
+        table.insert(work, {parent, pst})
+      end
+    end
+    local edges = redis.call('HGETALL', P .. 'job:' .. jid .. ':dependents')
+    for i = 1, #edges, 2 do
+      local did, kind = edges[i], edges[i + 1]
+      local dk = P .. 'job:' .. did
+      local d = redis.call('HMGET', dk, 'state', 'held', 'namespace', 'vm', 'op', 'host', 'delay')
+      if d[1] == 'queued' and d[2] == '1' then
+        if st == 'succeeded' or kind == 'final' then
+          if redis.call('HINCRBY', dk, 'deps_left', -1) <= 0 then
+            release(did, d, by, 'dependencies met', released)
+          end
+        else
+          local err = cjson.encode({code = 'dependency_failed', message = 'dependency ' .. jid .. ' failed'})
+          redis.call('HSET', dk, 'state', 'failed', 'finished_at', now, 'error', err, 'held', '')
+          redis.call('PUBLISH', P .. 'updates', did .. ' failed')
+          ev(d[3], 'job', did, d[4], d[5], 'failed', by, 'dependency ' .. jid .. ' ' .. st)
+          table.insert(work, {did, 'failed'})
+        end
+      end
+    end
+  end
+  return released
+end
+"""
+
 # KEYS: job_next, vms(ns), vm_seq, mailbox, jobs(ns), vm record, updates channel, events(ns)
 # ARGV: job_prefix, ns, vm, op, params_json, who
 SUBMIT = _NOW + _EVENT + """
@@ -81,10 +175,11 @@ event('job', id, ARGV[3], 'launch', 'queued', ARGV[12], 'seq ' .. seq .. ' on ho
 return {id, seq, ARGV[5]}
 """
 
-# A worker picked the message up; the job now waits for its turn. Only from queued.
+# A worker picked the message up; the job now waits for its turn. Only from queued, never while held.
 # KEYS: job, updates, events(ns); ARGV: id, worker
 MARK_WAITING = _NOW + _EVENT + """
-if redis.call('HGET', KEYS[1], 'state') == 'queued' then
+-- a held job (dependencies not met) has no turn to wait for
+if redis.call('HGET', KEYS[1], 'state') == 'queued' and redis.call('HGET', KEYS[1], 'held') ~= '1' then
   redis.call('HSET', KEYS[1], 'state', 'waiting')
   redis.call('PUBLISH', KEYS[2], ARGV[1] .. ' waiting')
   local job = redis.call('HMGET', KEYS[1], 'vm', 'op')
@@ -126,7 +221,7 @@ return out
 """
 
 # Start (or restart, after a crash) an attempt. Refused if the job is final or fenced out.
-# KEYS: job, fence, updates, events(ns); ARGV: token, id, worker
+# KEYS: job, fence, updates, events(ns); ARGV: token, id, worker, job_prefix
 BEGIN = _NOW + _EVENT + _FENCE + """
 local refused = fenced(KEYS[2], ARGV[1])
 if refused then return refused end
@@ -136,6 +231,11 @@ if state == 'succeeded' or state == 'failed' or state == 'canceled' then return 
 redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', now, 'worker', ARGV[3])
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('PUBLISH', KEYS[3], ARGV[2] .. ' running')
+local parent = redis.call('HGET', KEYS[1], 'parent')
+if parent and parent ~= '' and redis.call('HGET', ARGV[4] .. parent, 'state') == 'queued' then
+  redis.call('HSET', ARGV[4] .. parent, 'state', 'running', 'started_at', now)  -- its first child began
+  redis.call('PUBLISH', KEYS[3], parent .. ' running')
+end
 local job = redis.call('HMGET', KEYS[1], 'vm', 'op')
 event('job', ARGV[2], job[1], job[2], 'running', ARGV[3], 'attempt ' .. attempts .. ', fence ' .. ARGV[1])
 return {1, attempts}
@@ -144,16 +244,17 @@ return {1, attempts}
 # Finish a job and apply its effect on the VM record, atomically and fenced.
 # KEYS: job, fence, mailbox, vm record, vms(ns), host_vms, updates, events(ns)
 # ARGV: token, id, state, error_json, result_json, vm_update_json ('' = none), delete_vm ('1'/'0'), member,
-#       worker, detail, host_prefix, adjust_json ('' or [[host, mib, vcpus], ...])
+#       worker, detail, host_prefix, adjust_json ('' or [[host, mib, vcpus], ...]), key_prefix
+# Returns {1, released...} (see _SETTLE), or {0} if the job was already final.
 # A deleted VM gives its reservation back; a changed memory/vCPU count changes it; a moved VM
 # changes host (adjust carries the reservations a move gives back).
-FINISH = _NOW + _EVENT + _FENCE + """
+FINISH = _NOW + "local P = ARGV[13]\n" + _EVENT + _FENCE + _SETTLE + """
 local refused = fenced(KEYS[2], ARGV[1])
 if refused then return refused end
 local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'succeeded' or state == 'failed' or state == 'canceled' then
+if is_final(state) then
   redis.call('ZREM', KEYS[3], ARGV[2])
-  return 0
+  return {0}
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'finished_at', now, 'error', ARGV[4], 'result', ARGV[5])
 redis.call('ZREM', KEYS[3], ARGV[2])
@@ -194,12 +295,15 @@ elseif ARGV[6] ~= '' and redis.call('EXISTS', KEYS[4]) == 1 then
   event('vm', ARGV[2], ARGV[8], op, redis.call('HGET', KEYS[4], 'state'), ARGV[9], ARGV[6])
 end
 redis.call('PUBLISH', KEYS[7], ARGV[2] .. ' ' .. ARGV[3])
-return 1
+local released = settle(ARGV[2], ARGV[3], ARGV[9])
+table.insert(released, 1, 1)
+return released
 """
 
 # Cancel: a job not yet running is canceled at once; a running one is asked to stop.
-# KEYS: job, mailbox, updates, events(ns); ARGV: id, error_json, who
-CANCEL = _NOW + _EVENT + """
+# KEYS: job, mailbox, updates, events(ns); ARGV: id, error_json, who, key_prefix
+# Returns {outcome, released...}: outcome 'canceled', 'requested' or the job's final state.
+CANCEL = _NOW + "local P = ARGV[4]\n" + _EVENT + _SETTLE + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == false then return redis.error_reply('not_found') end
 if state == 'queued' or state == 'waiting' then
@@ -208,15 +312,17 @@ if state == 'queued' or state == 'waiting' then
   redis.call('PUBLISH', KEYS[3], ARGV[1] .. ' canceled')
   local job = redis.call('HMGET', KEYS[1], 'vm', 'op')
   event('job', ARGV[1], job[1], job[2], 'canceled', ARGV[3], 'canceled before it ran')
-  return 'canceled'
+  local released = settle(ARGV[1], 'canceled', ARGV[3])
+  table.insert(released, 1, 'canceled')
+  return released
 end
 if state == 'running' then
   redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[3])
   local job = redis.call('HMGET', KEYS[1], 'vm', 'op')
   event('job', ARGV[1], job[1], job[2], 'running', ARGV[3], 'cancel requested')
-  return 'requested'
+  return {'requested'}
 end
-return state
+return {state}
 """
 
 # Update fields of a VM record under its lock (reconciliation). Fenced; a deleted VM stays deleted.
@@ -244,6 +350,139 @@ end
 return out
 """
 
+# A job accepted but whose wake-up could not be sent: final, so nothing waits for it forever.
+# ARGV: key_prefix, id, error_json, who
+FAIL_UNSENT = _NOW + "local P = ARGV[1]\n" + _SETTLE + """
+local jk = P .. 'job:' .. ARGV[2]
+local d = redis.call('HMGET', jk, 'state', 'namespace', 'vm', 'op')
+if d[1] ~= 'queued' and d[1] ~= 'waiting' then return {} end
+redis.call('HSET', jk, 'state', 'failed', 'finished_at', now, 'error', ARGV[3], 'held', '')
+redis.call('ZREM', P .. 'vm:' .. d[2] .. ':' .. d[3] .. ':mailbox', ARGV[2])
+redis.call('PUBLISH', P .. 'updates', ARGV[2] .. ' failed')
+ev(d[2], 'job', ARGV[2], d[3], d[4], 'failed', ARGV[4], cjson.decode(ARGV[3])['message'])
+return settle(ARGV[2], 'failed', ARGV[4])
+"""
+
+# A whole batch of jobs, with their parent and dependencies, in one step: all of it or none.
+# Every key is derived from P, so the batch can touch any VM (vmorch targets one Redis, not a cluster).
+# ARGV: key_prefix, request_json =
+#   {who, parent?: {ns, params}, after: {dep id: "ok"|"final"}, after_json, delay?: seconds once released,
+#    fail_on_failed_dep?: a dependency that already failed fails the jobs (else the batch is refused),
+#    jobs: [{t: "plain"|"launch"|"move", ns, vm, op, params, retry_of?,
+#            launch: host, mib, vcpus, disk, image, tags, domain; move: in_params, source, target}]}
+# LOCK: for launches the caller holds cmd:<ns>, vms:<ns> and the hosts' locks; for moves cmd:<ns>
+# and both hosts' locks.
+# Returns {parent id or 0, id, seq, host, id, seq, host, ...} (seq 0: held until its dependencies are met).
+SUBMIT_BATCH = _NOW + "local P = ARGV[1]\n" + _SETTLE + """
+local req = cjson.decode(ARGV[2])
+local who = req.who
+-- first every check, then every write
+local waiting = {}
+local failed_dep = nil
+for dep, kind in pairs(req.after) do
+  local st = redis.call('HGET', P .. 'job:' .. dep, 'state')
+  if not st then return redis.error_reply('unknown_dep ' .. dep) end
+  if (st == 'failed' or st == 'canceled') and kind == 'ok' then
+    if not req.fail_on_failed_dep then return redis.error_reply('dep_failed ' .. dep .. ' ' .. st) end
+    failed_dep = failed_dep or dep
+  end
+  if not is_final(st) then table.insert(waiting, {dep, kind}) end
+end
+local count = 0
+for i, j in ipairs(req.jobs) do
+  local exists = redis.call('SISMEMBER', P .. 'vms:' .. j.ns, j.vm)
+  if j.t == 'launch' and exists == 1 then return redis.error_reply('already_exists ' .. i) end
+  if j.t ~= 'launch' and exists == 0 then return redis.error_reply('not_found ' .. i) end
+  if j.t == 'move' and redis.call('HGET', P .. 'vm:' .. j.ns .. ':' .. j.vm, 'host') ~= j.source then
+    return redis.error_reply('moved ' .. i)
+  end
+  count = count + (j.t == 'move' and 2 or 1)
+end
+
+local parent = ''
+if req.parent then
+  parent = redis.call('INCR', P .. 'job:next')
+  redis.call('HSET', P .. 'job:' .. parent, 'id', parent, 'op', 'bulk', 'namespace', req.parent.ns, 'vm', '',
+    'host', '', 'state', 'queued', 'seq', 0, 'submitted_at', now, 'attempts', 0, 'params', req.parent.params,
+    'n_total', count, 'n_final', 0, 'retry_of', req.parent.retry_of or '')
+  redis.call('ZADD', P .. 'jobs:' .. req.parent.ns, parent, parent)
+  redis.call('PUBLISH', P .. 'updates', parent .. ' queued')
+  ev(req.parent.ns, 'job', parent, '', 'bulk', 'queued', who, count .. ' jobs')
+end
+
+local out = {parent == '' and 0 or parent}
+local doomed = {}
+local function new_job(j, op, params, host)
+  local id = redis.call('INCR', P .. 'job:next')
+  local jk = P .. 'job:' .. id
+  local vk = P .. 'vm:' .. j.ns .. ':' .. j.vm
+  redis.call('HSET', jk, 'id', id, 'op', op, 'namespace', j.ns, 'vm', j.vm, 'host', host, 'state', 'queued',
+    'seq', 0, 'submitted_at', now, 'attempts', 0, 'params', params, 'parent', parent,
+    'retry_of', j.retry_of or '', 'after', req.after_json)
+  redis.call('ZADD', P .. 'jobs:' .. j.ns, id, id)
+  if parent ~= '' then redis.call('ZADD', P .. 'job:' .. parent .. ':children', id, id) end
+  local seq = 0
+  if failed_dep then
+    -- as if it had been waiting for it: it fails at once (the caller settles it below)
+    local err = cjson.encode({code = 'dependency_failed', message = 'dependency ' .. failed_dep .. ' failed'})
+    redis.call('HSET', jk, 'state', 'failed', 'finished_at', now, 'error', err)
+    ev(j.ns, 'job', id, j.vm, op, 'failed', who, 'dependency ' .. failed_dep .. ' failed before it was accepted')
+    table.insert(doomed, id)
+  elseif #waiting > 0 then
+    -- held: no place in the VM's order yet, so it holds up none of the VM's other jobs
+    redis.call('HSET', jk, 'held', '1', 'deps_left', #waiting, 'delay', req.delay or '')
+    for _, d in ipairs(waiting) do
+      redis.call('HSET', P .. 'job:' .. d[1] .. ':dependents', id, d[2])
+    end
+    ev(j.ns, 'job', id, j.vm, op, 'queued', who, 'waits for jobs ' .. req.after_json)
+  elseif (req.delay or 0) > 0 then
+    redis.call('HSET', jk, 'held', '1', 'deps_left', 0)
+    release(id, {'queued', '1', j.ns, j.vm, op, host, req.delay}, who, 'accepted', {})
+  else
+    seq = redis.call('INCR', vk .. ':seq')
+    redis.call('HSET', jk, 'seq', seq)
+    redis.call('ZADD', vk .. ':mailbox', seq, id)
+    ev(j.ns, 'job', id, j.vm, op, 'queued', who, 'seq ' .. seq .. ' on host ' .. host)
+  end
+  redis.call('PUBLISH', P .. 'updates', id .. ' queued')
+  table.insert(out, id)
+  table.insert(out, seq)
+  table.insert(out, host)
+end
+
+for _, j in ipairs(req.jobs) do
+  local vk = P .. 'vm:' .. j.ns .. ':' .. j.vm
+  if j.t == 'plain' then
+    new_job(j, j.op, j.params, redis.call('HGET', vk, 'host'))
+  elseif j.t == 'launch' then
+    local hk = P .. 'host:' .. j.host
+    redis.call('SADD', P .. 'vms:' .. j.ns, j.vm)
+    redis.call('SADD', P .. 'ns', j.ns)
+    redis.call('HSETNX', P .. 'namespace:' .. j.ns, 'created_at', now)  -- a first launch creates its namespace
+    redis.call('SADD', hk .. ':vms', j.ns .. '/' .. j.vm)
+    -- the reservation: placement decided under this host's lock, and it counts from now on
+    redis.call('HINCRBY', hk, 'committed_mib', j.mib)
+    redis.call('HINCRBY', hk, 'committed_vcpus', j.vcpus)
+    redis.call('HSET', vk, 'name', j.vm, 'namespace', j.ns, 'host', j.host, 'state', 'missing',
+      'memory_mib', j.mib, 'vcpus', j.vcpus, 'disk_gib', j.disk, 'image', j.image, 'tags', j.tags,
+      'snapshots', '[]', 'domain', j.domain, 'created_at', now, 'updated_at', now, 'note', 'launch queued')
+    ev(j.ns, 'vm', '', j.vm, 'launch', 'missing', who, 'registered on host ' .. j.host)
+    new_job(j, 'launch', j.params, j.host)
+  else
+    local vm = redis.call('HMGET', vk, 'memory_mib', 'vcpus')
+    redis.call('HINCRBY', P .. 'host:' .. j.target, 'committed_mib', vm[1])
+    redis.call('HINCRBY', P .. 'host:' .. j.target, 'committed_vcpus', vm[2])
+    new_job(j, 'move-out', j.params, j.source)
+    new_job(j, 'move-in', j.in_params, j.target)
+  end
+end
+for _, id in ipairs(doomed) do
+  redis.call('PUBLISH', P .. 'updates', id .. ' failed')
+  settle(id, 'failed', who)  -- nothing waits for it yet: only its parent counts it
+end
+return out
+"""
+
 # What a worker reads first under a VM's lock, in one step: the VM's unfinished jobs up to the
 # message's job (by its seq), that job and the VM record. A job missing from the mailbox is final
 # (or unknown): nothing to run for its message.
@@ -253,4 +492,19 @@ local seq = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not seq then return {{}, {}, {}} end
 return {redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', seq, 'WITHSCORES'), redis.call('HGETALL', KEYS[2]),
   redis.call('HGETALL', KEYS[3])}
+"""
+
+# The delayed jobs whose time has come (``SubmitOptions.delay_s``): their place in their VMs' order.
+# ARGV: key_prefix, who. Returns the released jobs as _SETTLE does.
+RELEASE_DUE = _NOW + "local P = ARGV[1]\n" + _SETTLE + """
+local released = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'delayed', '-inf', now)) do
+  redis.call('ZREM', P .. 'delayed', id)
+  local d = redis.call('HMGET', P .. 'job:' .. id, 'state', 'held', 'namespace', 'vm', 'op', 'host', 'delay')
+  if d[1] == 'queued' and d[2] == '1' then
+    d[7] = ''
+    release(id, d, ARGV[2], 'its delay is over', released)
+  end
+end
+return released
 """

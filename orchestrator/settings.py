@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(default=4 * 3600, ge=60)
     #: how often (s) a waiting client re-reads a job when no notification arrived
     wait_poll_interval: float = Field(default=1.0, gt=0)
+    #: the active scheduler's lock lasts this long unless renewed: a standby takes over within it
+    scheduler_lock_timeout: int = Field(default=5, ge=2)
+    #: how often (s) the scheduler looks at its schedules (and renews its lock)
+    scheduler_tick: float = Field(default=1.0, gt=0)
 
     def resolved_redis_url(self) -> str:
         """The Redis URL to use: explicit setting, else the local cluster's, else the default."""

@@ -33,7 +33,7 @@ class Fence:
 @dataclass(frozen=True)
 class Submitted:
     id: int
-    seq: int
+    seq: int  # 0: held until its dependencies are met
     host: str
 
 
@@ -54,6 +54,42 @@ def _pairs(flat: list[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
+@dataclass(frozen=True)
+class Released:
+    """A job whose dependencies were just met: it is in its VM's mailbox and needs a wake-up."""
+
+    id: int
+    host: str
+    namespace: str
+    vm: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What ``Store.finish`` did: whether the job became final now, and the jobs that released."""
+
+    done: bool
+    released: list[Released]
+
+    def __bool__(self) -> bool:
+        return self.done
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """One entry of ``Store.submit_batch``: a job on an existing VM, a launch (with its placement) or a move."""
+
+    op: Operation
+    host: str = ""  # launch: the chosen host; move: the target
+    source: str = ""  # move: the VM's current host
+    retry_of: int | None = None
+
+
+def _released(flat: list[Any]) -> list[Released]:
+    return [Released(int(flat[i]), str(flat[i + 1]), str(flat[i + 2]), str(flat[i + 3]))
+            for i in range(0, len(flat), 4)]
+
+
 def _hash(value: object) -> dict[str, str]:
     return cast(dict[str, str], value)  # every client vmorch makes decodes responses to str
 
@@ -72,6 +108,9 @@ class Store:
         self._submit_move = redis.register_script(scripts.SUBMIT_MOVE)
         self._hgetall_many = redis.register_script(scripts.HGETALL_MANY)
         self._turn = redis.register_script(scripts.TURN)
+        self._submit_batch = redis.register_script(scripts.SUBMIT_BATCH)
+        self._fail_unsent = redis.register_script(scripts.FAIL_UNSENT)
+        self._release_due = redis.register_script(scripts.RELEASE_DUE)
 
     # -- submitting ---------------------------------------------------------------------
 
@@ -130,17 +169,77 @@ class Store:
             raise _script_error(exc, out) from None
         return Submitted(int(res[0]), int(res[1]), source), Submitted(int(res[2]), int(res[3]), to)
 
-    def fail_unsent(self, submitted: Submitted, reason: str) -> None:
+    def submit_batch(self, entries: list[BatchEntry], *, who: str = "", parent: Mapping[str, Any] | None = None,
+                     after: Mapping[int, str] | None = None, delay_s: float = 0.0,
+                     fail_on_failed_dep: bool = False) -> tuple[int | None, list[Submitted]]:
+        """Accept a batch of jobs, with their parent and their dependencies, in one atomic step.
+
+        ``after`` maps a job id to "ok" (it must succeed) or "final" (any final state will do).
+        ``parent``: ``{"namespace", "params"[, "retry_of"]}`` to make one parent job over them all.
+        ``delay_s``: once its dependencies are met (or at once), each job waits this long for its turn.
+        ``fail_on_failed_dep``: a dependency that already failed fails the jobs at once, as it would have
+        had it failed a moment later (else the batch is refused).
+        # LOCK: see scripts.SUBMIT_BATCH (launches and moves need their placement locks held).
+        """
+        jobs: list[dict[str, Any]] = []
+        for e in entries:
+            o = e.op
+            entry: dict[str, Any] = {"t": "plain", "ns": o.namespace, "vm": o.vm, "op": o.op.value,
+                                     "params": o.params.model_dump_json()}
+            if e.retry_of is not None:
+                entry["retry_of"] = e.retry_of
+            if o.op is Op.LAUNCH:
+                p = o.params
+                assert isinstance(p, LaunchParams)
+                entry.update(t="launch", host=e.host, mib=p.memory_mib, vcpus=p.vcpus, disk=p.disk_gib,
+                             image=p.image or "", tags=json.dumps(p.tags), domain=domain_name(o.namespace, o.vm))
+            elif o.op is Op.MOVE_OUT:
+                entry.update(t="move", source=e.source, target=e.host,
+                             in_params=MoveInParams(source=e.source).model_dump_json())
+            jobs.append(entry)
+        deps = {str(k): v for k, v in (after or {}).items()}
+        request: dict[str, Any] = {"who": who, "after": deps, "after_json": json.dumps(sorted(int(k) for k in deps))
+                                   if deps else "", "jobs": jobs, "delay": delay_s,
+                                   "fail_on_failed_dep": fail_on_failed_dep}
+        if parent is not None:
+            request["parent"] = {"ns": parent["namespace"], "params": json.dumps(parent["params"]),
+                                 **({"retry_of": parent["retry_of"]} if parent.get("retry_of") else {})}
+        try:
+            res = self._submit_batch(keys=[], args=[keys.KEY_PREFIX, json.dumps(request)])
+        except ResponseError as exc:
+            raise _batch_error(exc, entries) from None
+        parent_id = int(res[0]) or None
+        flat = res[1:]
+        return parent_id, [Submitted(int(flat[i]), int(flat[i + 1]), str(flat[i + 2])) for i in range(0, len(flat), 3)]
+
+    def fail_unsent(self, submitted: Submitted, reason: str) -> list[Released]:
         """A job accepted but whose message could not be sent: make it final, not stranded."""
-        job = self.get_job(submitted.id)
-        self.redis.hset(keys.job(job.id), mapping={
-            "state": JobState.FAILED.value, "finished_at": f"{time.time():.6f}",
-            "error": json.dumps({"code": "enqueue_failed", "message": reason})})
-        self.redis.zrem(keys.vm_mailbox(job.namespace, job.vm), job.id)
-        self.redis.xadd(keys.events(job.namespace), {"at": f"{time.time():.6f}", "kind": "job", "job": job.id,
-                                                     "vm": job.vm, "op": job.op.value, "state": "failed",
-                                                     "by": "", "detail": reason}, maxlen=100_000)
-        self.redis.publish(keys.UPDATES, f"{job.id} failed")
+        error = json.dumps({"code": "enqueue_failed", "message": reason})
+        return _released(self._fail_unsent(keys=[], args=[keys.KEY_PREFIX, submitted.id, error, ""]))
+
+    def release_due(self, by: str = "") -> list[Released]:
+        """Give the delayed jobs whose time has come their place in their VMs' order."""
+        return _released(self._release_due(keys=[], args=[keys.KEY_PREFIX, by]))
+
+    def children(self, parent_id: int) -> list[Job]:
+        return self.get_jobs(int(i) for i in cast(list[str], self.redis.zrange(keys.job_children(parent_id), 0, -1)))
+
+    def stale_released(self, older_than: float) -> list[Released]:
+        """Released jobs whose wake-up was not confirmed within ``older_than`` seconds (a crash in between)."""
+        ids = cast(list[str], self.redis.zrangebyscore(keys.RELEASED, "-inf", self.redis_time() - older_than))
+        out = []
+        for job in self.get_jobs(int(i) for i in ids):
+            try:
+                host = self.get_vm(job.namespace, job.vm, as_stored=True).host
+            except NotFound:
+                host = job.host
+            out.append(Released(job.id, host, job.namespace, job.vm))
+        return out
+
+    def woken(self, released: Iterable[Released]) -> None:
+        ids = [r.id for r in released]
+        if ids:
+            self.redis.zrem(keys.RELEASED, *ids)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -263,8 +362,10 @@ class Store:
         # LOCK: the caller holds cmd:<name> and has checked the registry is empty.
         Fencing counters stay: a lock's tokens must never go backwards, even if the name comes back.
         """
-        doomed = [keys.job(int(i)) for i in cast(list[str], self.redis.zrange(keys.jobs(name), 0, -1))]
-        doomed += [keys.jobs(name), keys.events(name), keys.namespace(name), keys.vms(name)]
+        ids = [int(i) for i in cast(list[str], self.redis.zrange(keys.jobs(name), 0, -1))]
+        doomed = [k for i in ids for k in (keys.job(i), keys.job_children(i), keys.job_dependents(i))]
+        doomed += [keys.jobs(name), keys.events(name), keys.namespace(name), keys.vms(name), keys.runs(name)]
+        doomed += [keys.run(int(i)) for i in cast(list[str], self.redis.zrange(keys.runs(name), 0, -1))]
         doomed += list(cast(Iterable[str], self.redis.scan_iter(f"{keys.PREFIX}:vm:{name}:*", count=1000)))
         removed = 0
         for start in range(0, len(doomed), 1000):
@@ -346,7 +447,7 @@ class Store:
         try:
             started, attempts = self._begin(keys=[keys.job(job.id), fence.key, keys.UPDATES,
                                                   keys.events(job.namespace)],
-                                            args=[fence.token, job.id, worker])
+                                            args=[fence.token, job.id, worker, keys.JOB_PREFIX])
         except ResponseError as exc:
             raise _script_error(exc) from None
         return int(attempts) if int(started) else None
@@ -354,8 +455,11 @@ class Store:
     def finish(self, job: Job, fence: Fence, state: JobState, *, result: Mapping[str, Any] | None = None,
                error: VmorchError | None = None, vm_update: Mapping[str, Any] | None = None,
                delete_vm: bool = False, by: str = "",
-               adjust: Iterable[tuple[str, int, int]] = ()) -> bool:
+               adjust: Iterable[tuple[str, int, int]] = ()) -> Finished:
         """Make a job final and apply its effect on the VM record in one fenced step.
+
+        Its parent and the jobs that depend on it follow in the same step (``scripts._SETTLE``);
+        the caller wakes the released ones (``Finished.released``).
 
         # LOCK: the caller holds vm:<ns>:<vm> with ``fence``.
         """
@@ -370,11 +474,11 @@ class Store:
                       json.dumps(dict(result)) if result is not None else "", update,
                       "1" if delete_vm else "0", vm, by,
                       f"{error.code}: {error.message}" if error else str((result or {}).get("note", "")),
-                      keys.HOST_PREFIX, json.dumps([list(a) for a in adjust]) if adjust else ""],
+                      keys.HOST_PREFIX, json.dumps([list(a) for a in adjust]) if adjust else "", keys.KEY_PREFIX],
             )
         except ResponseError as exc:
             raise _script_error(exc) from None
-        return bool(done)
+        return Finished(bool(int(done[0])), _released(done[1:]))
 
     def update_vm(self, namespace: str, name: str, fence: Fence, fields: Mapping[str, Any], by: str = "") -> bool:
         """Change fields of a VM record; False if the VM no longer exists.
@@ -391,14 +495,15 @@ class Store:
     def cancel_requested_by(self, job_id: int) -> str | None:
         return cast(str | None, self.redis.hget(keys.job(job_id), "cancel_requested")) or None
 
-    def cancel(self, job_id: int, who: str) -> str:
-        """Cancel a job: returns 'canceled', 'requested' (it is running) or its final state."""
+    def cancel(self, job_id: int, who: str) -> tuple[str, list[Released]]:
+        """Cancel a job: returns 'canceled', 'requested' (it is running) or its final state, and the
+        jobs released by it (those waiting for it to be final, whatever its state)."""
         job = self.get_job(job_id)
         error = json.dumps({"code": "canceled", "message": f"canceled by {who}"})
         res = self._cancel(keys=[keys.job(job_id), keys.vm_mailbox(job.namespace, job.vm), keys.UPDATES,
                                  keys.events(job.namespace)],
-                           args=[job_id, error, who])
-        return str(res)
+                           args=[job_id, error, who, keys.KEY_PREFIX])
+        return str(res[0]), _released(res[1:])
 
     # -- history ------------------------------------------------------------------------
 
@@ -425,6 +530,23 @@ class Store:
 
 def _field(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
+
+
+def _batch_error(exc: ResponseError, entries: list[BatchEntry]) -> VmorchError:
+    words = str(exc).split()
+    reason, arg = words[0], words[1] if len(words) > 1 else ""
+    if reason == "unknown_dep":
+        return NotFound(f"no job {arg} to wait for", hint="list jobs with 'vmorch job list'")
+    if reason == "dep_failed":
+        return InvalidInput(f"job {arg} to wait for is already {words[2]}",
+                            hint=f"retry it first ('vmorch job retry {arg}'), or drop it from --after")
+    if reason == "moved" and arg.isdigit():
+        op = entries[int(arg) - 1].op
+        return InvalidInput(f"VM {op.vm!r} is no longer on host {entries[int(arg) - 1].source!r}",
+                            hint="it moved meanwhile; see 'vmorch vm show'")
+    if arg.isdigit():
+        return _script_error(exc, entries[int(arg) - 1].op)
+    return _script_error(exc)
 
 
 def _script_error(exc: ResponseError, op: Operation | None = None) -> VmorchError:

@@ -239,7 +239,7 @@ def assert_keyspace_clean(redis: Redis, namespace: str) -> None:
         state = redis.hget(keys.job(int(job_id)), "state")
         assert state in ("succeeded", "failed", "canceled"), f"job {job_id} left {state}"
     allowed = (f"{keys.PREFIX}:jobs:{namespace}", f"{keys.PREFIX}:fence:", f"{keys.PREFIX}:job:",
-               keys.events(namespace), keys.namespace(namespace))
+               keys.events(namespace), keys.namespace(namespace), keys.runs(namespace))
     for key in redis.scan_iter(f"*{namespace}*"):
         if key.startswith(allowed) or (key.startswith(f"{keys.PREFIX}:vm:{namespace}:") and key.endswith(":seq")):
             continue

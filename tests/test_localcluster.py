@@ -61,7 +61,8 @@ def _recorded(home: Path) -> dict[str, object]:
 
 
 def _pids(info: ClusterInfo) -> list[int]:
-    return [info.supervisor_pid, info.redis_pid, *(h.pid for h in info.hosts)]
+    scheduler = [info.scheduler_pid] if info.scheduler_pid else []
+    return [info.supervisor_pid, info.redis_pid, *(h.pid for h in info.hosts), *scheduler]
 
 
 def _hosts_up(info: ClusterInfo) -> dict[str, int | None]:

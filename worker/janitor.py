@@ -12,6 +12,7 @@ import threading
 
 from redis.exceptions import RedisError
 
+from orchestrator import deps
 from orchestrator.errors import HostDown, LockError
 from orchestrator.locks import vm_lock
 from orchestrator.operation import Op
@@ -41,9 +42,11 @@ def sweep(w: Worker) -> int:
                                       "restart its worker, then retry the job")
                 for job in w.store.get_jobs(i for i, _ in w.store.mailbox(namespace, name)):  # LOCK: vm
                     # a launch that never ran gives its name and reservation back
-                    if w.store.finish(job, holding.fence(lock), JobState.FAILED, error=error,
-                                      delete_vm=job.op is Op.LAUNCH, by=f"janitor@{w.name}"):
-                        failed += 1
+                    finished = w.store.finish(job, holding.fence(lock), JobState.FAILED, error=error,
+                                              delete_vm=job.op is Op.LAUNCH, by=f"janitor@{w.name}")
+                    failed += finished.done
+                    if finished.released and w.app is not None:
+                        deps.wake(w.app, w.store, finished.released)
     if failed:
         log.warning("failed %d jobs of hosts down for more than %.0fs", failed, w.settings.host_down_deadline)
     return failed
@@ -63,6 +66,9 @@ class Janitor:
         while not self._stop.wait(self.interval):
             try:
                 sweep(self.worker)
+                if self.worker.app is not None:
+                    deps.release_due(self.worker.app, self.worker.store, by=f"janitor@{self.worker.name}")
+                    deps.resend(self.worker.app, self.worker.store)
             except (RedisError, LockError) as exc:  # Redis restarting, or a busy VM: next pass
                 log.warning("janitor pass skipped: %s", exc)
 

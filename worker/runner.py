@@ -25,14 +25,14 @@ from dataclasses import dataclass
 from celery import Celery
 from redis import Redis
 
-from orchestrator import logs, metrics
+from orchestrator import deps, logs, metrics
 from orchestrator.errors import Canceled, LockError, NotFound, OperationTimeout, VmGone, VmorchError
 from orchestrator.locks import Holding, LockManager, vm_lock
 from orchestrator.operation import Op
 from orchestrator.queue import enqueue
 from orchestrator.records import Job, JobState, Vm, VmState
 from orchestrator.settings import Settings
-from orchestrator.store import Fence, Store
+from orchestrator.store import Fence, Finished, Store
 
 from .driver import Driver
 from .handlers import HANDLERS, Context, Outcome, failure_adjust
@@ -108,7 +108,7 @@ def _load_vm(w: Worker, fence: Fence, job: Job, known: Vm | NotFound | None) -> 
             vm = None
     if vm is None:
         gone = VmGone(f"VM {job.vm!r} was deleted before this job's turn")
-        w.store.finish(job, fence, JobState.FAILED, error=gone, by=w.name)
+        _wake(w, w.store.finish(job, fence, JobState.FAILED, error=gone, by=w.name))
         metrics.job_finished(job, gone)
     return vm
 
@@ -123,8 +123,8 @@ def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job, known_vm: Vm |
         return None
     logs.bind(job=job.id, op=job.op.value)
     if job.cancel_requested_by:
-        w.store.finish(job, fence, JobState.CANCELED, error=Canceled(f"canceled by {job.cancel_requested_by}"),
-                       by=w.name)
+        _wake(w, w.store.finish(job, fence, JobState.CANCELED,
+                                error=Canceled(f"canceled by {job.cancel_requested_by}"), by=w.name))
         metrics.job_finished(job, Canceled(""))
         return None
     vm = _load_vm(w, fence, job, known_vm)
@@ -161,13 +161,14 @@ def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job, known_vm: Vm |
         outcome, error = _execute(w, ctx)
         if error is None:
             assert outcome is not None
-            w.store.finish(job, fence, JobState.SUCCEEDED, result=outcome.result, vm_update=outcome.vm_update,
-                           delete_vm=outcome.delete_vm, adjust=outcome.adjust, by=w.name)
+            _wake(w, w.store.finish(job, fence, JobState.SUCCEEDED, result=outcome.result,
+                                    vm_update=outcome.vm_update, delete_vm=outcome.delete_vm,
+                                    adjust=outcome.adjust, by=w.name))
         else:
             state = JobState.CANCELED if isinstance(error, Canceled) else JobState.FAILED
             # A launch that failed was rolled back by the driver: the name and the reservation go back too.
-            w.store.finish(job, fence, state, error=error, vm_update=_observed(w, job, vm.domain, error),
-                           delete_vm=job.op is Op.LAUNCH, adjust=failure_adjust(job, vm), by=w.name)
+            _wake(w, w.store.finish(job, fence, state, error=error, vm_update=_observed(w, job, vm.domain, error),
+                                    delete_vm=job.op is Op.LAUNCH, adjust=failure_adjust(job, vm), by=w.name))
     finally:
         w.watchdog.untrack(job)
     log.info("job %s %s %s/%s seq=%s: %s", job.id, job.op.value, job.namespace, job.vm, job.seq,
@@ -176,12 +177,19 @@ def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job, known_vm: Vm |
     return None
 
 
+def _wake(w: Worker, finished: Finished) -> None:
+    """Wake the jobs that waited for the one just finished (their turn is theirs now)."""
+    if finished.released and w.app is not None:
+        deps.wake(w.app, w.store, finished.released)
+
+
 def _execute(w: Worker, ctx: Context) -> tuple[Outcome | None, VmorchError | None]:
     """Run the job's handler with the extra locks it declares; an error is returned, not raised.
 
     Lock errors are raised: nothing may be written without the lock, so the task retries
     and whoever holds the lock next re-runs the job.
     """
+    assert isinstance(ctx.job.op, Op)  # a parent job is never in a mailbox
     handler = HANDLERS[ctx.job.op]
     try:
         with w.locks.hold(*handler.extra_locks(ctx.job), timeout=w.settings.lock_wait_timeout) as extra:

@@ -38,6 +38,8 @@ class ClusterInfo(BaseModel):
     #: recorded only: issue 5 adds the HTTP API process that will listen on it
     api_port: int | None = None
     logs: Path
+    #: the 'vmorch scheduler' process (celery beat with RedBeat)
+    scheduler_pid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class State:
 
     def workers(self) -> list[Recorded]:
         return [self.proc(f"{h.name} worker (pid {h.pid})", h.pid) for h in self.info.hosts]
+
+    def scheduler(self) -> list[Recorded]:
+        pid = self.info.scheduler_pid
+        return [self.proc(f"scheduler (pid {pid})", pid)] if pid else []
 
     def redis(self) -> Recorded:
         return self.proc(f"redis-server (pid {self.info.redis_pid})", self.info.redis_pid)

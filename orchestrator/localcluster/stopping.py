@@ -32,7 +32,8 @@ def stop_leftovers(settings: Settings, paths: Paths, on_event: OnEvent) -> None:
     state = load_state(paths)
     if state is not None:
         hosts = [(h.name, h.libvirt_uri) for h in state.info.hosts]
-        stop_all(settings, state.workers(), hosts, state.info.redis_url, state.redis(), on_event)
+        stop_all(settings, [*state.scheduler(), *state.workers()], hosts, state.info.redis_url, state.redis(),
+                 on_event)
     paths.state.unlink(missing_ok=True)
 
 

@@ -1,4 +1,4 @@
-"""The supervisor: the one process that owns a local cluster's Redis and host workers."""
+"""The supervisor: the one process that owns a local cluster's Redis, host workers and scheduler."""
 
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ from ..settings import Settings
 from .environment import OnEvent, child_env, redis_server, resolved
 from .home import Paths, prepare_home
 from .homelock import HomeLock
-from .processes import Child, describe_exit, start_ticks, tail
+from .processes import Child, describe_exit, start_ticks, tail, wait_dead
 from .readiness import hosts_up
 from .state import ClusterHost, ClusterInfo, State, write_state
 from .stopping import stop_all
 from .timeouts import BACKOFF_MAX, BACKOFF_MIN, POLL, REDIS_START_TIMEOUT, STABLE_AFTER
+
+SCHEDULER_STOP_TIMEOUT = 15.0
 
 
 class Supervisor:
@@ -44,6 +46,7 @@ class Supervisor:
         self.redis_url = ""
         self.redis: Child | None = None
         self.workers: dict[str, Child] = {}  # host name -> its worker, in plan order
+        self.scheduler: Child | None = None  # 'vmorch scheduler': fires the schedules
         self._stop_requested = False
         self._stopped_by: str | None = None  # the signal that asked us to stop
         self._announced = False
@@ -104,6 +107,9 @@ class Supervisor:
             child = Child(f"{name} worker", argv, env, self.paths.host_log(name), self.paths.home)
             child.start()
             self.workers[name] = child
+        self.scheduler = Child("scheduler", [sys.executable, "-m", "cli", "scheduler"], env,
+                               self.paths.logs / "scheduler.log", self.paths.home)
+        self.scheduler.start()
         self._save()
 
     def _start_redis(self) -> None:
@@ -148,7 +154,8 @@ class Supervisor:
         self._announce_ready()
 
     def _children(self) -> list[Child]:
-        return ([self.redis] if self.redis else []) + list(self.workers.values())
+        return ([self.redis] if self.redis else []) + list(self.workers.values()) + \
+            ([self.scheduler] if self.scheduler else [])
 
     def _check(self, child: Child) -> bool:
         """Notice a crash and restart after a backoff; True when the child was restarted now."""
@@ -189,6 +196,7 @@ class Supervisor:
                       for name, uri in self.plan if name in self.workers)
         return ClusterInfo(home=self.paths.home, redis_url=self.redis_url, redis_pid=self.redis.pid,
                            supervisor_pid=os.getpid(), hosts=hosts, started_at=self.started_at,
+                           scheduler_pid=self.scheduler.pid if self.scheduler and self.scheduler.proc else None,
                            api_port=self.api_port, logs=self.paths.logs)
 
     def _save(self) -> None:
@@ -202,6 +210,11 @@ class Supervisor:
         self._stop_requested = True
         if self._stopped_by:
             self.on_event(f"{self._stopped_by}: stopping the local cluster")
+        if self.scheduler is not None:  # first: it may be submitting jobs to the workers
+            self.scheduler.signal(signal.SIGTERM)
+            if not wait_dead([self.scheduler], SCHEDULER_STOP_TIMEOUT):
+                self.scheduler.signal(signal.SIGKILL)
+                wait_dead([self.scheduler], 5)
         started = [(name, uri) for name, uri in self.plan if name in self.workers]
         stop_all(self.settings, list(self.workers.values()), started, self.redis_url, self.redis, self.on_event)
         self.paths.state.unlink(missing_ok=True)

@@ -1,0 +1,227 @@
+"""Schedules with the real scheduler (celery beat + RedBeat): firings, history, dedup, failover."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from orchestrator import keys, schedules
+from orchestrator.client import RedisClient
+from orchestrator.errors import AlreadyExists, InvalidInput, NotFound
+from orchestrator.operation import Op
+from orchestrator.records import JobState
+from orchestrator.schedules import ScheduleSpec
+from orchestrator.settings import Settings
+
+from .conftest import PYTHON, ROOT, WorkerProc, ops, run_cli, settings_env, wait_until
+
+EXPERIMENT = """\
+name: tiny
+vms:
+  - name: tiny1
+    memory: 32
+    disk: 0
+steps:
+  - op: pause
+    target: tiny1
+teardown: delete
+"""
+
+
+@contextmanager
+def scheduler(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    env = {**settings_env(settings), "VMORCH_SCHEDULER_LOCK_TIMEOUT": "3", "VMORCH_SCHEDULER_TICK": "0.5"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([PYTHON, "-m", "cli", "scheduler"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def fired(client: RedisClient, name: str) -> list[schedules.Firing]:
+    return client.schedule(client.settings.namespace, name, history=100).history[::-1]  # oldest first
+
+
+def test_bad_schedules_are_refused_and_nothing_is_written(client: RedisClient, settings: Settings) -> None:
+    ns = settings.namespace
+    for args, message in [
+        (["--cron", "61 * * * *", "--", "vm", "pause", "x"], "bad cron expression"),
+        (["--every", "10 parsecs", "--", "vm", "pause", "x"], "bad interval"),
+        (["--at", "2001-01-01T00:00:00", "--", "vm", "pause", "x"], "in the past"),
+        (["--every", "1h", "--", "vm", "pause", "x", "--bogus"], "No such option"),
+        (["--every", "1h", "--", "vm", "list"], "can't schedule"),
+        (["--every", "1h"], "either --experiment FILE or a vm command"),
+        (["--every", "1h", "--cron", "* * * * *", "--", "vm", "pause", "x"], "exactly one of"),
+    ]:
+        proc = run_cli(settings, "schedule", "add", "bad", *args)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+    assert client.schedules(ns) == []
+    with pytest.raises(InvalidInput, match="bad experiment"):
+        client.add_schedule(ScheduleSpec(name="bad", namespace=ns, every="1h", experiment="name: x\nsteps: 3\n"))
+    with pytest.raises(NotFound):
+        client.schedule(ns, "bad")
+
+
+def test_a_slot_fires_once_even_when_two_firings_race(cluster: list[WorkerProc], client: RedisClient) -> None:
+    ns = client.settings.namespace
+    sched = client.add_schedule(ScheduleSpec(name="exp", namespace=ns, every="1s", experiment=EXPERIMENT,
+                                             source="inline"))
+    try:
+        assert sched.next_at is not None and sched.what == "experiment inline" and sched.when == "every 1s"
+        with pytest.raises(AlreadyExists):
+            client.add_schedule(ScheduleSpec(name="exp", namespace=ns, every="1s", command=["vm", "pause", "x"]))
+        raw = client._schedules.raw(ns, "exp")
+        wait_until(lambda: schedules.current_slot(raw, client.store.redis_time()) is not None, what="the first slot")
+        first = schedules.fire(client, ns, "exp", by="a")
+        second = schedules.fire(client, ns, "exp", by="b")  # the same slot: a duplicate
+        assert first is not None and first.state == "fired" and first.run is not None and second is None
+        run = client.experiment_run(first.run)
+        assert run.source == "schedule:exp" and [s.job for s in run.steps] == first.jobs
+        done = client.wait(first.jobs, timeout=60)
+        assert [j.state for j in done] == [JobState.SUCCEEDED] * 3
+        assert [f.run for f in fired(client, "exp")] == [first.run]
+
+        client.pause_schedule(ns, "exp", True)
+        time.sleep(1.2)
+        assert schedules.fire(client, ns, "exp") is None  # paused
+        assert client.schedule(ns, "exp").next_at is None
+    finally:
+        client.remove_schedule(ns, "exp")
+
+
+def test_a_recurring_schedule_fires_repeatedly_through_the_scheduler(cluster: list[WorkerProc], client: RedisClient,
+                                                                     settings: Settings, tmp_path: Path) -> None:
+    ns = settings.namespace
+    client.wait([j.id for j in client.submit(ops(Op.LAUNCH, ns, "s1", memory_mib=32, disk_gib=0))], timeout=30)
+    added = run_cli(settings, "--json", "schedule", "add", "tagger", "--every", "2s", "--", "vm", "tag", "s1", "k=v")
+    assert added.returncode == 0, added.stderr
+    try:
+        with scheduler(settings, tmp_path / "scheduler.log") as proc:
+            start = time.monotonic()
+            wait_until(lambda: len(fired(client, "tagger")) >= 3, timeout=15,
+                       what=f"three firings; log:\n{(tmp_path / 'scheduler.log').read_text()[-3000:]}")
+            assert proc.poll() is None
+            assert time.monotonic() - start < 15
+        history = fired(client, "tagger")
+        slots = [f.slot for f in history]
+        assert len(set(slots)) == len(slots) and all(f.state == "fired" for f in history)
+        assert all((b - a) % timedelta(seconds=2) == timedelta(0) for a, b in itertools.pairwise(slots))
+        jobs = client.wait([i for f in history for i in f.jobs], timeout=30)
+        assert jobs and all(j.op is Op.TAG and j.vm == "s1" and j.state is JobState.SUCCEEDED for j in jobs)
+        shown = json.loads(run_cli(settings, "--json", "schedule", "show", "tagger").stdout)
+        assert shown["next_at"] is not None and len(shown["history"]) >= 3
+        listed = run_cli(settings, "schedule", "list")
+        assert "tagger" in listed.stdout and "every 2s" in listed.stdout
+    finally:
+        assert run_cli(settings, "schedule", "remove", "tagger").returncode == 0
+
+
+def test_a_standby_scheduler_takes_over_after_a_sigkill_and_no_slot_runs_twice(
+        cluster: list[WorkerProc], client: RedisClient, settings: Settings, tmp_path: Path) -> None:
+    ns = settings.namespace
+    client.wait([j.id for j in client.submit(ops(Op.LAUNCH, ns, "fo1", memory_mib=32, disk_gib=0))], timeout=30)
+    client.add_schedule(ScheduleSpec(name="fo", namespace=ns, every="1s", command=["vm", "tag", "fo1", "k=v"]))
+    try:
+        with scheduler(settings, tmp_path / "a.log") as a:
+            wait_until(lambda: len(fired(client, "fo")) >= 1, timeout=15, what="a's first firing")
+            with scheduler(settings, tmp_path / "b.log") as b:
+                time.sleep(3)  # b runs, as a standby, while a fires
+                before = len(fired(client, "fo"))
+                a.send_signal(signal.SIGKILL)
+                a.wait()
+                killed = datetime.now(UTC)
+                wait_until(lambda: any(f.fired_at > killed for f in fired(client, "fo")), timeout=15,
+                           what=f"b to take over; log:\n{(tmp_path / 'b.log').read_text()[-3000:]}")
+                takeover = min(f.fired_at for f in fired(client, "fo") if f.fired_at > killed) - killed
+                wait_until(lambda: len(fired(client, "fo")) >= before + 3, timeout=15, what="b to keep firing")
+                assert b.poll() is None
+        history = fired(client, "fo")
+        slots = [f.slot for f in history]
+        assert len(set(slots)) == len(slots), "a slot ran twice"
+        assert all(f.state == "fired" for f in history)
+        print(f"scheduler failover after SIGKILL: {takeover.total_seconds():.1f}s")
+        assert takeover < timedelta(seconds=3 + 0.5 + 3)  # the lock's timeout, a tick, and a firing's own time
+        client.wait([i for f in history for i in f.jobs], timeout=30)
+    finally:
+        client.remove_schedule(ns, "fo")
+
+
+@pytest.mark.parametrize("missed", ["once", "skip"])
+def test_a_late_firing_runs_once_or_is_skipped_as_asked(client: RedisClient, missed: str) -> None:
+    """After downtime RedBeat fires a late schedule once; the slot it stands for is the last one due."""
+    ns = client.settings.namespace
+    client.add_schedule(ScheduleSpec(name="late", namespace=ns, every="1h", command=["vm", "pause", "x"],
+                                     missed=missed))  # type: ignore[arg-type]
+    try:
+        store = client._schedules
+        raw = store.raw(ns, "late")
+        anchor = float(int(float(raw["created_at"])))
+        with client.locks.hold(schedules.lock(ns, "late"), timeout=5):
+            claimed = store.claim(ns, "late", anchor + 3 * 3600 + 120)  # 3 slots missed, 2 min after the last
+            assert claimed is not None
+            _, slot, skip = claimed
+            assert slot == anchor + 3 * 3600 and skip is (missed == "skip")
+            assert store.claim(ns, "late", anchor + 3 * 3600 + 121) is None  # that slot is taken now
+            assert store.claim(ns, "late", anchor + 3600) is None  # and an older one is not run after it
+    finally:
+        client.remove_schedule(ns, "late")
+
+
+def test_cron_and_one_off_schedules_say_when_they_fire_next(client: RedisClient) -> None:
+    ns = client.settings.namespace
+    at = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=2)
+    try:
+        cron = client.add_schedule(ScheduleSpec(name="nightly", namespace=ns, cron="0 2 * * *",
+                                                command=["vm", "stop", "x", "--force"]))
+        assert cron.when == "cron 0 2 * * *" and cron.next_at is not None
+        assert (cron.next_at.hour, cron.next_at.minute) == (2, 0) and cron.next_at > datetime.now(UTC)
+        once = client.add_schedule(ScheduleSpec(name="once", namespace=ns, at=at, experiment=EXPERIMENT))
+        assert once.next_at == at and once.what == "experiment (inline)"
+        paused = client.pause_schedule(ns, "once", True)
+        assert paused.paused and paused.next_at is None
+        assert client.pause_schedule(ns, "once", False).next_at == at
+        assert [s.name for s in client.schedules(ns)] == ["nightly", "once"]
+    finally:
+        for name in ("nightly", "once"):
+            client.remove_schedule(ns, name)
+    assert client.schedules(ns) == []
+
+
+def test_a_scheduler_whose_lock_was_lost_exits_to_be_restarted(client: RedisClient, settings: Settings,
+                                                                tmp_path: Path) -> None:
+    """Beat stops when its lock is taken from it; the process must not go on as a consumer only."""
+    lock_key = f"{keys.REDBEAT_PREFIX}:lock"
+    with scheduler(settings, tmp_path / "s.log") as proc:
+        wait_until(lambda: client.redis.exists(lock_key), timeout=15, what="the scheduler to take its lock")
+        client.redis.delete(lock_key)
+        # 1 after a warm shutdown; -SIGTERM if Celery's consumer had not yet set its signal handlers
+        assert proc.wait(timeout=20) in (1, -signal.SIGTERM), (tmp_path / "s.log").read_text()[-2000:]
+    assert "beat stopped unexpectedly" in (tmp_path / "s.log").read_text()
+
+
+def test_a_namespace_with_schedules_is_not_deleted(client: RedisClient) -> None:
+    ns = client.settings.namespace
+    client.create_namespace(ns, None)
+    client.add_schedule(ScheduleSpec(name="keep", namespace=ns, every="1h", command=["vm", "pause", "x"]))
+    with pytest.raises(InvalidInput, match="has schedules: keep"):
+        client.delete_namespace(ns, force=True)
+    client.remove_schedule(ns, "keep")
+    assert client.delete_namespace(ns, force=True) == []
+    client.finish_namespace_delete(ns)
