@@ -15,7 +15,7 @@ from orchestrator.errors import InvalidInput, VmorchError
 from orchestrator.names import check_namespace
 from orchestrator.settings import Settings
 
-from . import cluster, hosts, jobs, namespaces, vms
+from . import api, cluster, hosts, jobs, namespaces, tokens, vms
 from .context import State
 from .render import error
 
@@ -31,7 +31,9 @@ app.add_typer(vms.app, name="vm")
 app.add_typer(jobs.app, name="job")
 app.add_typer(hosts.app, name="host")
 app.add_typer(namespaces.app, name="ns")
+app.add_typer(tokens.app, name="token")
 cluster.register(app)
+api.register(app)
 
 
 @app.callback()
@@ -42,10 +44,18 @@ def root(
     namespace: Annotated[str, typer.Option("--namespace", "-n", envvar="VMORCH_NAMESPACE",
                                            help="namespace of VMs and jobs")] = "default",
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output on stdout")] = False,
+    api_url: Annotated[str | None, typer.Option("--api-url", envvar="VMORCH_API_URL",
+                                                help="talk to this vmorch API instead of Redis")] = None,
+    token: Annotated[str | None, typer.Option("--token", envvar="VMORCH_TOKEN", show_default=False,
+                                              help="API token (default: the file $VMORCH_HOME/token)")] = None,
 ) -> None:
     overrides: dict[str, object] = {"namespace": check_namespace(namespace)}
     if redis_url:
         overrides["redis_url"] = redis_url
+    if api_url:
+        overrides["api_url"] = api_url
+    if token:
+        overrides["token"] = token
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:

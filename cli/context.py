@@ -22,8 +22,14 @@ class State:
 
     @property
     def client(self) -> Client:
+        """Over HTTP when an API URL is given (``--api-url``/``VMORCH_API_URL``), else straight to Redis."""
         if self._client is None:
-            self._client = RedisClient(self.settings)
+            if self.settings.api_url:
+                from orchestrator.httpclient import HttpClient
+
+                self._client = HttpClient(self.settings)
+            else:
+                self._client = RedisClient(self.settings)
         return self._client
 
 

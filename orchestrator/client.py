@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import getpass
 import socket
 import time
@@ -32,7 +33,7 @@ class Client(Protocol):
     def submit(self, ops: Sequence[Operation]) -> list[Job]: ...
     def job(self, job_id: int) -> Job: ...
     def jobs(self, namespace: str, *, vm: str | None = None, state: JobState | None = None,
-             op: Op | None = None, limit: int = 50) -> list[Job]: ...
+             op: Op | None = None, limit: int = 50, before: int | None = None) -> list[Job]: ...
     def wait(self, ids: Sequence[int], *, timeout: float | None = None,
              on_update: OnUpdate | None = None) -> list[Job]: ...
     def cancel(self, job_id: int) -> Job: ...
@@ -64,6 +65,14 @@ class RedisClient:
         self.store = Store(self.redis, host_down_after=settings.host_down_after)
         self._locks: LockManager | None = None
         self._celery: Celery | None = None
+        #: who the history says asked (the API sets an API token's name per request)
+        self.actor = who()
+
+    def acting_as(self, actor: str) -> RedisClient:
+        """This client (same connections) recording ``actor`` as the one who asks."""
+        view = copy.copy(self)
+        view.actor = actor
+        return view
 
     @property
     def locks(self) -> LockManager:
@@ -103,7 +112,7 @@ class RedisClient:
             seen.add((op.namespace, op.vm))
         accepted = self._submit_launches(launches) if launches else []
         for op in others:  # in the order given: it is the VMs' order
-            accepted += self._submit_move(op) if op.op is Op.MOVE_OUT else [(self.store.submit(op, who()), op)]
+            accepted += self._submit_move(op) if op.op is Op.MOVE_OUT else [(self.store.submit(op, self.actor), op)]
         self._enqueue(accepted)
         return self.store.get_jobs(s.id for s, _ in accepted)
 
@@ -119,7 +128,7 @@ class RedisClient:
             host_locks = [host_lock(name) for name in candidates]
             with self.locks.hold(cmd_lock(ns), vms_lock(ns), *host_locks, timeout=self.settings.submit_lock_timeout):
                 chosen = self._plan(ns, batch, locked=set(candidates))
-                out += [(self.store.submit_launch(op, chosen[op.vm], who()), op) for op in batch]  # LOCK: all
+                out += [(self.store.submit_launch(op, chosen[op.vm], self.actor), op) for op in batch]  # LOCK: all
         return out
 
     def _candidate_hosts(self, ns: str, batch: list[Operation]) -> list[str]:
@@ -211,7 +220,7 @@ class RedisClient:
             limits = placement.Limits(self.settings.memory_allocation_ratio, self.settings.cpu_allocation_ratio)
             placement.plan([placement.Request(vm.name, vm.memory_mib, vm.vcpus, host=p.to)],
                            [h for h in self.store.hosts() if h.name == p.to], allowed=allowed, limits=limits)
-            out, into = self.store.submit_move(op, p.to, vm.host, who())  # LOCK: cmd, host:source, host:target
+            out, into = self.store.submit_move(op, p.to, vm.host, self.actor)  # LOCK: cmd, host:source, host:target
         return [(out, op), (into, op)]
 
     def plan(self, ops: Sequence[Operation]) -> dict[str, str]:
@@ -255,7 +264,7 @@ class RedisClient:
                 raise InvalidInput(f"namespace {name!r} has {len(names)} VMs",
                                    hint="delete them first, or pass --force to delete them with it")
             self.store.mark_namespace_deleting(name)  # LOCK: cmd -- no launch gets in from now on
-            accepted = [(self.store.submit(op, who()), op)
+            accepted = [(self.store.submit(op, self.actor), op)
                         for op in (Operation.build(Op.DELETE, name, vm) for vm in names)]
         self._enqueue(accepted)
         return self.store.get_jobs(s.id for s, _ in accepted)
@@ -283,8 +292,8 @@ class RedisClient:
         return self.store.get_job(job_id)
 
     def jobs(self, namespace: str, *, vm: str | None = None, state: JobState | None = None,
-             op: Op | None = None, limit: int = 50) -> list[Job]:
-        return self.store.list_jobs(namespace, vm=vm, state=state, op=op, limit=limit)
+             op: Op | None = None, limit: int = 50, before: int | None = None) -> list[Job]:
+        return self.store.list_jobs(namespace, vm=vm, state=state, op=op, limit=limit, before=before)
 
     def vm(self, namespace: str, name: str) -> Vm:
         return self.store.get_vm(namespace, name)
@@ -303,7 +312,7 @@ class RedisClient:
         return self.store.events(namespace, vm=vm, job_id=job_id, limit=limit)
 
     def cancel(self, job_id: int) -> Job:
-        self.store.cancel(job_id, who())
+        self.store.cancel(job_id, self.actor)
         return self.store.get_job(job_id)
 
     def wait(self, ids: Sequence[int], *, timeout: float | None = None, on_update: OnUpdate | None = None) -> list[Job]:

@@ -24,6 +24,10 @@ P:transfer:<job id>:disk        list     its disk, in chunks (deleted once impor
 P:events:<ns>                   stream   history: every job state change and VM change
 P:fence:<lock name>             string   the lock's fencing counter (INCR on every acquire)
 P:updates                       pubsub   channel: "<job id> <state>" on every job change
+P:token:<sha256 hex>            hash     one API token: name, role, namespaces (JSON), created_at
+                                         (the secret itself is never stored, only its SHA-256)
+P:tokens                        hash     token name -> its SHA-256 (for list and revoke)
+P:audit                         stream   cluster-wide requests (host drain, tokens), by whom
 lock:<lock name>                string   python-redis-lock's lock key (its own prefix)
 lock-signal:<lock name>         list     python-redis-lock's wake-up list
 ==============================  =======  ===================================================
@@ -41,6 +45,8 @@ JOB_NEXT = f"{PREFIX}:job:next"
 NAMESPACES = f"{PREFIX}:ns"
 HOSTS = f"{PREFIX}:hosts"
 UPDATES = f"{PREFIX}:updates"
+TOKENS = f"{PREFIX}:tokens"
+AUDIT = f"{PREFIX}:audit"
 
 
 def job(job_id: int) -> str:
@@ -85,6 +91,10 @@ def host_vms(name: str) -> str:
 
 def transfer(job_id: int) -> str:
     return f"{PREFIX}:transfer:{job_id}"
+
+
+def token(digest: str) -> str:
+    return f"{PREFIX}:token:{digest}"
 
 
 def fence(lock_name: str) -> str:
