@@ -35,8 +35,10 @@ class ClusterInfo(BaseModel):
     supervisor_pid: int
     hosts: tuple[ClusterHost, ...]
     started_at: datetime
-    #: recorded only: issue 5 adds the HTTP API process that will listen on it
     api_port: int | None = None
+    #: the HTTP API (``VMORCH_API_URL``); its admin token is in ``<home>/token``
+    api_url: str | None = None
+    api_pid: int | None = None
     logs: Path
 
 
@@ -55,6 +57,10 @@ class State:
 
     def workers(self) -> list[Recorded]:
         return [self.proc(f"{h.name} worker (pid {h.pid})", h.pid) for h in self.info.hosts]
+
+    def api(self) -> list[Recorded]:
+        pid = self.info.api_pid
+        return [self.proc(f"API (pid {pid})", pid)] if pid else []
 
     def redis(self) -> Recorded:
         return self.proc(f"redis-server (pid {self.info.redis_pid})", self.info.redis_pid)

@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from ..errors import ClusterUnavailable
 from ..redisconn import connect
 from ..settings import Settings
+from .api import LOCAL_ADMIN, api_argv, ensure_admin_token
 from .environment import OnEvent, child_env, redis_server, resolved
 from .home import Paths, prepare_home
 from .homelock import HomeLock
@@ -37,8 +38,9 @@ class Supervisor:
         self.settings = resolved(settings)
         self.paths = Paths(self.settings.home)
         self.plan = list(hosts)
-        # Issue 5 adds the HTTP API process; until then the port is only recorded in cluster.json.
+        #: None: a free port, so that several local clusters (tests) live side by side
         self.api_port = api_port
+        self.api: Child | None = None
         self.on_event = on_event
         self.started_at = datetime.now(UTC)
         self.redis_url = ""
@@ -73,7 +75,7 @@ class Supervisor:
             return
         hosts = ", ".join(f"{name} (pid {child.pid})" for name, child in self.workers.items())
         self.on_event(f"local cluster running under {self.paths.home}: Redis at {self.redis_url}, hosts {hosts}; "
-                      f"logs in {self.paths.logs}")
+                      f"API at {self._info().api_url}; logs in {self.paths.logs}")
 
     def _trap_signals(self) -> dict[signal.Signals, Any]:
         # Python only lets the main thread set handlers; elsewhere the caller uses request_stop().
@@ -99,6 +101,11 @@ class Supervisor:
         if self._stop_requested:
             return
         env = child_env(self.settings, VMORCH_REDIS_URL=self.redis_url)
+        if ensure_admin_token(self.redis_url, self.paths.token):
+            self.on_event(f"made the admin token {LOCAL_ADMIN!r} in {self.paths.token}")
+        self.api_port = self.api_port or _free_port()
+        self.api = Child("API", api_argv(self.api_port), env, self.paths.logs / "api.log", self.paths.home)
+        self.api.start()
         for name, uri in self.plan:
             argv = [sys.executable, "-m", "worker", "--host", name, "--libvirt-uri", uri]
             child = Child(f"{name} worker", argv, env, self.paths.host_log(name), self.paths.home)
@@ -148,7 +155,7 @@ class Supervisor:
         self._announce_ready()
 
     def _children(self) -> list[Child]:
-        return ([self.redis] if self.redis else []) + list(self.workers.values())
+        return ([self.redis] if self.redis else []) + ([self.api] if self.api else []) + list(self.workers.values())
 
     def _check(self, child: Child) -> bool:
         """Notice a crash and restart after a backoff; True when the child was restarted now."""
@@ -189,7 +196,9 @@ class Supervisor:
                       for name, uri in self.plan if name in self.workers)
         return ClusterInfo(home=self.paths.home, redis_url=self.redis_url, redis_pid=self.redis.pid,
                            supervisor_pid=os.getpid(), hosts=hosts, started_at=self.started_at,
-                           api_port=self.api_port, logs=self.paths.logs)
+                           api_port=self.api_port, logs=self.paths.logs,
+                           api_url=f"http://127.0.0.1:{self.api_port}" if self.api else None,
+                           api_pid=self.api.pid if self.api else None)
 
     def _save(self) -> None:
         ticks = {p.pid: p.ticks for p in self._children()}
@@ -203,7 +212,8 @@ class Supervisor:
         if self._stopped_by:
             self.on_event(f"{self._stopped_by}: stopping the local cluster")
         started = [(name, uri) for name, uri in self.plan if name in self.workers]
-        stop_all(self.settings, list(self.workers.values()), started, self.redis_url, self.redis, self.on_event)
+        front = [self.api, *self.workers.values()] if self.api else list(self.workers.values())
+        stop_all(self.settings, front, started, self.redis_url, self.redis, self.on_event)
         self.paths.state.unlink(missing_ok=True)
         self.on_event("local cluster stopped")
 
