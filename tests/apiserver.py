@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 
 from orchestrator.api import create_app
 from orchestrator.redisconn import connect
@@ -42,10 +43,9 @@ class ApiServer:
 
 
 @contextmanager
-def serve(settings: Settings, *, name: str = "test-admin") -> Iterator[ApiServer]:
-    """The API on a free loopback port, with an admin token ``name``; everything undone at the end."""
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning",
-                            access_log=False, lifespan="on")
+def running(app: FastAPI) -> Iterator[str]:
+    """``app`` served by uvicorn in a thread on a free loopback port; yields its base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="vmorch-api", daemon=True)
     thread.start()
@@ -55,15 +55,24 @@ def serve(settings: Settings, *, name: str = "test-admin") -> Iterator[ApiServer
             raise AssertionError("the API did not start")
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
-    redis = connect(settings.resolved_redis_url())
-    tokens = TokenStore(redis)
-    admin, _ = tokens.create(name, Role.ADMIN, ["*"])
-    api = ApiServer(f"http://127.0.0.1:{port}", settings, admin, tokens, [name])
     try:
-        yield api
+        yield f"http://127.0.0.1:{port}"
     finally:
-        for made in list(api.made):
-            tokens.revoke(made)
-        redis.close()
         server.should_exit = True
         thread.join(timeout=20)
+
+
+@contextmanager
+def serve(settings: Settings, *, name: str = "test-admin") -> Iterator[ApiServer]:
+    """The API on a free loopback port, with an admin token ``name``; everything undone at the end."""
+    with running(create_app(settings)) as url:
+        redis = connect(settings.resolved_redis_url())
+        tokens = TokenStore(redis)
+        admin, _ = tokens.create(name, Role.ADMIN, ["*"])
+        api = ApiServer(url, settings, admin, tokens, [name])
+        try:
+            yield api
+        finally:
+            for made in list(api.made):
+                tokens.revoke(made)
+            redis.close()

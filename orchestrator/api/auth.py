@@ -18,10 +18,11 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Request, Response
 from fastapi.security import HTTPBearer
+from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from ..client import RedisClient
-from ..errors import Forbidden, NotFound, Unauthorized, VmorchError
+from ..errors import ClusterUnavailable, Forbidden, NotFound, Unauthorized, VmorchError
 from ..names import Namespace
 from ..records import Job
 from ..tokens import ALL, Role, Token
@@ -64,6 +65,9 @@ async def authenticate(request: Request, call_next: Callable[[Request], Awaitabl
             raise Unauthorized("unknown or revoked API token", hint=TOKEN_HINT)
     except VmorchError as exc:
         return vmorch_error_response(exc)
+    except RedisError as exc:  # raised here, it would skip the app's handlers and end as a 500
+        return vmorch_error_response(ClusterUnavailable(f"cannot reach Redis: {exc}",
+                                                        hint="the API's Redis is down or restarting; try again"))
     request.state.token = token
     return await call_next(request)
 

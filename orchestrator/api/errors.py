@@ -116,7 +116,9 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}
-    return error_response(exc.status_code, codes.get(exc.status_code, "bad_request"), str(exc.detail),
+    return error_response(exc.status_code, codes.get(exc.status_code, "bad_request"),
+                          f"{request.method} {request.url.path}: {exc.detail}",
+                          hint="the API's routes and methods are listed at /docs",
                           headers=getattr(exc, "headers", None))
 
 
