@@ -1,0 +1,86 @@
+"""Generated requests against the API's own OpenAPI document (schemathesis + hypothesis, bounded).
+
+Valid and invalid requests, to every route, with an admin token of one namespace and with none:
+never a 5xx, and a refused request never makes a job (the job counter stays where it was).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+
+import httpx
+import hypothesis
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, given
+from hypothesis import strategies as st
+from redis import Redis
+from schemathesis.generation import GenerationMode
+
+from orchestrator import keys
+from orchestrator.client import RedisClient
+from orchestrator.settings import Settings
+
+from .apiserver import ApiServer, serve
+
+#: examples per run; VMORCH_FUZZ_EXAMPLES raises it for a longer hunt
+EXAMPLES = int(os.environ.get("VMORCH_FUZZ_EXAMPLES", "600"))
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def fuzz_api(base_settings: Settings, cluster: object) -> Iterator[ApiServer]:
+    # Its own server: long polls answer within half a second, so a generated wait can't stall the run.
+    with serve(base_settings.model_copy(update={"api_wait_max": 0.5}), name="fuzz-admin") as api:
+        yield api
+
+
+def test_generated_requests_never_get_a_5xx_and_refused_ones_change_nothing(
+        fuzz_api: ApiServer, client: RedisClient, settings: Settings, redis: Redis) -> None:
+    ns = settings.namespace
+    token = fuzz_api.token(f"{ns}-fuzz", "admin", [ns])
+    with httpx.Client(base_url=fuzz_api.url, timeout=30) as http:
+        schema = schemathesis.openapi.from_dict(http.get("/openapi.json").json())
+    modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
+    # Half the cases aim at the token's namespace, so they get past authorization and reach the handlers.
+    cases = st.one_of(*[schema.as_strategy(mode) for mode in modes],
+                      *[schema.as_strategy(mode, path_parameters={"ns": ns}) for mode in modes])
+    statuses: Counter[int] = Counter()
+    failures: list[str] = []
+    session = requests.Session()
+
+    @hypothesis.settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(case=cases, authenticated=st.sampled_from([True, True, True, False]))
+    def check(case: schemathesis.Case, authenticated: bool) -> None:
+        before = redis.get(keys.JOB_NEXT)
+        case.headers = {k: v for k, v in (case.headers or {}).items() if k.lower() != "authorization"}
+        if authenticated:
+            case.headers["Authorization"] = f"Bearer {token}"
+        try:
+            response = case.call(base_url=fuzz_api.url, session=session, timeout=30)
+        except (requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL, UnicodeError, ValueError):
+            statuses[0] += 1  # could not even be put on the wire (e.g. a NUL in a header)
+            return
+        statuses[response.status_code] += 1
+        where = f"{case.method} {case.formatted_path} -> {response.status_code} {response.text[:300]}"
+        if response.status_code >= 500:
+            failures.append(where)
+        if response.status_code >= 400 and redis.get(keys.JOB_NEXT) != before:
+            failures.append(f"refused yet made a job: {where}")
+        if response.status_code >= 400 and response.status_code != 405:
+            assert set(response.json()) == {"error"}, where
+
+    try:
+        check()
+    finally:
+        session.close()
+    tried = sum(statuses.values())
+    print(f"\nfuzz: {tried} generated requests, {sum(n for s, n in statuses.items() if s >= 500)} 5xx; "
+          f"statuses {dict(sorted(statuses.items()))}")
+    assert not failures, "\n".join(failures[:20])
+    assert tried >= EXAMPLES * 0.9 and statuses[401] > 0 and statuses[422] > 0 and statuses[202] + statuses[200] > 0
