@@ -46,4 +46,6 @@ def serve(
                            hint="drop --no-auth (and VMORCH_API_AUTH=0), or listen on 127.0.0.1")
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app = create_app(st.settings.model_copy(update={"api_auth": auth}))
-    uvicorn.run(app, host=host, port=port, log_level=loglevel.lower(), access_log=False)
+    # Open event streams never end by themselves: give them a few seconds on shutdown, not forever.
+    uvicorn.run(app, host=host, port=port, log_level=loglevel.lower(), access_log=False,
+                timeout_graceful_shutdown=5)

@@ -45,7 +45,8 @@ class ApiServer:
 @contextmanager
 def running(app: FastAPI) -> Iterator[str]:
     """``app`` served by uvicorn in a thread on a free loopback port; yields its base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on")
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="vmorch-api", daemon=True)
     thread.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -238,3 +239,48 @@ def test_namespaces_through_the_api(api_server: ApiServer, client: RedisClient, 
         http.get("/api/v1/jobs/wait", params={"ids": [j["id"] for j in jobs], "timeout": 20})
         assert http.delete(f"/api/v1/namespaces/{ns}").json()["namespace"] == ns
         assert http.get(f"/api/v1/namespaces/{ns}").status_code == 404
+
+
+def test_server_sent_events_carry_job_changes_of_the_token_namespaces_only(
+        api_server: ApiServer, client: RedisClient, settings: Settings) -> None:
+    ns = settings.namespace
+    client.wait([j.id for j in client.submit(ops(Op.LAUNCH, ns, "s1", memory_mib=16, disk_gib=0))])
+    mine = api_server.token(f"{ns}-sse", "read", [ns])
+    other = api_server.token(f"{ns}-sse-b", "read", [f"{ns}-b"])
+    with api_server.http(mine) as http:
+        assert http.get("/api/v1/jobs/events", params={"namespace": f"{ns}-b"}).status_code == 403
+        assert http.get("/api/v1/jobs/events", params={"namespace": "Bad_NS"}).status_code == 422
+    with api_server.http() as http:
+        assert http.get("/api/v1/jobs/events").status_code == 401
+    seen: dict[str, list[dict[str, object]]] = {"mine": [], "other": []}
+
+    def listen(name: str, secret: str, until: float) -> None:
+        headers = {"Authorization": f"Bearer {secret}"}
+        with httpx.Client(base_url=api_server.url, headers=headers, timeout=2) as http, \
+                http.stream("GET", "/api/v1/jobs/events") as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            try:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        seen[name].append(json.loads(line[6:]))
+                        if seen[name][-1]["state"] == "succeeded":
+                            return
+                    if time.monotonic() > until:
+                        return
+            except httpx.ReadTimeout:  # nothing for this token: the stream stays quiet
+                return
+
+    import threading
+
+    until = time.monotonic() + 8
+    threads = [threading.Thread(target=listen, args=(n, s, until)) for n, s in (("mine", mine), ("other", other))]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # both subscribed
+    [pause] = client.submit(ops(Op.PAUSE, ns, "s1"))
+    client.wait([pause.id])
+    for t in threads:
+        t.join(timeout=15)
+    assert [e["state"] for e in seen["mine"] if e["id"] == pause.id][-1] == "succeeded"
+    assert {e["namespace"] for e in seen["mine"]} == {ns}
+    assert seen["other"] == []

@@ -44,7 +44,9 @@ def test_generated_requests_never_get_a_5xx_and_refused_ones_change_nothing(
     ns = settings.namespace
     token = fuzz_api.token(f"{ns}-fuzz", "admin", [ns])
     with httpx.Client(base_url=fuzz_api.url, timeout=30) as http:
-        schema = schemathesis.openapi.from_dict(http.get("/openapi.json").json())
+        # The event stream never ends by itself: test_api.py checks it by hand.
+        schema = schemathesis.openapi.from_dict(http.get("/openapi.json").json()).exclude(
+            path="/api/v1/jobs/events")
     modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
     # Half the cases aim at the token's namespace, so they get past authorization and reach the handlers.
     cases = st.one_of(*[schema.as_strategy(mode) for mode in modes],

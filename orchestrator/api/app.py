@@ -5,14 +5,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI, Security
 
 from ..settings import Settings
-from . import errors, hosts, jobs, meta, namespaces, vms
+from . import errors, events, hosts, jobs, meta, namespaces, vms
 from .auth import authenticate, bearer
 from .backend import Backend
 
 API_VERSION = "1"
+#: worker threads for the (synchronous) routes; anyio's default is 40
+THREADS = 200
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -20,6 +23,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Long polls hold a worker thread each for up to api_wait_max: room for many at once.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
         yield
         backend.close()
 
@@ -28,8 +33,9 @@ def create_app(settings: Settings) -> FastAPI:
                               "but `/api/v1/health` needs `Authorization: Bearer <token>`.",
                   dependencies=[Security(bearer)])
     app.state.backend = backend
+    app.state.open_streams = 0
     app.middleware("http")(authenticate)
     errors.install(app)
-    for module in (meta, jobs, vms, namespaces, hosts):
+    for module in (meta, events, jobs, vms, namespaces, hosts):
         app.include_router(module.router)
     return app
