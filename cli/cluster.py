@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from orchestrator.names import check_name
+from orchestrator.redisconn import shown
 
 from . import render
 from .context import state
@@ -40,7 +41,7 @@ def up(
     if st.json:
         render.dump_json(info)
     elif detach:
-        render.out.print(f"local cluster up: {len(info.hosts)} hosts, Redis at {info.redis_url}")
+        render.out.print(f"local cluster up: {len(info.hosts)} hosts, Redis at {shown(info.redis_url)}")
         if info.api_url:
             render.out.print(f"HTTP API at {info.api_url}; its admin token is in {info.home / 'token'} "
                              f"(used with VMORCH_API_URL={info.api_url})")

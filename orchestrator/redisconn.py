@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
 from redis import Redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -41,6 +43,17 @@ def ping(client: Redis, url: str) -> None:
         client.ping()
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise ClusterUnavailable(
-            f"cannot reach Redis at {url}: {exc}",
+            f"cannot reach Redis at {shown(url)}: {exc}",
             hint="start a local cluster with 'vmorch up --detach', or pass --redis-url / set VMORCH_REDIS_URL",
         ) from None
+
+
+def shown(url: str) -> str:
+    """A Redis URL fit for messages and logs: its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -132,6 +133,11 @@ def test_up_serves_the_api_with_an_admin_token_and_restarts_it(running: ClusterI
     token_file = home / "token"
     assert running.api_url and running.api_pid and _recorded(home)["api_url"] == running.api_url
     assert token_file.stat().st_mode & 0o777 == 0o600
+    # the cluster's Redis wants its password, which only the owner of the home can read
+    assert (home / "cluster.json").stat().st_mode & 0o777 == 0o600
+    password = urlsplit(running.redis_url).password
+    assert password and not _redis_answers(running.redis_url.replace(f":{password}@", ""))
+    assert password not in " ".join(Path(f"/proc/{running.redis_pid}/cmdline").read_text().split("\0"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMORCH_")}
     # the token comes from <home>/token by itself
     env.update(VMORCH_HOME=str(home), VMORCH_API_URL=running.api_url)

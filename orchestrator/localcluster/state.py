@@ -71,7 +71,8 @@ def write_state(paths: Paths, state: State) -> None:
     data["proc_start_ticks"] = {str(pid): ticks for pid, ticks in state.ticks.items()}
     # Readers (every vmorch command) must never see a half-written file: write, then rename.
     tmp = paths.state.with_name(f".{CLUSTER_FILE}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
+    # 0600: the Redis URL in it carries the cluster's password.
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
         f.flush()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from ..errors import ClusterUnavailable
-from ..redisconn import connect
+from ..redisconn import connect, shown
 from ..settings import Settings
 from .api import LOCAL_ADMIN, api_argv, ensure_admin_token
 from .environment import OnEvent, child_env, redis_server, resolved
@@ -74,8 +75,8 @@ class Supervisor:
         if self._stop_requested:
             return
         hosts = ", ".join(f"{name} (pid {child.pid})" for name, child in self.workers.items())
-        self.on_event(f"local cluster running under {self.paths.home}: Redis at {self.redis_url}, hosts {hosts}; "
-                      f"API at {self._info().api_url}; logs in {self.paths.logs}")
+        self.on_event(f"local cluster running under {self.paths.home}: Redis at {shown(self.redis_url)}, "
+                      f"hosts {hosts}; API at {self._info().api_url}; logs in {self.paths.logs}")
 
     def _trap_signals(self) -> dict[signal.Signals, Any]:
         # Python only lets the main thread set handlers; elsewhere the caller uses request_stop().
@@ -115,15 +116,23 @@ class Supervisor:
 
     def _start_redis(self) -> None:
         log = self.paths.logs / "redis.log"
-        # A free port can be taken between probing and binding: try a few.
-        for _attempt in range(3):
+        # Loopback is shared by every local user: a password (in a 0600 file, never on a command
+        # line others can read in ps) keeps them from the cluster's Redis, and so from its tokens.
+        password = secrets.token_urlsafe(24)
+        conf = self.paths.redis_dir / "redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"requirepass {password}\n")
+        os.chmod(conf, 0o600)  # an older file keeps its mode through O_CREAT
+        for _attempt in range(3):  # a free port can be taken between probing and binding: try a few
             port = _free_port()
-            argv = [redis_server(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(self.paths.redis_dir),
+            argv = [redis_server(), str(conf), "--bind", "127.0.0.1", "--port", str(port),
+                    "--dir", str(self.paths.redis_dir),
                     "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
                     "--logfile", str(log)]
             self.redis = Child("redis-server", argv, child_env(self.settings), log, self.paths.home)
             self.redis.start()
-            self.redis_url = f"redis://127.0.0.1:{port}/0"
+            self.redis_url = f"redis://:{password}@127.0.0.1:{port}/0"
             if self._wait_redis(self.redis):
                 return
         raise ClusterUnavailable(f"redis-server did not start; last lines of {log}:\n{tail(log)}",
