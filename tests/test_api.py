@@ -81,6 +81,7 @@ def test_errors_have_one_shape_and_the_right_status(api_server: ApiServer, clien
         ("POST", "/api/v1/jobs", {"operations": [{"op": "move-in", "namespace": ns, "vm": "e1",
                                                   "params": {"source": "t1"}}]}, 422, "invalid_input", None),
         ("POST", f"/api/v1/namespaces/{ns}/vms/e1/set", {}, 422, "invalid_input", None),
+        ("POST", f"/api/v1/namespaces/{ns}/vms/e1/set", {"vcpus": 0}, 422, "invalid_input", "body.vcpus"),
         ("POST", f"/api/v1/namespaces/{ns}/vms/{quote('r[3-1]', safe='')}/start", None, 422, "invalid_input", None),
         ("POST", f"/api/v1/namespaces/{ns}/vms/e1/frobnicate", None, 422, "invalid_input", "path.op"),
         ("GET", f"/api/v1/namespaces/{ns}/jobs?limit=0", None, 422, "invalid_input", "query.limit"),

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
 
+from ..errors import InvalidInput
 from ..records import Job
 from ..tokens import Role
 from .auth import Client, CurrentToken, authorize, visible_job
@@ -49,8 +50,6 @@ def plan(body: SubmitRequest, client: Client, token: CurrentToken) -> Plan:
         authorize(token, Role.OPERATE, ns)
     not_launch = [i for i, o in enumerate(ops) if o.op.value != "launch"]
     if not_launch:
-        from ..errors import InvalidInput
-
         raise InvalidInput(f"operations.{not_launch[0]}.op: only launches can be planned",
                            hint="send launch operations only")
     return Plan(plan=[PlanEntry(vm=vm, host=host) for vm, host in client.plan(ops).items()])

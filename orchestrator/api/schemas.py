@@ -38,15 +38,20 @@ class SubmitRequest(BaseModel):
         return build_operations(self.operations, ("body", "operations"))
 
 
-def build_operations(ops: list[OperationIn], where: tuple[str | int, ...]) -> list[Operation]:
-    """The operations, or a 422 naming the first bad field (as FastAPI's own validation does)."""
+def build_operations(ops: list[OperationIn], where: tuple[str | int, ...], *, indexed: bool = True,
+                     ) -> list[Operation]:
+    """The operations, or a 422 naming the first bad field (as FastAPI's own validation does).
+
+    ``where`` is where they were in the request; ``indexed``: it held a list of them.
+    """
     out = []
     for i, raw in enumerate(ops):
         try:
             out.append(Operation.model_validate(raw.model_dump()))
         except ValidationError as exc:
-            raise RequestValidationError(
-                [{**e, "loc": (*where, i, *e["loc"])} for e in exc.errors(include_url=False)]) from None
+            at = (*where, i) if indexed else where
+            raise RequestValidationError([{**e, "loc": (*at, *e["loc"])} for e in exc.errors(include_url=False)],
+                                         ) from None
     return out
 
 

@@ -36,7 +36,7 @@ def operate(ns: OperateNs, client: Client, response: Response,
             ) -> list[Job]:
     """A job per VM of the target, all accepted or none; ``Location`` points to the first."""
     ops = build_operations([OperationIn(op=op, namespace=ns, vm=vm, params=params or {})
-                            for vm in expand_target(target)], ("body",))
+                            for vm in expand_target(target)], ("body",), indexed=False)
     return accepted(response, client.submit(ops))
 
 
