@@ -21,6 +21,7 @@ from typing import cast
 
 from pydantic import BaseModel, ConfigDict, field_serializer
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from . import keys
 from .errors import AlreadyExists, InvalidInput, NotFound
@@ -102,7 +103,7 @@ class TokenStore:
 
     def lookup(self, secret: str) -> Token | None:
         """The token of a presented secret, or None (unknown, revoked or malformed)."""
-        if not secret.startswith(SECRET_PREFIX) or len(secret) > 200:
+        if not well_formed(secret):
             return None
         data = cast(dict[str, str], self.redis.hgetall(keys.token(digest(secret))))
         return _token(data) if data else None
@@ -125,6 +126,18 @@ class TokenStore:
         pipe.hdel(keys.TOKENS, name)
         pipe.execute()
         return _token(data)
+
+
+async def lookup_async(redis: AsyncRedis, secret: str) -> Token | None:
+    """``TokenStore.lookup`` for the API's event loop (a lookup on every request, without a thread)."""
+    if not well_formed(secret):
+        return None
+    data = cast(dict[str, str], await redis.hgetall(keys.token(digest(secret))))
+    return _token(data) if data else None
+
+
+def well_formed(secret: str) -> bool:
+    return secret.startswith(SECRET_PREFIX) and len(secret) <= 200
 
 
 def _token(data: dict[str, str]) -> Token:

@@ -27,7 +27,7 @@ from orchestrator.settings import Settings
 from .apiserver import ApiServer, serve
 
 #: examples per run; VMORCH_FUZZ_EXAMPLES raises it for a longer hunt
-EXAMPLES = int(os.environ.get("VMORCH_FUZZ_EXAMPLES", "600"))
+EXAMPLES = int(os.environ.get("VMORCH_FUZZ_EXAMPLES", "400"))
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from fastapi import FastAPI, Security
 
 from ..settings import Settings
 from . import errors, events, hosts, jobs, meta, namespaces, vms
-from .auth import authenticate, bearer
+from .auth import TokenAuth, bearer
 from .backend import Backend
 
 API_VERSION = "1"
@@ -26,7 +26,7 @@ def create_app(settings: Settings) -> FastAPI:
         # Long polls hold a worker thread each for up to api_wait_max: room for many at once.
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
         yield
-        backend.close()
+        await backend.aclose()
 
     app = FastAPI(title="vmorch", version=API_VERSION, lifespan=lifespan,
                   description="VM operations queued, ordered and locked across a cluster. Every `/api/v1` route "
@@ -34,7 +34,7 @@ def create_app(settings: Settings) -> FastAPI:
                   dependencies=[Security(bearer)])
     app.state.backend = backend
     app.state.open_streams = 0
-    app.middleware("http")(authenticate)
+    app.add_middleware(TokenAuth, backend=backend)
     errors.install(app)
     for module in (meta, events, jobs, vms, namespaces, hosts):
         app.include_router(module.router)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+from redis.asyncio import Redis as AsyncRedis
+
 from ..client import RedisClient
 from ..settings import Settings
 from ..tokens import TokenStore
@@ -16,6 +18,7 @@ class Backend:
         self.settings = settings
         self._client: RedisClient | None = None
         self._lock = threading.Lock()
+        self._async: AsyncRedis | None = None
 
     def client(self) -> RedisClient:
         with self._lock:
@@ -25,6 +28,19 @@ class Backend:
                 _ = client.locks, client.celery
                 self._client = client
             return self._client
+
+    def async_redis(self) -> AsyncRedis:
+        """For the event loop's own work (token checks, event streams); made in the loop that uses it."""
+        if self._async is None:
+            self._async = AsyncRedis.from_url(self.settings.resolved_redis_url(), decode_responses=True,
+                                              socket_timeout=30, socket_connect_timeout=5)
+        return self._async
+
+    async def aclose(self) -> None:
+        if self._async is not None:
+            await self._async.aclose()
+            self._async = None
+        self.close()
 
     def tokens(self) -> TokenStore:
         return TokenStore(self.client().redis)

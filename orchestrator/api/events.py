@@ -12,7 +12,6 @@ from typing import Annotated, cast
 import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-from redis.asyncio import Redis as AsyncRedis
 
 from .. import keys
 from ..errors import ClusterUnavailable
@@ -46,8 +45,7 @@ async def job_events(
     state = request.app.state
     if state.open_streams >= MAX_STREAMS:
         raise ClusterUnavailable(f"{MAX_STREAMS} event streams are open already", hint="try again later")
-    redis = AsyncRedis.from_url(backend(request).settings.resolved_redis_url(), decode_responses=True,
-                                socket_connect_timeout=5)
+    redis = backend(request).async_redis()
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe(keys.UPDATES)
 
@@ -77,7 +75,6 @@ async def job_events(
             # The client went away: this task is being cancelled, and the clean-up must still happen.
             with anyio.CancelScope(shield=True):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
-                await redis.aclose()
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
