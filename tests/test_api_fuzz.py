@@ -17,6 +17,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given
 from hypothesis import strategies as st
+from hypothesis.errors import FlakyStrategyDefinition
 from redis import Redis
 from schemathesis.generation import GenerationMode
 
@@ -28,6 +29,7 @@ from .apiserver import ApiServer, serve
 
 #: examples per run; VMORCH_FUZZ_EXAMPLES raises it for a longer hunt
 EXAMPLES = int(os.environ.get("VMORCH_FUZZ_EXAMPLES", "400"))
+CHUNK = 500
 
 pytestmark = pytest.mark.slow
 
@@ -55,9 +57,6 @@ def test_generated_requests_never_get_a_5xx_and_refused_ones_change_nothing(
     failures: list[str] = []
     session = requests.Session()
 
-    @hypothesis.settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
-    @given(case=cases, authenticated=st.sampled_from([True, True, True, False]))
     def check(case: schemathesis.Case, authenticated: bool) -> None:
         before = redis.get(keys.JOB_NEXT)
         case.headers = {k: v for k, v in (case.headers or {}).items() if k.lower() != "authorization"}
@@ -78,7 +77,19 @@ def test_generated_requests_never_get_a_5xx_and_refused_ones_change_nothing(
             assert set(response.json()) == {"error"}, where
 
     try:
-        check()
+        for _round in range(20):  # rounds of at most CHUNK examples, until EXAMPLES requests were made
+            left = EXAMPLES - sum(statuses.values())
+            if left <= 0:
+                break
+            run = hypothesis.settings(max_examples=min(left, CHUNK), deadline=None, database=None,
+                                      phases=[Phase.generate], suppress_health_check=list(HealthCheck))(
+                given(case=cases, authenticated=st.sampled_from([True, True, True, False]))(check))
+            try:
+                run()
+            except FlakyStrategyDefinition:
+                # schemathesis's strategies sometimes replay differently late in a long run: a quirk of
+                # the generator, not a finding (every request made was checked); go on with a new round
+                continue
     finally:
         session.close()
     tried = sum(statuses.values())
