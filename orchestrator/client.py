@@ -9,7 +9,7 @@ import copy
 import getpass
 import socket
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -97,6 +97,7 @@ class RedisClient:
             raise InvalidInput("move-in jobs are made by 'vm move'", hint="use 'vmorch vm move NAME --to HOST'")
         launches = [o for o in ops if o.op is Op.LAUNCH]
         others = [o for o in ops if o.op is not Op.LAUNCH]
+        _check_launches(launches)
         # Refuse the whole batch before accepting any of it (one round trip for all the names).
         pipe = self.redis.pipeline(transaction=False)
         for op in others:
@@ -110,10 +111,16 @@ class RedisClient:
                 # an earlier job of this batch on the same VM (a kill, say) is as good as a pending one
                 self._check_move(op, behind_others=(op.namespace, op.vm) in seen)
             seen.add((op.namespace, op.vm))
-        accepted = self._submit_launches(launches) if launches else []
-        for op in others:  # in the order given: it is the VMs' order
-            accepted += self._submit_move(op) if op.op is Op.MOVE_OUT else [(self.store.submit(op, self.actor), op)]
-        self._enqueue(accepted)
+        accepted: list[tuple[Submitted, Operation]] = []
+        try:
+            if launches:
+                accepted += self._submit_launches(launches)
+            for op in others:  # in the order given: it is the VMs' order
+                accepted += self._submit_move(op) if op.op is Op.MOVE_OUT else [(self.store.submit(op, self.actor), op)]
+        finally:
+            # A refusal that only shows under the locks (a move's target filled up meanwhile) comes after
+            # some jobs were accepted: those still get their message, never stay queued for nothing.
+            self._enqueue(accepted)
         return self.store.get_jobs(s.id for s, _ in accepted)
 
     def _submit_launches(self, ops: list[Operation]) -> list[tuple[Submitted, Operation]]:
@@ -341,6 +348,20 @@ class RedisClient:
                     jobs[job.id] = job
         finally:
             pubsub.close()
+
+
+def _check_launches(launches: list[Operation]) -> None:
+    """Refuse, before anything is accepted, launch batches that could only be accepted in part.
+
+    (The CLI never makes them; a request to the API can.)
+    """
+    if len({o.namespace for o in launches}) > 1:
+        raise InvalidInput("launches of one request must all be in one namespace",
+                           hint="send one request per namespace")
+    names = Counter(o.vm for o in launches)
+    twice = sorted(name for name, n in names.items() if n > 1)
+    if twice:
+        raise InvalidInput(f"VM {twice[0]!r} is launched more than once in one request", hint="launch each name once")
 
 
 def _check_live(source: Host, target: Host, vm: Vm) -> None:

@@ -62,6 +62,7 @@ def test_errors_have_one_shape_and_the_right_status(api_server: ApiServer, clien
     ns = settings.namespace
     client.wait([j.id for j in client.submit(ops(Op.LAUNCH, ns, "e1", memory_mib=16, disk_gib=0))])
     before = redis.get(keys.JOB_NEXT)
+    [launch_d1] = _launch(ns, "d1")["operations"]  # type: ignore[index]
     cases: list[tuple[str, str, object, int, str, str | None]] = [
         ("POST", f"/api/v1/namespaces/{ns}/vms/nosuch/pause", None, 404, "not_found", None),
         ("GET", f"/api/v1/namespaces/{ns}/vms/nosuch", None, 404, "not_found", None),
@@ -74,6 +75,10 @@ def test_errors_have_one_shape_and_the_right_status(api_server: ApiServer, clien
         ("POST", "/api/v1/jobs", _launch(ns, "h", host="atlantis"), 422, "invalid_input", None),
         ("POST", "/api/v1/jobs", _launch(ns, "t", tags={"k<": "v"}), 422, "invalid_input", "body.operations.0.tags"),
         ("POST", "/api/v1/jobs", {"operations": []}, 422, "invalid_input", "body.operations"),
+        # found by the fuzzer: a name twice in one batch left its first launch accepted and never sent
+        ("POST", "/api/v1/jobs", {"operations": [launch_d1, launch_d1]}, 422, "invalid_input", None),
+        ("POST", "/api/v1/jobs", {"operations": [launch_d1, {**launch_d1, "namespace": f"{ns}-x"}]}, 422,
+         "invalid_input", None),
         ("POST", "/api/v1/jobs", {"operations": [{"op": "frobnicate", "namespace": ns, "vm": "e1"}]}, 422,
          "invalid_input", "body.operations.0.op"),
         ("POST", "/api/v1/jobs", {"operations": [{"op": "pause", "namespace": ns, "vm": "e1", "x": 1}]}, 422,
