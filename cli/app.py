@@ -15,7 +15,7 @@ from orchestrator.errors import InvalidInput, VmorchError
 from orchestrator.names import check_namespace
 from orchestrator.settings import Settings
 
-from . import cluster, completion, experiments, hosts, jobs, namespaces, schedules, vms
+from . import api, cluster, completion, experiments, hosts, jobs, namespaces, schedules, tokens, vms
 from .context import State
 from .doctor import doctor
 from .render import error
@@ -34,8 +34,10 @@ app.add_typer(hosts.app, name="host")
 app.add_typer(namespaces.app, name="ns")
 app.add_typer(experiments.app, name="experiment")
 app.add_typer(schedules.app, name="schedule")
+app.add_typer(tokens.app, name="token")
 app.command(name="scheduler")(schedules.scheduler)
 cluster.register(app)
+api.register(app)
 app.command()(doctor)
 
 
@@ -48,10 +50,18 @@ def root(
                                            help="namespace of VMs and jobs",
                                            autocompletion=completion.namespace_names)] = "default",
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output on stdout")] = False,
+    api_url: Annotated[str | None, typer.Option("--api-url", envvar="VMORCH_API_URL",
+                                                help="talk to this vmorch API instead of Redis")] = None,
+    token: Annotated[str | None, typer.Option("--token", envvar="VMORCH_TOKEN", show_default=False,
+                                              help="API token (default: the file $VMORCH_HOME/token)")] = None,
 ) -> None:
     overrides: dict[str, object] = {"namespace": check_namespace(namespace)}
     if redis_url:
         overrides["redis_url"] = redis_url
+    if api_url:
+        overrides["api_url"] = api_url
+    if token:
+        overrides["token"] = token
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:

@@ -26,11 +26,13 @@ def up(
     libvirt_uri: Annotated[str | None, typer.Option(
         "--libvirt-uri", help="hypervisor of every host (default: embedded QEMU if installed, else test:///default)")
     ] = None,
-    api_port: Annotated[int | None, typer.Option("--api-port", help="port of the HTTP API")] = None,
+    api_port: Annotated[int | None, typer.Option("--api-port", min=1, max=65535,
+                                                 help="port of the HTTP API (default: a free port)")] = None,
     detach: Annotated[bool, typer.Option("--detach", "-d", help="return once every host is up")] = False,
 ) -> None:
-    """Start a local cluster (Redis, host workers) under VMORCH_HOME."""
+    """Start a local cluster (Redis, host workers, HTTP API with an admin token) under VMORCH_HOME."""
     from orchestrator import localcluster
+    from orchestrator.redisconn import redact
 
     st = state(ctx)
     info = localcluster.up(st.settings, hosts=hosts, libvirt_uri=libvirt_uri, api_port=api_port, detach=detach,
@@ -38,7 +40,11 @@ def up(
     if st.json:
         render.dump_json(info)
     elif detach:
-        render.out.print(f"local cluster up: {len(info.hosts)} hosts, Redis at {info.redis_url}")
+        render.out.print(f"local cluster up: {len(info.hosts)} hosts, Redis at {redact(info.redis_url)}")
+        if info.api_url:
+            render.out.print(f"HTTP API at {info.api_url}; its admin token is in {info.home / 'token'} "
+                             f"(used with VMORCH_API_URL={info.api_url})")
+            render.out.print("more tokens: vmorch token create NAME --role read|operate|admin --namespace NS")
         render.out.print("try: vmorch vm launch web1 --wait; stop it with: vmorch down")
 
 

@@ -25,11 +25,17 @@ class State:
 
     @property
     def client(self) -> Client:
+        """Over HTTP when an API URL is given (``--api-url``/``VMORCH_API_URL``), else straight to Redis."""
         if self._client is None:
-            # imported here: '--help' and usage errors need no Redis client (start-up time)
-            from orchestrator.client import RedisClient
+            # imported here: '--help' and usage errors need no client libraries (start-up time)
+            if self.settings.api_url:
+                from orchestrator.httpclient import HttpClient
 
-            self._client = RedisClient(self.settings)
+                self._client = HttpClient(self.settings)
+            else:
+                from orchestrator.client import RedisClient
+
+                self._client = RedisClient(self.settings)
         return self._client
 
 

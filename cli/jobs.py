@@ -23,7 +23,7 @@ def show(ctx: typer.Context, job_id: JobId) -> None:
     """Show one job."""
     st = state(ctx)
     job = st.client.job(job_id)
-    events = st.client.events(job.namespace, vm=job.vm, job_id=job.id)
+    events = st.client.events(job.namespace, vm=job.vm or None, job_id=job.id)  # a parent job has no VM
     children = st.client.children(job.id) if job.is_parent else []
     failed = [c for c in children if c.state is JobState.FAILED]
     if st.json:

@@ -5,11 +5,12 @@
 
 from __future__ import annotations
 
+import copy
 import getpass
 import socket
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
@@ -49,7 +50,7 @@ class Client(Protocol):
     def remove_schedule(self, namespace: str, name: str) -> None: ...
     def job(self, job_id: int) -> Job: ...
     def jobs(self, namespace: str, *, vm: str | None = None, state: JobState | None = None,
-             op: Op | None = None, limit: int = 50) -> list[Job]: ...
+             op: Op | None = None, limit: int = 50, before: int | None = None) -> list[Job]: ...
     def wait(self, ids: Sequence[int], *, timeout: float | None = None,
              on_update: OnUpdate | None = None) -> list[Job]: ...
     def cancel(self, job_id: int) -> Job: ...
@@ -84,6 +85,14 @@ class RedisClient:
         self._locks: LockManager | None = None
         self._celery: Celery | None = None
         self._local = threading.local()
+        #: who the history says asked (the API sets an API token's name per request)
+        self.actor = who()
+
+    def acting_as(self, actor: str) -> RedisClient:
+        """This client (same connections) recording ``actor`` as the one who asks."""
+        view = copy.copy(self)
+        view.actor = actor
+        return view
 
     @property
     def locks(self) -> LockManager:
@@ -139,7 +148,7 @@ class RedisClient:
                     entries.append(BatchEntry(op, host=p.to, source=sources[(op.namespace, op.vm)], retry_of=again))
                 else:
                     entries.append(BatchEntry(op, retry_of=again))
-            _, submitted = self.store.submit_batch(entries, who=who(), parent=parent, after=after,  # LOCK: all
+            _, submitted = self.store.submit_batch(entries, who=self.actor, parent=parent, after=after,  # LOCK: all
                                                    delay_s=opts.delay_s,
                                                    fail_on_failed_dep=opts.if_dependency_failed == "fail")
         by_job = iter(submitted)
@@ -155,12 +164,11 @@ class RedisClient:
         """Refuse the whole batch before accepting any of it (one round trip for all the names)."""
         if any(o.op is Op.MOVE_IN for o in ops):
             raise InvalidInput("move-in jobs are made by 'vm move'", hint="use 'vmorch vm move NAME --to HOST'")
-        names = [(o.namespace, o.vm) for o in ops if o.op is Op.LAUNCH]
-        if len(set(names)) < len(names):
-            raise InvalidInput("a VM is launched twice in one batch", hint="give each name once")
+        launches = [o for o in ops if o.op is Op.LAUNCH]
+        _check_launches(launches)
         others = [o for o in ops if o.op is not Op.LAUNCH]
         seen: set[tuple[str, str]] = set()
-        for op, exists in zip(others, self._exist(others, alone=not names), strict=True):
+        for op, exists in zip(others, self._exist(others, alone=not launches), strict=True):
             if not exists:
                 raise NotFound(f"no VM {op.vm!r} in namespace {op.namespace!r}",
                                hint="list VMs with 'vmorch vm list' (and check --namespace)")
@@ -384,7 +392,7 @@ class RedisClient:
             for s in steps:
                 self.cancel(s.job)
             raise
-        run_id = self.runs.save(name=exp.name, namespace=ns, source=source, text=text, by=who(), steps=steps)
+        run_id = self.runs.save(name=exp.name, namespace=ns, source=source, text=text, by=self.actor, steps=steps)
         return self.experiment_run(run_id)
 
     def _step_ops(self, ns: str, step: experiment.Step) -> list[Operation]:
@@ -417,7 +425,7 @@ class RedisClient:
 
     def add_schedule(self, spec: ScheduleSpec) -> Schedule:
         with self.locks.hold(schedule_lock(spec.namespace, spec.name), timeout=self.settings.submit_lock_timeout):
-            self._schedules.add(spec, who())  # LOCK: schedule
+            self._schedules.add(spec, self.actor)  # LOCK: schedule
         return self.schedule(spec.namespace, spec.name)
 
     def schedule(self, namespace: str, name: str, *, history: int = 10) -> Schedule:
@@ -471,7 +479,7 @@ class RedisClient:
                 raise InvalidInput(f"namespace {name!r} has {len(names)} VMs",
                                    hint="delete them first, or pass --force to delete them with it")
             self.store.mark_namespace_deleting(name)  # LOCK: cmd -- no launch gets in from now on
-            accepted = [(self.store.submit(op, who()), op)
+            accepted = [(self.store.submit(op, self.actor), op)
                         for op in (Operation.build(Op.DELETE, name, vm) for vm in names)]
         self._enqueue(accepted)
         return self.store.get_jobs(s.id for s, _ in accepted)
@@ -499,8 +507,8 @@ class RedisClient:
         return self.store.get_job(job_id)
 
     def jobs(self, namespace: str, *, vm: str | None = None, state: JobState | None = None,
-             op: Op | None = None, limit: int = 50) -> list[Job]:
-        return self.store.list_jobs(namespace, vm=vm, state=state, op=op, limit=limit)
+             op: Op | None = None, limit: int = 50, before: int | None = None) -> list[Job]:
+        return self.store.list_jobs(namespace, vm=vm, state=state, op=op, limit=limit, before=before)
 
     def vm(self, namespace: str, name: str) -> Vm:
         return self.store.get_vm(namespace, name)
@@ -524,7 +532,7 @@ class RedisClient:
         targets = [c.id for c in self.store.children(job_id) if c.state in (JobState.QUEUED, JobState.WAITING)] \
             if job.is_parent else [job_id]
         for target in targets:
-            _, released = self.store.cancel(target, who())
+            _, released = self.store.cancel(target, self.actor)
             deps.wake(self.celery, self.store, released)
         return self.store.get_job(job_id)
 
@@ -576,6 +584,20 @@ class RedisClient:
         except RedisError:  # a broken subscriber is dropped; the next wait makes a new one
             self._local.pubsub = None
             pubsub.close()
+
+
+def _check_launches(launches: list[Operation]) -> None:
+    """Refuse, before anything is accepted, launch batches that could only be accepted in part.
+
+    (The CLI never makes them; a request to the API can.)
+    """
+    if len({o.namespace for o in launches}) > 1:
+        raise InvalidInput("launches of one request must all be in one namespace",
+                           hint="send one request per namespace")
+    names = Counter(o.vm for o in launches)
+    twice = sorted(name for name, n in names.items() if n > 1)
+    if twice:
+        raise InvalidInput(f"VM {twice[0]!r} is launched more than once in one request", hint="launch each name once")
 
 
 def _check_live(source: Host, target: Host, vm: Vm) -> None:

@@ -67,6 +67,18 @@ class NoCapacity(RequestError):
     code = "no_capacity"
 
 
+class Unauthorized(RequestError):
+    """No API token, or one that is unknown or revoked."""
+
+    code = "unauthorized"
+
+
+class Forbidden(RequestError):
+    """The API token is valid but its role or namespaces don't cover the request."""
+
+    code = "forbidden"
+
+
 class ClusterUnavailable(RequestError):
     """No cluster to talk to (Redis unreachable, no host up)."""
 

@@ -41,6 +41,10 @@ P:redbeat::schedule, ::lock     zset,str RedBeat's due times, and the active sch
 P:events:<ns>                   stream   history: every job state change and VM change
 P:fence:<lock name>             string   the lock's fencing counter (INCR on every acquire)
 P:updates                       pubsub   channel: "<job id> <state>" on every job change
+P:token:<sha256 hex>            hash     one API token: name, role, namespaces (JSON), created_at
+                                         (the secret itself is never stored, only its SHA-256)
+P:tokens                        hash     token name -> its SHA-256 (for list and revoke)
+P:audit                         stream   cluster-wide requests (host drain, tokens), by whom
 lock:<lock name>                string   python-redis-lock's lock key (its own prefix)
 lock-signal:<lock name>         list     python-redis-lock's wake-up list
 ==============================  =======  ===================================================
@@ -60,6 +64,8 @@ HOSTS = f"{PREFIX}:hosts"
 UPDATES = f"{PREFIX}:updates"
 RELEASED = f"{PREFIX}:released"
 DELAYED = f"{PREFIX}:delayed"
+TOKENS = f"{PREFIX}:tokens"
+AUDIT = f"{PREFIX}:audit"
 
 
 def job(job_id: int) -> str:
@@ -141,6 +147,10 @@ def host_vms(name: str) -> str:
 
 def transfer(job_id: int) -> str:
     return f"{PREFIX}:transfer:{job_id}"
+
+
+def token(digest: str) -> str:
+    return f"{PREFIX}:token:{digest}"
 
 
 def fence(lock_name: str) -> str:

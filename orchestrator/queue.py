@@ -7,9 +7,12 @@ or twice changes nothing about the order in which the VM's jobs run.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import ssl
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
 
 from . import keys
+from .errors import InvalidInput
 from .redisconn import celery_broker
 from .settings import Settings
 
@@ -41,8 +44,34 @@ def make_app(settings: Settings) -> Celery:
         # Task events, so that Flower and 'celery events' see vmorch's tasks (sent, received, succeeded).
         worker_send_task_events=True,
         task_send_sent_event=True,
+        broker_use_ssl=broker_ssl(broker),
     )
     return app
+
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def broker_ssl(url: str) -> dict[str, Any] | None:
+    """For a ``rediss://`` URL, kombu's TLS options, read from the URL's own ``ssl_*`` parameters.
+
+    redis-py reads them from the URL by itself; kombu doesn't, and without options it would
+    silently skip checking the server's certificate. So the certificate is required unless
+    the URL says ``ssl_cert_reqs=none``, exactly as for redis-py.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    query = dict(parse_qsl(parts.query))
+    wanted = query.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
+    if wanted not in _CERT_REQS:
+        raise InvalidInput(f"ssl_cert_reqs={query['ssl_cert_reqs']!r} in the Redis URL",
+                           hint="use ssl_cert_reqs=required, optional or none")
+    options: dict[str, Any] = {"ssl_cert_reqs": _CERT_REQS[wanted]}
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if name in query:
+            options[name] = query[name]
+    return options
 
 
 def enqueue(app: Celery, host: str, namespace: str, vm: str, job_id: int) -> None:

@@ -146,3 +146,4 @@ def ping(client: Redis, url: str) -> None:
             f"cannot reach Redis at {redact(url)}: {exc}",
             hint="start a local cluster with 'vmorch up --detach', or pass --redis-url / set VMORCH_REDIS_URL",
         ) from None
+

@@ -56,6 +56,23 @@ class Settings(BaseSettings):
     scheduler_lock_timeout: int = Field(default=5, ge=2)
     #: how often (s) the scheduler looks at its schedules (and renews its lock)
     scheduler_tick: float = Field(default=1.0, gt=0)
+    #: the HTTP API to talk to instead of Redis (``vmorch --api-url``); None: Redis directly
+    api_url: str | None = None
+    #: the API token (secret); None: the file ``<home>/token`` (``vmorch up`` writes one)
+    token: str | None = Field(default=None, repr=False)
+    #: the API checks tokens; ``vmorch api --no-auth`` turns it off (loopback only)
+    api_auth: bool = True
+    #: the longest (s) one long-poll request of the API holds before answering
+    api_wait_max: float = Field(default=30.0, gt=0, le=300)
+
+    def resolved_token(self) -> str | None:
+        """The API token: explicit setting, else ``<home>/token``, else None."""
+        if self.token:
+            return self.token
+        try:
+            return (self.home / "token").read_text().strip() or None
+        except OSError:
+            return None
 
     def resolved_redis_url(self) -> str:
         """The Redis URL to use: explicit setting, else the local cluster's, else the default."""

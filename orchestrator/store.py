@@ -257,12 +257,17 @@ class Store:
         return [Job.from_hash(h) for h in pipe.execute() if h]
 
     def list_jobs(self, namespace: str, *, vm: str | None = None, state: JobState | None = None,
-                  op: Op | None = None, limit: int = 50) -> list[Job]:
-        """Newest first. Filters are applied while paging back through the namespace's index."""
+                  op: Op | None = None, limit: int = 50, before: int | None = None) -> list[Job]:
+        """Newest first, ids below ``before`` if given (the next page's cursor).
+
+        Filters are applied while paging back through the namespace's index.
+        """
         out: list[Job] = []
         start, page = 0, max(limit, 100)
+        top = f"({before}" if before is not None else "+inf"
         while len(out) < limit:
-            ids = cast(list[str], self.redis.zrevrange(keys.jobs(namespace), start, start + page - 1))
+            ids = cast(list[str], self.redis.zrevrangebyscore(keys.jobs(namespace), top, "-inf", start=start,
+                                                              num=page))
             if not ids:
                 break
             start += len(ids)
@@ -506,6 +511,16 @@ class Store:
         return str(res[0]), _released(res[1:])
 
     # -- history ------------------------------------------------------------------------
+
+    def add_event(self, namespace: str | None, *, kind: str, state: str, by: str, detail: str = "",
+                  vm: str = "", op: str = "") -> None:
+        """Record a change that is not a job's (a namespace made, a host drained) and who asked.
+
+        ``namespace=None``: a cluster-wide change, recorded in the audit stream.
+        """
+        stream = keys.events(namespace) if namespace is not None else keys.AUDIT
+        self.redis.xadd(stream, {"at": f"{self.redis_time():.6f}", "kind": kind, "job": "", "vm": vm, "op": op,
+                                 "state": state, "by": by, "detail": detail}, maxlen=100_000)
 
     def events(self, namespace: str, *, vm: str | None = None, job_id: int | None = None,
                limit: int = 100) -> list[Event]:

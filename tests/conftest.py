@@ -30,6 +30,8 @@ from orchestrator.operation import Op, Operation
 from orchestrator.records import HostState
 from orchestrator.settings import Settings
 
+from .apiserver import ApiServer, serve
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
@@ -110,6 +112,8 @@ def base_settings(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFa
 
 def settings_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMORCH_")}
+    if settings.api_url:  # the CLI then talks to the HTTP API instead of Redis
+        env.update({"VMORCH_API_URL": settings.api_url, "VMORCH_TOKEN": settings.token or ""})
     env.update({
         "VMORCH_REDIS_URL": settings.resolved_redis_url(), "VMORCH_HOME": str(settings.home),
         "VMORCH_LOCK_EXPIRE": str(settings.lock_expire), "VMORCH_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
@@ -181,6 +185,13 @@ def cluster(base_settings: Settings) -> Iterator[list[WorkerProc]]:
     """Two hosts, each a real Celery worker with its own libvirt test hypervisor."""
     with running_hosts(base_settings, start_worker(base_settings, "t1"), start_worker(base_settings, "t2")) as ws:
         yield ws
+
+
+@pytest.fixture(scope="session")
+def api_server(base_settings: Settings, cluster: list[WorkerProc]) -> Iterator[ApiServer]:
+    """The HTTP API over the session's cluster, in a thread of this process (see tests/apiserver.py)."""
+    with serve(base_settings) as api:
+        yield api
 
 
 _ns_counter = itertools.count(1)

@@ -1,4 +1,8 @@
-"""The user-facing contract of DESIGN.md, through the real ``vmorch`` command in subprocesses."""
+"""The user-facing contract of DESIGN.md, through the real ``vmorch`` command in subprocesses.
+
+Every test runs twice: the CLI talking to Redis directly, and the CLI talking to the HTTP API
+(``VMORCH_API_URL`` + ``VMORCH_TOKEN``, an admin token) -- the same output and exit codes.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,16 @@ JOB_FIELDS = {"id", "op", "namespace", "vm", "host", "state", "seq", "submitted_
               "attempts", "error", "result"}
 VM_FIELDS = {"name", "namespace", "host", "state", "memory_mib", "vcpus", "tags"}
 HOST_FIELDS = {"name", "state", "heartbeat_at", "pid", "libvirt_uri", "cpus", "memory_mib", "vms"}
+
+
+@pytest.fixture(params=["redis", "http"])
+def settings(request: pytest.FixtureRequest, base_settings: Settings, ns: str) -> Settings:
+    """The test's settings; for "http", the CLI goes through the API (the session's ``api_server``)."""
+    settings = base_settings.model_copy(update={"namespace": ns})
+    if request.param == "http":
+        api = request.getfixturevalue("api_server")
+        settings = settings.model_copy(update={"api_url": api.url, "token": api.admin_token})
+    return settings
 
 
 def cli_json(settings: Settings, *args: str, code: int = 0) -> object:
@@ -102,7 +116,12 @@ def test_bad_input_exits_2_or_3_with_a_reason_and_a_hint_and_enqueues_nothing(
     assert redis.get(keys.JOB_NEXT) == before, "a job was accepted"
 
 
-def test_unreachable_redis_is_a_clear_error(settings: Settings) -> None:
-    proc = run_cli(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}), "vm", "list")
+def test_unreachable_redis_or_api_is_a_clear_error(settings: Settings) -> None:
+    if settings.api_url:
+        proc = run_cli(settings.model_copy(update={"api_url": "http://127.0.0.1:1"}), "vm", "list")
+        expected = "cannot reach the vmorch API"
+    else:
+        proc = run_cli(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}), "vm", "list")
+        expected = "cannot reach Redis"
     assert proc.returncode == 1
-    assert "cannot reach Redis" in proc.stderr and "hint:" in proc.stderr and "Traceback" not in proc.stderr
+    assert expected in proc.stderr and "hint:" in proc.stderr and "Traceback" not in proc.stderr

@@ -16,13 +16,16 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from orchestrator import localcluster
 from orchestrator.errors import AlreadyExists, ClusterUnavailable, InvalidInput
 from orchestrator.localcluster import ClusterInfo
+from orchestrator.localcluster.api import api_answers
 from orchestrator.records import HostState
 from orchestrator.redisconn import connect
 from orchestrator.settings import Settings
@@ -61,8 +64,8 @@ def _recorded(home: Path) -> dict[str, object]:
 
 
 def _pids(info: ClusterInfo) -> list[int]:
-    scheduler = [info.scheduler_pid] if info.scheduler_pid else []
-    return [info.supervisor_pid, info.redis_pid, *(h.pid for h in info.hosts), *scheduler]
+    extra = [pid for pid in (info.scheduler_pid, info.api_pid) if pid]
+    return [info.supervisor_pid, info.redis_pid, *(h.pid for h in info.hosts), *extra]
 
 
 def _hosts_up(info: ClusterInfo) -> dict[str, int | None]:
@@ -124,6 +127,36 @@ def test_up_detached_starts_redis_and_every_host(running: ClusterInfo, home: Pat
     assert localcluster.status(_settings(home)) == running
     assert (home / ".vmorch-home").exists()
     json.dumps(running.model_dump(mode="json"))  # what 'vmorch --json up' prints
+
+
+def test_up_serves_the_api_with_an_admin_token_and_restarts_it(running: ClusterInfo, home: Path) -> None:
+    token_file = home / "token"
+    assert running.api_url and running.api_pid and _recorded(home)["api_url"] == running.api_url
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    # the cluster's Redis wants its password, which only the owner of the home can read
+    assert (home / "cluster.json").stat().st_mode & 0o777 == 0o600
+    password = urlsplit(running.redis_url).password
+    assert password and not _redis_answers(running.redis_url.replace(f":{password}@", ""))
+    assert password not in " ".join(Path(f"/proc/{running.redis_pid}/cmdline").read_text().split("\0"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMORCH_")}
+    # the token comes from <home>/token by itself
+    env.update(VMORCH_HOME=str(home), VMORCH_API_URL=running.api_url)
+    listed = subprocess.run([sys.executable, "-m", "cli", "--json", "host", "list"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert {h["name"] for h in json.loads(listed.stdout)} == {"host1", "host2"}
+    assert httpx.get(f"{running.api_url}/api/v1/hosts").status_code == 401
+
+    os.kill(running.api_pid, signal.SIGKILL)
+
+    def restarted() -> bool:
+        info = localcluster.status(_settings(home))
+        return bool(info and info.api_pid != running.api_pid and info.api_url and api_answers(info.api_url))
+
+    _wait_for(restarted, "the API to answer again from a new process")
+    secret = token_file.read_text().strip()
+    r = httpx.get(f"{running.api_url}/api/v1/whoami", headers={"Authorization": f"Bearer {secret}"})
+    assert r.json()["name"] == "local-admin" and r.json()["role"] == "admin"
 
 
 def test_second_up_is_refused_and_leaves_the_first_alone(running: ClusterInfo, home: Path) -> None:

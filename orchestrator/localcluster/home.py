@@ -31,6 +31,11 @@ class Paths:
         return self.home / MARKER_FILE
 
     @property
+    def token(self) -> Path:
+        """The local admin token of the API (mode 0600)."""
+        return self.home / "token"
+
+    @property
     def logs(self) -> Path:
         return self.home / "logs"
 

@@ -13,6 +13,7 @@ from ..records import HostState
 from ..redisconn import connect
 from ..settings import Settings
 from ..store import Store
+from .api import api_answers
 from .home import Paths
 from .processes import describe_exit, tail
 from .state import ClusterInfo, load_state
@@ -46,6 +47,8 @@ def wait_ready(settings: Settings, paths: Paths, proc: subprocess.Popen[bytes]) 
             expected = {h.name: h.pid for h in state.info.hosts}
             up_now = hosts_up(state.info.redis_url, expected, settings.host_down_after)
             missing = sorted(set(expected) - up_now)
+            if state.info.api_url and not api_answers(state.info.api_url):
+                missing.append("API")
             if not missing:
                 return state.info
         time.sleep(POLL)
@@ -57,6 +60,8 @@ def _not_up_report(paths: Paths, missing: Sequence[str]) -> str:
     if not missing:
         return f"the supervisor did not record the cluster; last lines of {paths.supervisor_log}:\n" + \
             tail(paths.supervisor_log)
-    parts = [f"host {name} never heartbeat; last lines of {paths.host_log(name)}:\n{tail(paths.host_log(name))}"
+    parts = [f"the API never answered; last lines of {paths.logs / 'api.log'}:\n{tail(paths.logs / 'api.log')}"
+             if name == "API" else
+             f"host {name} never heartbeat; last lines of {paths.host_log(name)}:\n{tail(paths.host_log(name))}"
              for name in missing]
     return "\n".join(parts)

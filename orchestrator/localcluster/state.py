@@ -35,8 +35,10 @@ class ClusterInfo(BaseModel):
     supervisor_pid: int
     hosts: tuple[ClusterHost, ...]
     started_at: datetime
-    #: recorded only: issue 5 adds the HTTP API process that will listen on it
     api_port: int | None = None
+    #: the HTTP API (``VMORCH_API_URL``); its admin token is in ``<home>/token``
+    api_url: str | None = None
+    api_pid: int | None = None
     logs: Path
     #: the 'vmorch scheduler' process (celery beat with RedBeat)
     scheduler_pid: int | None = None
@@ -62,6 +64,10 @@ class State:
         pid = self.info.scheduler_pid
         return [self.proc(f"scheduler (pid {pid})", pid)] if pid else []
 
+    def api(self) -> list[Recorded]:
+        pid = self.info.api_pid
+        return [self.proc(f"API (pid {pid})", pid)] if pid else []
+
     def redis(self) -> Recorded:
         return self.proc(f"redis-server (pid {self.info.redis_pid})", self.info.redis_pid)
 
@@ -71,7 +77,8 @@ def write_state(paths: Paths, state: State) -> None:
     data["proc_start_ticks"] = {str(pid): ticks for pid, ticks in state.ticks.items()}
     # Readers (every vmorch command) must never see a half-written file: write, then rename.
     tmp = paths.state.with_name(f".{CLUSTER_FILE}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
+    # 0600: the Redis URL in it carries the cluster's password.
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
         f.flush()

@@ -20,7 +20,7 @@ from .timeouts import DOMAINS_STOP_TIMEOUT, DOWN_TIMEOUT, WORKER_STOP_TIMEOUT
 
 def stop_all(settings: Settings, workers: Sequence[Process], hosts: Sequence[tuple[str, str]],
              redis_url: str, redis: Process | None, on_event: OnEvent) -> None:
-    """Stop a cluster's processes in reverse order of need: workers, QEMU, Redis."""
+    """Stop a cluster's processes in reverse order of need: the API and workers, QEMU, Redis."""
     terminate(workers, WORKER_STOP_TIMEOUT, on_event)
     _destroy_domains(settings, hosts, on_event)
     if redis is not None:
@@ -32,8 +32,8 @@ def stop_leftovers(settings: Settings, paths: Paths, on_event: OnEvent) -> None:
     state = load_state(paths)
     if state is not None:
         hosts = [(h.name, h.libvirt_uri) for h in state.info.hosts]
-        stop_all(settings, [*state.scheduler(), *state.workers()], hosts, state.info.redis_url, state.redis(),
-                 on_event)
+        stop_all(settings, [*state.scheduler(), *state.api(), *state.workers()], hosts, state.info.redis_url,
+                 state.redis(), on_event)
     paths.state.unlink(missing_ok=True)
 
 

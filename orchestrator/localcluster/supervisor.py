@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -17,8 +18,9 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from ..errors import ClusterUnavailable
-from ..redisconn import connect
+from ..redisconn import connect, redact
 from ..settings import Settings
+from .api import LOCAL_ADMIN, api_argv, ensure_admin_token
 from .environment import OnEvent, child_env, redis_server, resolved
 from .home import Paths, prepare_home
 from .homelock import HomeLock
@@ -39,8 +41,9 @@ class Supervisor:
         self.settings = resolved(settings)
         self.paths = Paths(self.settings.home)
         self.plan = list(hosts)
-        # Issue 5 adds the HTTP API process; until then the port is only recorded in cluster.json.
+        #: None: a free port, so that several local clusters (tests) live side by side
         self.api_port = api_port
+        self.api: Child | None = None
         self.on_event = on_event
         self.started_at = datetime.now(UTC)
         self.redis_url = ""
@@ -75,8 +78,8 @@ class Supervisor:
         if self._stop_requested:
             return
         hosts = ", ".join(f"{name} (pid {child.pid})" for name, child in self.workers.items())
-        self.on_event(f"local cluster running under {self.paths.home}: Redis at {self.redis_url}, hosts {hosts}; "
-                      f"logs in {self.paths.logs}")
+        self.on_event(f"local cluster running under {self.paths.home}: Redis at {redact(self.redis_url)}, "
+                      f"hosts {hosts}; API at {self._info().api_url}; logs in {self.paths.logs}")
 
     def _trap_signals(self) -> dict[signal.Signals, Any]:
         # Python only lets the main thread set handlers; elsewhere the caller uses request_stop().
@@ -102,6 +105,11 @@ class Supervisor:
         if self._stop_requested:
             return
         env = child_env(self.settings, VMORCH_REDIS_URL=self.redis_url)
+        if ensure_admin_token(self.redis_url, self.paths.token):
+            self.on_event(f"made the admin token {LOCAL_ADMIN!r} in {self.paths.token}")
+        self.api_port = self.api_port or _free_port()
+        self.api = Child("API", api_argv(self.api_port), env, self.paths.logs / "api.log", self.paths.home)
+        self.api.start()
         for name, uri in self.plan:
             argv = [sys.executable, "-m", "worker", "--host", name, "--libvirt-uri", uri]
             child = Child(f"{name} worker", argv, env, self.paths.host_log(name), self.paths.home)
@@ -114,15 +122,23 @@ class Supervisor:
 
     def _start_redis(self) -> None:
         log = self.paths.logs / "redis.log"
-        # A free port can be taken between probing and binding: try a few.
-        for _attempt in range(3):
+        # Loopback is shared by every local user: a password (in a 0600 file, never on a command
+        # line others can read in ps) keeps them from the cluster's Redis, and so from its tokens.
+        password = secrets.token_urlsafe(24)
+        conf = self.paths.redis_dir / "redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"requirepass {password}\n")
+        os.chmod(conf, 0o600)  # an older file keeps its mode through O_CREAT
+        for _attempt in range(3):  # a free port can be taken between probing and binding: try a few
             port = _free_port()
-            argv = [redis_server(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(self.paths.redis_dir),
+            argv = [redis_server(), str(conf), "--bind", "127.0.0.1", "--port", str(port),
+                    "--dir", str(self.paths.redis_dir),
                     "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
                     "--logfile", str(log)]
             self.redis = Child("redis-server", argv, child_env(self.settings), log, self.paths.home)
             self.redis.start()
-            self.redis_url = f"redis://127.0.0.1:{port}/0"
+            self.redis_url = f"redis://:{password}@127.0.0.1:{port}/0"
             if self._wait_redis(self.redis):
                 return
         raise ClusterUnavailable(f"redis-server did not start; last lines of {log}:\n{tail(log)}",
@@ -154,8 +170,8 @@ class Supervisor:
         self._announce_ready()
 
     def _children(self) -> list[Child]:
-        return ([self.redis] if self.redis else []) + list(self.workers.values()) + \
-            ([self.scheduler] if self.scheduler else [])
+        return ([self.redis] if self.redis else []) + ([self.api] if self.api else []) + \
+            list(self.workers.values()) + ([self.scheduler] if self.scheduler else [])
 
     def _check(self, child: Child) -> bool:
         """Notice a crash and restart after a backoff; True when the child was restarted now."""
@@ -197,7 +213,9 @@ class Supervisor:
         return ClusterInfo(home=self.paths.home, redis_url=self.redis_url, redis_pid=self.redis.pid,
                            supervisor_pid=os.getpid(), hosts=hosts, started_at=self.started_at,
                            scheduler_pid=self.scheduler.pid if self.scheduler and self.scheduler.proc else None,
-                           api_port=self.api_port, logs=self.paths.logs)
+                           api_port=self.api_port, logs=self.paths.logs,
+                           api_url=f"http://127.0.0.1:{self.api_port}" if self.api else None,
+                           api_pid=self.api.pid if self.api else None)
 
     def _save(self) -> None:
         ticks = {p.pid: p.ticks for p in self._children()}
@@ -216,7 +234,8 @@ class Supervisor:
                 self.scheduler.signal(signal.SIGKILL)
                 wait_dead([self.scheduler], 5)
         started = [(name, uri) for name, uri in self.plan if name in self.workers]
-        stop_all(self.settings, list(self.workers.values()), started, self.redis_url, self.redis, self.on_event)
+        front = [self.api, *self.workers.values()] if self.api else list(self.workers.values())
+        stop_all(self.settings, front, started, self.redis_url, self.redis, self.on_event)
         self.paths.state.unlink(missing_ok=True)
         self.on_event("local cluster stopped")
 
