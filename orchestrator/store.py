@@ -168,6 +168,14 @@ class Store:
                     self.redis.zrangebyscore(keys.vm_mailbox(namespace, vm), "-inf", hi, withscores=True))
         return [(int(i), int(s)) for i, s in rows]
 
+    def vm_queue(self, namespace: str, vm: str) -> list[Job]:
+        """The VM's unfinished jobs in the order they will run: the running one first, if any."""
+        return [j for j in self.get_jobs(i for i, _ in self.mailbox(namespace, vm)) if not j.state.final]
+
+    def lock_holder(self, lock_name: str) -> str | None:
+        """The id ("<owner>:<pid>:<random>") of whoever holds ``lock_name`` now, or None."""
+        return cast(str | None, self.redis.get(keys.lock_key(lock_name)))
+
     def get_vm(self, namespace: str, name: str, *, as_stored: bool = False) -> Vm:
         """The VM; its state is ``unknown`` while its host is down, unless ``as_stored``."""
         data = _hash(self.redis.hgetall(keys.vm(namespace, name)))

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PACKAGES=(python3-venv python3-dev gcc pkg-config libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu
-          qemu-system-x86 qemu-utils redis-server iproute2)
+          qemu-system-x86 qemu-utils redis-server iproute2
+          chromium)  # chromium: the dashboard's browser tests (driven by playwright, no browser download)
 VENV=.venv
 STAMP=$VENV/.vmorch-installed
 

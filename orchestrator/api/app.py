@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Security
 
+from .. import dashboard
 from ..settings import Settings
 from . import errors, hosts, jobs, meta, namespaces, vms
 from .auth import authenticate, bearer
@@ -32,4 +33,5 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     for module in (meta, jobs, vms, namespaces, hosts):
         app.include_router(module.router)
+    dashboard.install(app)
     return app

@@ -1,0 +1,279 @@
+"""The web dashboard in a real browser, and the API route it added (a VM's queue).
+
+Headless Chromium (Debian's ``chromium`` package, no browser download) driven by playwright,
+against the HTTP API served over the session's cluster: real Redis, real Celery workers t1
+and t2 on libvirt's test driver. Screenshots of the main pages go to ``docs/screenshots/``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.client import RedisClient
+from orchestrator.locks import LockManager, vm_lock
+from orchestrator.operation import Op
+from orchestrator.records import JobState
+from orchestrator.settings import Settings
+
+from .apiserver import ApiServer
+from .conftest import ROOT, ops, wait_until
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SHOTS = ROOT / "docs" / "screenshots"
+#: how long the page may take to show a change (its long polls answer within 2 s)
+UI_TIMEOUT_MS = 20_000
+
+needs_browser = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                   reason="no chromium: install Debian's 'chromium' package (scripts/install.sh)")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no chromium: install Debian's 'chromium' package (scripts/install.sh)")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="playwright is a dev dependency: pip install -e '.[dev]'")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def expect(locator: Any) -> Any:
+    from playwright.sync_api import expect as pw_expect
+
+    return pw_expect(locator)
+
+
+def new_page(browser: Any, api: ApiServer) -> Any:
+    """A fresh tab (its own sessionStorage) with the dashboard's sign-in page open."""
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    context.set_default_timeout(UI_TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.errors = errors
+    page.goto(api.url + "/")  # redirected to /ui/
+    return page
+
+
+def sign_in(page: Any, secret: str) -> None:
+    expect(page.locator("#login")).to_be_visible()
+    page.fill("#token", secret)
+    page.click("#login button[type=submit]")
+    expect(page.locator("#whoami")).to_be_visible()
+
+
+def shot(page: Any, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def mark_no_reload(page: Any) -> None:
+    page.evaluate("window.__sameDocument = true")
+
+
+def assert_not_reloaded(page: Any) -> None:
+    assert page.evaluate("window.__sameDocument === true"), "the page was reloaded"
+
+
+def api_post(page: Any, path: str, body: object = None) -> int:
+    """POST to the API from the page, with the page's own token: what a user could do by hand."""
+    return int(page.evaluate(
+        """async ([path, body]) => (await fetch(path, {method: 'POST',
+             headers: {'Authorization': 'Bearer ' + sessionStorage.getItem('vmorch.token'),
+                       'Content-Type': 'application/json'},
+             body: JSON.stringify(body)})).status""", [path, body]))
+
+
+@needs_browser
+def test_dashboard_launch_watch_act_and_read_only(browser: Any, api_server: ApiServer, client: RedisClient,
+                                                  settings: Settings, base_settings: Settings) -> None:
+    ns = settings.namespace
+    operator = api_server.token(f"{ns}-operator", "operate", [ns])
+    reader = api_server.token(f"{ns}-reader", "read", [ns])
+    page = new_page(browser, api_server)
+    assert page.url.endswith("/ui/")
+
+    # Signed in: both hosts up, with capacity bars.
+    sign_in(page, operator)
+    expect(page.locator("#whoami")).to_have_text(f"{ns}-operator · operate")
+    for host in ("t1", "t2"):
+        row = page.locator(f'#hosts tr[data-host="{host}"]')
+        expect(row.locator(".badge")).to_have_text("up")
+        expect(row.locator(".bar")).to_have_count(2)
+
+    # Launch from the page: the created jobs show, and reach succeeded without a reload.
+    page.click('nav a[data-page="vms"]')
+    mark_no_reload(page)
+    page.fill('#launch input[name="name"]', "web[1-3]")
+    page.fill('#launch input[name="memory_mib"]', "32")
+    page.fill('#launch input[name="tags"]', "role=web, tier=front")
+    page.click("#launch button[type=submit]")
+    created = page.locator(".created-job")
+    expect(created).to_have_count(3)
+    for i in range(3):
+        expect(created.nth(i).locator(".badge")).to_have_text("succeeded")
+    expect(page.locator('#vms tr[data-vm="web2"] .badge')).to_have_text("running")
+    assert_not_reloaded(page)
+    # a filter narrows the list in place
+    page.fill('#vm-filters input[name="name"]', "web3")
+    expect(page.locator("#vms tr[data-vm]")).to_have_count(1)
+    page.fill('#vm-filters input[name="name"]', "")
+    page.fill('#vm-filters input[name="tag"]', "tier=back")
+    expect(page.locator("#vms tr[data-vm]")).to_have_count(0)
+    page.fill('#vm-filters input[name="tag"]', "role=web")
+    expect(page.locator("#vms tr[data-vm]")).to_have_count(3)
+    page.select_option('#vm-filters select[name="state"]', "paused")
+    expect(page.locator("#vms tr[data-vm]")).to_have_count(0)
+    page.select_option('#vm-filters select[name="state"]', "")
+    page.fill('#vm-filters input[name="tag"]', "")
+    page.click('nav a[data-page="hosts"]')
+    expect(page.locator('#hosts tr[data-host="t1"] .bar').first).to_be_visible()
+    shot(page, "hosts")
+    page.click('nav a[data-page="vms"]')
+    expect(page.locator("#vms tr[data-vm]")).to_have_count(3)
+    shot(page, "vms")
+
+    # The jobs list follows a job submitted elsewhere (here: straight through the API) by itself.
+    page.click('nav a[data-page="jobs"]')
+    expect(page.locator("#jobs tr[data-job]")).to_have_count(3)
+    mark_no_reload(page)
+    with api_server.http(operator) as http:
+        [paused] = http.post(f"/api/v1/namespaces/{ns}/vms/web2/pause").json()
+    row = page.locator(f'#jobs tr[data-job="{paused["id"]}"]')
+    expect(row.locator(".badge")).to_have_text("succeeded")
+    assert_not_reloaded(page)
+    shot(page, "jobs")
+
+    # The VM page: actions queue behind a held VM lock; the page shows the queue and the holder.
+    page.click('#jobs a[href="#/vms/web1"]')
+    expect(page.locator("#actions button.action")).to_have_count(8)
+    holder = LockManager(base_settings.resolved_redis_url(), owner="test-holder", expire=4)
+    try:
+        with holder.hold(vm_lock(ns, "web1"), timeout=5):
+            page.click('#actions button[data-op="pause"]')
+            page.once("dialog", lambda d: d.accept("before-upgrade"))
+            page.click('#actions button[data-op="snapshot"]')
+            expect(page.locator(".created-job")).to_have_count(2)
+            expect(page.locator("#queue tr[data-job]")).to_have_count(2)
+            expect(page.locator("#queue tr[data-job] .badge").first).to_have_text("waiting")
+            expect(page.get_by_text("held by test-holder")).to_be_visible()
+            shot(page, "vm")
+            # the waiting snapshot's page says what it waits for and who holds it
+            page.click(".created-job >> nth=0")
+            expect(page.locator("#lock")).to_contain_text("held by test-holder")
+            expect(page.locator('#timeline li[data-step="waiting"]')).to_have_class("now")
+            mark_no_reload(page)
+            shot(page, "job")
+        # released: the job page follows the job to its end by itself
+        expect(page.locator('#timeline li[data-step="final"] b')).to_have_text("succeeded")
+        assert_not_reloaded(page)
+        expect(page.locator("#lock")).to_contain_text("It waited behind")
+    finally:
+        holder.close()
+    page.click("h1 a")  # back to the VM
+    expect(page.locator(".chip.snapshot")).to_have_text("before-upgrade")
+    expect(page.locator(".chip", has_text="role=web")).to_be_visible()
+
+    # A destructive action asks first: dismissed, nothing is sent; accepted, the job runs.
+    before = len(client.jobs(ns, limit=1000))
+    page.once("dialog", lambda d: d.dismiss())
+    page.click('#actions button[data-op="kill"]')
+    time.sleep(0.5)
+    assert len(client.jobs(ns, limit=1000)) == before
+    page.once("dialog", lambda d: d.accept())
+    page.click('#actions button[data-op="kill"]')
+    expect(page.locator(".created-job").first).to_contain_text("kill web1")
+    expect(page.locator(".created-job .badge").first).to_have_text("succeeded")
+    expect(page.locator("h1 .badge")).to_have_text("shutoff")
+    assert not page.errors, page.errors
+
+    # A read token: everything visible, no action offered, and the API refuses to act.
+    ro = new_page(browser, api_server)
+    sign_in(ro, reader)
+    expect(ro.locator("#whoami")).to_have_text(f"{ns}-reader · read")
+    ro.click('nav a[data-page="vms"]')
+    expect(ro.locator("#vms tr[data-vm]")).to_have_count(3)
+    assert ro.locator("#launch").count() == 0
+    ro.click('#vms a[href="#/vms/web2"]')
+    expect(ro.locator("#history tr").first).to_be_visible()
+    assert ro.locator("button.action").count() == 0
+    ro.goto(f"{api_server.url}/ui/#/jobs/{paused['id']}")
+    expect(ro.locator('#timeline li[data-step="final"] b')).to_have_text("succeeded")
+    assert ro.locator("button.action").count() == 0
+    jobs_before = len(client.jobs(ns, limit=1000))
+    assert api_post(ro, f"/api/v1/namespaces/{ns}/vms/web2/stop", {"force": True}) == 403
+    assert api_post(ro, f"/api/v1/jobs/{paused['id']}/cancel") == 403
+    with api_server.http(reader) as http:
+        assert http.post(f"/api/v1/namespaces/{ns}/vms/web2/kill").status_code == 403
+    assert len(client.jobs(ns, limit=1000)) == jobs_before
+    assert not ro.errors, ro.errors
+    page.context.close()
+    ro.context.close()
+
+
+@needs_browser
+def test_a_bad_token_stays_on_the_sign_in_page(browser: Any, api_server: ApiServer) -> None:
+    page = new_page(browser, api_server)
+    sign_in_form = page.locator("#login")
+    page.fill("#token", "vmo_not-a-token")
+    page.click("#login button[type=submit]")
+    expect(sign_in_form.locator(".error")).to_contain_text("unknown or revoked API token")
+    assert page.locator("#nav").is_hidden()
+    assert page.evaluate("sessionStorage.getItem('vmorch.token')") is None
+    page.context.close()
+
+
+def test_the_dashboard_files_are_served_without_a_token(api_server: ApiServer) -> None:
+    with api_server.http() as http:
+        root = http.get("/")
+        assert root.status_code in (302, 307) and root.headers["location"] == "/ui/"
+        for path, kind in (("/ui/", "text/html"), ("/ui/app.js", "javascript"), ("/ui/style.css", "text/css")):
+            r = http.get(path)
+            assert r.status_code == 200 and kind in r.headers["content-type"], (path, r.headers)
+        assert http.get("/ui/nothing.js").status_code == 404
+        # the data stays behind the token
+        assert http.get("/api/v1/hosts").status_code == 401
+
+
+def test_vm_queue_lists_unfinished_jobs_in_order_and_the_lock_holder(
+        api_server: ApiServer, client: RedisClient, settings: Settings, base_settings: Settings) -> None:
+    ns = settings.namespace
+    [launched] = client.wait([j.id for j in client.submit(ops(Op.LAUNCH, ns, "q1", memory_mib=16, disk_gib=0))])
+    assert launched.state is JobState.SUCCEEDED
+    reader = api_server.token(f"{ns}-q-read", "read", [ns])
+    stranger = api_server.token(f"{ns}-q-other", "admin", [f"{ns}-other"])
+    url = f"/api/v1/namespaces/{ns}/vms/q1/queue"
+    holder = LockManager(base_settings.resolved_redis_url(), owner="test-holder", expire=4)
+    with api_server.http(reader) as http:
+        idle = http.get(url).json()
+        assert idle == {"vm": "q1", "lock": vm_lock(ns, "q1").name, "holder": None, "jobs": []}
+        try:
+            with holder.hold(vm_lock(ns, "q1"), timeout=5):
+                jobs = client.submit(ops(Op.PAUSE, ns, "q1") + ops(Op.RESUME, ns, "q1"))
+                wait_until(lambda: client.job(jobs[0].id).state is JobState.WAITING, what="the pause to wait")
+                queued = http.get(url).json()
+                assert [j["id"] for j in queued["jobs"]] == [j.id for j in jobs]
+                assert [j["seq"] for j in queued["jobs"]] == sorted(j["seq"] for j in queued["jobs"])
+                assert queued["holder"].startswith("test-holder:")
+        finally:
+            holder.close()
+        assert all(j.state is JobState.SUCCEEDED for j in client.wait([j.id for j in jobs], timeout=30))
+        assert http.get(url).json()["jobs"] == []
+        # a VM that doesn't exist has an empty queue, as its job list is empty
+        assert http.get(f"/api/v1/namespaces/{ns}/vms/nosuch/queue").json()["jobs"] == []
+    with api_server.http(stranger) as http:
+        assert http.get(url).status_code == 403
+    with api_server.http() as http:
+        assert http.get(url).status_code == 401
