@@ -7,7 +7,12 @@ and t2 on libvirt's test driver. Screenshots of the main pages go to ``docs/scre
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator import localcluster
 from orchestrator.client import RedisClient
 from orchestrator.locks import LockManager, vm_lock
 from orchestrator.operation import Op
@@ -22,7 +28,8 @@ from orchestrator.records import JobState
 from orchestrator.settings import Settings
 
 from .apiserver import ApiServer
-from .conftest import ROOT, ops, wait_until
+from .conftest import PYTHON, ROOT, ops, wait_until
+from .test_localcluster import _qemu_pids
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -30,6 +37,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 SHOTS = ROOT / "docs" / "screenshots"
 #: how long the page may take to show a change (its long polls answer within 2 s)
 UI_TIMEOUT_MS = 20_000
+#: a software-emulated QEMU guest on a loaded machine
+QEMU_TIMEOUT_MS = 60_000
 
 needs_browser = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                    reason="no chromium: install Debian's 'chromium' package (scripts/install.sh)")
@@ -41,6 +50,7 @@ def browser() -> Iterator[Any]:
         pytest.skip("no chromium: install Debian's 'chromium' package (scripts/install.sh)")
     sync_api = pytest.importorskip("playwright.sync_api",
                                    reason="playwright is a dev dependency: pip install -e '.[dev]'")
+    sync_api.expect.set_options(timeout=UI_TIMEOUT_MS)
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -155,6 +165,15 @@ def test_dashboard_launch_watch_act_and_read_only(browser: Any, api_server: ApiS
     expect(row.locator(".badge")).to_have_text("succeeded")
     assert_not_reloaded(page)
     shot(page, "jobs")
+    page.select_option('#job-filters select[name="state"]', "failed")
+    expect(page.locator("#jobs tr[data-job]")).to_have_count(0)
+    page.select_option('#job-filters select[name="state"]', "")
+    page.select_option('#job-filters select[name="op"]', "pause")
+    expect(page.locator("#jobs tr[data-job]")).to_have_count(1)
+    page.select_option('#job-filters select[name="op"]', "")
+    expect(page.locator("#jobs tr[data-job]")).to_have_count(4)
+    ro = new_page(browser, api_server)  # a read token, used below
+    sign_in(ro, reader)
 
     # The VM page: actions queue behind a held VM lock; the page shows the queue and the holder.
     page.click('#jobs a[href="#/vms/web1"]')
@@ -174,6 +193,10 @@ def test_dashboard_launch_watch_act_and_read_only(browser: Any, api_server: ApiS
             page.click(".created-job >> nth=0")
             expect(page.locator("#lock")).to_contain_text("held by test-holder")
             expect(page.locator('#timeline li[data-step="waiting"]')).to_have_class("now")
+            expect(page.locator('#job-actions button[data-op="cancel"]')).to_be_visible()
+            ro.goto(page.url)  # the same waiting job: no cancel for a read token
+            expect(ro.locator('#timeline li[data-step="waiting"]')).to_have_class("now")
+            assert ro.locator("button.action").count() == 0
             mark_no_reload(page)
             shot(page, "job")
         # released: the job page follows the job to its end by itself
@@ -200,8 +223,6 @@ def test_dashboard_launch_watch_act_and_read_only(browser: Any, api_server: ApiS
     assert not page.errors, page.errors
 
     # A read token: everything visible, no action offered, and the API refuses to act.
-    ro = new_page(browser, api_server)
-    sign_in(ro, reader)
     expect(ro.locator("#whoami")).to_have_text(f"{ns}-reader · read")
     ro.click('nav a[data-page="vms"]')
     expect(ro.locator("#vms tr[data-vm]")).to_have_count(3)
@@ -277,3 +298,64 @@ def test_vm_queue_lists_unfinished_jobs_in_order_and_the_lock_holder(
         assert http.get(url).status_code == 403
     with api_server.http() as http:
         assert http.get(url).status_code == 401
+
+
+@pytest.fixture
+def short_home() -> Iterator[Path]:
+    """A home short enough for embedded QEMU's socket paths (pytest's tmp_path is not)."""
+    path = Path(tempfile.mkdtemp(prefix="vdash-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@needs_browser
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_vmorch_up_then_a_qemu_vm_launched_from_the_page(browser: Any, short_home: Path) -> None:
+    """The whole path a new user takes: 'vmorch up', open the printed address, sign in, launch."""
+    home = short_home / "home"
+    _uri, warning = localcluster.default_libvirt_uri(home, "host1")
+    if warning:
+        pytest.skip(warning)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMORCH_")} | {"VMORCH_HOME": str(home)}
+    settings = Settings(home=home)
+    try:
+        up = subprocess.run([PYTHON, "-m", "cli", "up", "--hosts", "2", "--detach"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+        assert up.returncode == 0, up.stdout + up.stderr
+        api_url = json.loads((home / "cluster.json").read_text())["api_url"]
+        assert f"dashboard: {api_url}/ui/" in up.stdout
+        context = browser.new_context(viewport={"width": 1280, "height": 860})
+        page = context.new_page()
+        page.goto(f"{api_url}/ui/")
+        sign_in(page, (home / "token").read_text().strip())
+        for host in ("host1", "host2"):
+            expect(page.locator(f'#hosts tr[data-host="{host}"] .badge')).to_have_text("up")
+        assert "qemu:///embed" in page.locator('#hosts tr[data-host="host1"]').inner_text()
+
+        page.click('nav a[data-page="vms"]')
+        expect(page.locator("h1")).to_contain_text("VMs in default")
+        mark_no_reload(page)
+        page.fill('#launch input[name="name"]', "q1")
+        page.fill('#launch input[name="memory_mib"]', "32")
+        page.click("#launch button[type=submit]")
+        expect(page.locator(".created-job .badge")).to_have_text("succeeded", timeout=QEMU_TIMEOUT_MS)
+        expect(page.locator('#vms tr[data-vm="q1"] .badge')).to_have_text("running")
+        assert_not_reloaded(page)
+        assert len(_qemu_pids(home.resolve())) == 1
+
+        page.click('#vms a[href="#/vms/q1"]')
+        page.once("dialog", lambda d: d.accept())
+        page.click('#actions button[data-op="delete"]')
+        expect(page.locator(".created-job .badge")).to_have_text("succeeded", timeout=QEMU_TIMEOUT_MS)
+        wait_until(lambda: not _qemu_pids(home.resolve()), timeout=20, what="QEMU to exit")
+        context.close()
+        down = subprocess.run([PYTHON, "-m", "cli", "down"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert down.returncode == 0, down.stdout + down.stderr
+    finally:
+        localcluster.down(settings, on_event=lambda _line: None)
+        for pid in _qemu_pids(home.resolve()):  # only ever this test's own guests
+            os.kill(pid, signal.SIGKILL)

@@ -464,7 +464,8 @@ async function lockStory(job, queue) {
   const before = await api(`/namespaces/${enc(job.namespace)}/jobs?vm=${enc(job.vm)}&before=${job.id}&limit=20`);
   const prev = before.find((j) => j.seq === job.seq - 1);
   const waited = prev && prev.finished_at && job.submitted_at && prev.finished_at > job.submitted_at;
-  return [`Ran under lock ${lock}. `, waited
+  const now = job.state === "running" ? `Runs under lock ${lock}, ${holderText(queue.holder)}. ` : `Ran under lock ${lock}. `;
+  return [now, waited
     ? ["It waited behind ", jobLink(prev), ` ${prev.op}, which held it until ${when(prev.finished_at)}.`]
     : "The VM's previous job had finished when it was submitted, so it did not wait for another job."];
 }
@@ -528,11 +529,15 @@ async function signIn() {
   sessionStorage.setItem("vmorch.token", session.token);
   const listed = (await api("/namespaces")).map((n) => n.name);
   const named = session.me.namespaces.filter((n) => n !== "*");
-  const all = [...new Set([...named, ...listed])].sort();
-  if (!all.includes(session.ns)) session.ns = all[0] ?? null;
+  // A cluster-wide token may use namespaces that hold nothing yet, the CLI's "default" first.
+  const anyNs = session.me.namespaces.includes("*");
+  const all = [...new Set([...named, ...listed, ...(anyNs ? ["default"] : []), ...(session.ns ? [session.ns] : [])])]
+    .filter(covers).sort();
+  if (!all.includes(session.ns)) session.ns = all.includes("default") ? "default" : all[0] ?? null;
   if (session.ns) sessionStorage.setItem("vmorch.ns", session.ns);
   const select = document.getElementById("ns-select");
-  select.replaceChildren(...all.map((n) => h("option", { value: n, selected: n === session.ns }, n)));
+  select.replaceChildren(...all.map((n) => h("option", { value: n, selected: n === session.ns }, n)),
+    anyNs ? h("option", { value: "" }, "other…") : null);
   document.getElementById("nav").hidden = false;
   document.getElementById("who").replaceChildren(
     h("span", { id: "whoami", "data-role": session.me.role }, `${session.me.name} · ${session.me.role}`),
@@ -570,11 +575,18 @@ async function route() {
   return hostsPage();
 }
 
-document.getElementById("ns-select").addEventListener("change", (ev) => {
-  session.ns = ev.target.value;
+document.getElementById("ns-select").addEventListener("change", async (ev) => {
+  const picked = ev.target.value || prompt("Namespace:")?.trim();
+  if (picked && !covers(picked)) alert(`This token does not cover namespace ${picked}.`);
+  if (!picked || !covers(picked)) {
+    ev.target.value = session.ns ?? "";
+    return;
+  }
+  session.ns = picked;
+  if (!ev.target.value) await signIn(); // lists the new name in the select
   sessionStorage.setItem("vmorch.ns", session.ns);
-  location.hash = location.hash.startsWith("#/vms/") ? "#/vms" : location.hash;
-  route();
+  if (location.hash.startsWith("#/vms/")) location.hash = "#/vms"; // another namespace's VM: back to the list
+  else route();
 });
 window.addEventListener("hashchange", route);
 route();
