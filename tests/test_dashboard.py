@@ -2,7 +2,8 @@
 
 Headless Chromium (Debian's ``chromium`` package, no browser download) driven by playwright,
 against the HTTP API served over the session's cluster: real Redis, real Celery workers t1
-and t2 on libvirt's test driver. Screenshots of the main pages go to ``docs/screenshots/``.
+and t2 on libvirt's test driver; and once against 'vmorch up' with embedded QEMU. With
+VMORCH_UPDATE_SCREENSHOTS=1, the screenshots of the main pages replace ``docs/screenshots/``.
 """
 
 from __future__ import annotations
@@ -85,8 +86,13 @@ def sign_in(page: Any, secret: str) -> None:
 
 
 def shot(page: Any, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    """A screenshot for the README; taken always (it must not fail), kept only when asked for,
+    so that a test run leaves the tree clean: VMORCH_UPDATE_SCREENSHOTS=1 pytest tests/test_dashboard.py."""
+    png = page.screenshot(full_page=True)
+    assert png.startswith(b"\x89PNG")
+    if os.environ.get("VMORCH_UPDATE_SCREENSHOTS") == "1":
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        (SHOTS / f"{name}.png").write_bytes(png)
 
 
 def mark_no_reload(page: Any) -> None:

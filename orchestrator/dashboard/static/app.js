@@ -149,7 +149,13 @@ function createdPanel() {
   let jobs = [];
   const render = () => box.replaceChildren(...jobs.map((j) => h("a", { href: `#/jobs/${j.id}`, class: "created-job",
     "data-job": j.id }, `job #${j.id} ${j.op} ${j.vm} `, badge(j.state))));
+  let following = false; // one long poll at a time covers every job of the panel
   const follow = async () => {
+    if (following) return;
+    following = true;
+    try { await followAll(); } finally { following = false; }
+  };
+  const followAll = async () => {
     const mine = session.route;
     const { signal } = session.abort;
     while (mine === session.route && jobs.some((j) => !FINAL.has(j.state))) {
