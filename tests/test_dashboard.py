@@ -73,6 +73,9 @@ def new_page(browser: Any, api: ApiServer) -> Any:
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # refused API calls (401/403) are logged by the browser too; a policy violation is a bug
+    page.on("console", lambda msg: errors.append(msg.text)
+            if msg.type == "error" and "Content Security Policy" in msg.text else None)
     page.errors = errors
     page.goto(api.url + "/")  # redirected to /ui/
     return page
@@ -269,6 +272,7 @@ def test_the_dashboard_files_are_served_without_a_token(api_server: ApiServer) -
         for path, kind in (("/ui/", "text/html"), ("/ui/app.js", "javascript"), ("/ui/style.css", "text/css")):
             r = http.get(path)
             assert r.status_code == 200 and kind in r.headers["content-type"], (path, r.headers)
+            assert "script-src 'self'" in r.headers["content-security-policy"]
         assert http.get("/ui/nothing.js").status_code == 404
         # the data stays behind the token
         assert http.get("/api/v1/hosts").status_code == 401
