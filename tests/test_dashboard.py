@@ -265,6 +265,21 @@ def test_a_bad_token_stays_on_the_sign_in_page(browser: Any, api_server: ApiServ
     page.context.close()
 
 
+@needs_browser
+def test_a_cluster_wide_token_picks_any_namespace(browser: Any, api_server: ApiServer) -> None:
+    page = new_page(browser, api_server)
+    sign_in(page, api_server.admin_token)
+    page.click('nav a[data-page="vms"]')
+    expect(page.locator("h1")).to_contain_text("VMs in default")  # the CLI's default, even if empty
+    page.once("dialog", lambda d: d.accept("lab-7"))
+    page.select_option("#ns-select", "")  # "other…"
+    expect(page.locator("h1")).to_contain_text("VMs in lab-7")
+    expect(page.locator("#vms")).to_contain_text("No VM in namespace lab-7.")
+    expect(page.locator("#ns-select")).to_have_value("lab-7")
+    assert not page.errors, page.errors
+    page.context.close()
+
+
 def test_the_dashboard_files_are_served_without_a_token(api_server: ApiServer) -> None:
     with api_server.http() as http:
         root = http.get("/")
