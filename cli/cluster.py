@@ -45,6 +45,7 @@ def up(
             render.out.print(f"HTTP API at {info.api_url}; its admin token is in {info.home / 'token'} "
                              f"(used with VMORCH_API_URL={info.api_url})")
             render.out.print("more tokens: vmorch token create NAME --role read|operate|admin --namespace NS")
+            render.out.print(f"dashboard: {info.api_url}/ui/ (sign in with a token)")
         render.out.print("try: vmorch vm launch web1 --wait; stop it with: vmorch down")
 
 

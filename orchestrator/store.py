@@ -307,6 +307,14 @@ class Store:
             pipe.zrange(keys.vm_mailbox(namespace, name), 0, 0)
         return self.get_jobs(int(box[0]) for box in pipe.execute() if box)
 
+    def vm_queue(self, namespace: str, vm: str) -> list[Job]:
+        """The VM's unfinished jobs in the order they will run: the running one first, if any."""
+        return [j for j in self.get_jobs(i for i, _ in self.mailbox(namespace, vm)) if not j.state.final]
+
+    def lock_holder(self, lock_name: str) -> str | None:
+        """The id ("<owner>:<pid>:<random>") of whoever holds ``lock_name`` now, or None."""
+        return cast(str | None, self.redis.get(keys.lock_key(lock_name)))
+
     def get_vm(self, namespace: str, name: str, *, as_stored: bool = False) -> Vm:
         """The VM; its state is ``unknown`` while its host is down, unless ``as_stored``."""
         data = _hash(self.redis.hgetall(keys.vm(namespace, name)))

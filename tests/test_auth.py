@@ -41,6 +41,7 @@ class Endpoint:
 ENDPOINTS = [
     Endpoint("GET", "/api/v1/namespaces/{ns}/vms", Role.READ, "ns"),
     Endpoint("GET", "/api/v1/namespaces/{ns}/vms/{vm}", Role.READ, "ns"),
+    Endpoint("GET", "/api/v1/namespaces/{ns}/vms/{vm}/queue", Role.READ, "ns"),
     Endpoint("GET", "/api/v1/namespaces/{ns}/jobs", Role.READ, "ns"),
     Endpoint("GET", "/api/v1/namespaces/{ns}/events", Role.READ, "ns"),
     Endpoint("GET", "/api/v1/namespaces/{ns}", Role.READ, "ns"),

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from fastapi import FastAPI, Security
 
-from .. import metrics
+from .. import dashboard, metrics
 from ..settings import Settings
 from . import errors, events, experiments, hosts, jobs, meta, namespaces, vms
 from .auth import TokenAuth, bearer
@@ -42,4 +42,5 @@ def create_app(settings: Settings) -> FastAPI:
     # Outside /api/v1, so without a token, as Prometheus scrapes by default: cluster-wide
     # aggregates only (hosts, operations, states), never a namespace's or a VM's name.
     app.mount("/metrics", metrics.asgi_app(settings))
+    dashboard.install(app)
     return app

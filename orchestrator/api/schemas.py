@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..names import MAX_TARGETS, Name, Namespace
 from ..operation import PARAMS, Op, Operation, SubmitOptions
+from ..records import Job
 
 _PARAMS_DOC = "; ".join(f"{op.value}: {', '.join(model.model_fields) or 'none'}" for op, model in PARAMS.items())
 
@@ -81,3 +82,15 @@ class NamespaceDeleted(BaseModel):
 
 class Health(BaseModel):
     status: str
+
+
+class VmQueue(BaseModel):
+    """What a VM's jobs wait for: its lock, who holds it now, and its unfinished jobs in order."""
+
+    vm: str
+    #: the lock every job of the VM runs under (the worker takes it for the whole operation)
+    lock: str
+    #: the holder's lock id, "<owner>:<pid>:<random>" (a worker's owner is its host name); null if free
+    holder: str | None
+    #: in sequence order: the running job first if there is one, then those waiting behind it
+    jobs: list[Job]

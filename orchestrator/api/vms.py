@@ -6,13 +6,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query, Request, Response
 
+from ..locks import vm_lock
 from ..names import Name, expand_target
 from ..operation import Op
 from ..records import Event, Job, JobState, Vm
 from .auth import Client, OperateNs, ReadNs
 from .errors import responses
 from .jobs import accepted
-from .schemas import OperationIn, build_operations
+from .schemas import OperationIn, VmQueue, build_operations
 
 router = APIRouter(prefix="/api/v1/namespaces/{ns}", tags=["vms"])
 
@@ -25,6 +26,13 @@ def list_vms(ns: ReadNs, client: Client) -> list[Vm]:
 @router.get("/vms/{name}", response_model=Vm, responses=responses(403, 404, 503), summary="One VM")
 def get_vm(ns: ReadNs, name: Annotated[Name, Path(description="VM name")], client: Client) -> Vm:
     return client.vm(ns, name)
+
+
+@router.get("/vms/{name}/queue", response_model=VmQueue, responses=responses(403, 503),
+            summary="A VM's unfinished jobs in the order they run, and who holds its lock")
+def vm_queue(ns: ReadNs, name: Annotated[Name, Path(description="VM name")], client: Client) -> VmQueue:
+    lock = vm_lock(ns, name).name
+    return VmQueue(vm=name, lock=lock, holder=client.store.lock_holder(lock), jobs=client.store.vm_queue(ns, name))
 
 
 @router.post("/vms/{target}/{op}", status_code=202, response_model=list[Job],
