@@ -166,7 +166,7 @@ def test_dashboard_launch_watch_act_and_read_only(browser: Any, api_server: ApiS
 
     # The jobs list follows a job submitted elsewhere (here: straight through the API) by itself.
     page.click('nav a[data-page="jobs"]')
-    expect(page.locator("#jobs tr[data-job]")).to_have_count(3)
+    expect(page.locator("#jobs tr[data-job]")).to_have_count(4)  # the three launches and their parent job
     mark_no_reload(page)
     with api_server.http(operator) as http:
         [paused] = http.post(f"/api/v1/namespaces/{ns}/vms/web2/pause").json()
@@ -180,7 +180,7 @@ def test_dashboard_launch_watch_act_and_read_only(browser: Any, api_server: ApiS
     page.select_option('#job-filters select[name="op"]', "pause")
     expect(page.locator("#jobs tr[data-job]")).to_have_count(1)
     page.select_option('#job-filters select[name="op"]', "")
-    expect(page.locator("#jobs tr[data-job]")).to_have_count(4)
+    expect(page.locator("#jobs tr[data-job]")).to_have_count(5)
     ro = new_page(browser, api_server)  # a read token, used below
     sign_in(ro, reader)
 
@@ -251,6 +251,34 @@ def test_dashboard_launch_watch_act_and_read_only(browser: Any, api_server: ApiS
     assert not ro.errors, ro.errors
     page.context.close()
     ro.context.close()
+
+
+@needs_browser
+def test_a_parent_jobs_page_lists_its_children_and_retries_the_failed_ones(
+        browser: Any, api_server: ApiServer, client: RedisClient, settings: Settings) -> None:
+    ns = settings.namespace
+    operator = api_server.token(f"{ns}-retrier", "operate", [ns])
+    client.wait([j.id for j in client.submit(ops(Op.LAUNCH, ns, "pb[1-2]", memory_mib=16, disk_gib=0))])
+    client.wait([j.id for j in client.submit(ops(Op.KILL, ns, "pb2"))])
+    paused = client.submit(ops(Op.PAUSE, ns, "pb[1-2]"))  # pb2 is shut off: its pause fails
+    parent = paused[0].parent
+    assert parent is not None
+    client.wait([parent], timeout=30)
+    client.wait([j.id for j in client.submit(ops(Op.START, ns, "pb2"))])
+
+    page = new_page(browser, api_server)
+    sign_in(page, operator)
+    page.evaluate(f"location.hash = '#/jobs/{parent}'")
+    expect(page.locator("#job-children")).to_contain_text("pb1")
+    expect(page.locator("#job-children")).to_contain_text("pb2")
+    expect(page.locator("#job-children [data-state=failed]")).to_have_count(1)
+    page.click("button[data-op=retry]")
+    page.wait_for_function(f"location.hash.startsWith('#/jobs/') && location.hash !== '#/jobs/{parent}'")
+    retried = int(page.evaluate("location.hash.split('/').pop()"))
+    expect(page.locator("#job-children [data-state=succeeded]")).to_have_count(1)
+    assert client.job(retried).retry_of == parent and client.job(retried).state is JobState.SUCCEEDED
+    assert not page.errors, page.errors
+    page.context.close()
 
 
 @needs_browser

@@ -498,21 +498,38 @@ async function jobPage(id) {
     if (done) return sleep(24 * 3600 * 1000, signal); // final: nothing changes any more
     const job = await api(`/jobs/${id}`);
     const base = `/namespaces/${enc(job.namespace)}`;
-    const [evs, queue] = await Promise.all([api(`${base}/events?job_id=${id}&limit=100`),
-      api(`${base}/vms/${enc(job.vm)}/queue`)]);
+    // A parent job (a bulk command's) has no VM, so no queue: its children tell its story.
+    const [evs, queue, children] = await Promise.all([api(`${base}/events?job_id=${id}&limit=100`),
+      job.vm ? api(`${base}/vms/${enc(job.vm)}/queue`) : null,
+      job.vm ? null : api(`/jobs/${id}/children`)]);
     err.replaceChildren();
     title.replaceChildren(`Job #${job.id} ${job.op} `, h("a", { href: `#/vms/${enc(job.vm)}` }, job.vm), " ",
       badge(job.state));
     const canCancel = mayOperate(job.namespace) && !FINAL.has(job.state);
+    const canRetry = mayOperate(job.namespace) && job.state === "failed";
     buttons.replaceChildren(...(canCancel ? [h("button", {
       class: "danger action", "data-op": "cancel", type: "button",
       onclick: async () => {
         if (!confirm(`Cancel job #${job.id} (${job.op} ${job.vm})?`)) return;
         try { await api(`/jobs/${job.id}/cancel`, { method: "POST" }); } catch (e) { err.replaceChildren(errorBox(e)); }
       },
-    }, "cancel")] : []));
+    }, "cancel")] : []), ...(canRetry ? [h("button", {
+      class: "action", "data-op": "retry", type: "button",
+      onclick: async () => {
+        try {
+          const jobs = await api(`/jobs/${job.id}/retry`, { method: "POST" });
+          const next = jobs[0].parent ?? jobs[0].id; // a parent's retry is a new parent over the failed children
+          location.hash = `#/jobs/${next}`;
+        } catch (e) { err.replaceChildren(errorBox(e)); }
+      },
+    }, "retry")] : []));
     tl.replaceChildren(timeline(job, evs));
-    lock.replaceChildren(...[await lockStory(job, queue)].flat(Infinity));
+    if (queue) {
+      lock.replaceChildren(...[await lockStory(job, queue)].flat(Infinity));
+    } else {
+      lock.replaceChildren(h("div", { id: "job-children" }, `Children (${children.length}): `,
+        ...children.map((c) => h("span", {}, jobLink(c), ` ${c.vm} `, badge(c.state), " "))));
+    }
     const row = (k, v) => [h("dt", {}, k), h("dd", {}, v ?? "–")];
     spec.replaceChildren(...row("namespace", job.namespace), ...row("VM", job.vm), ...row("host", job.host),
       ...row("seq", job.seq), ...row("attempts", job.attempts), ...row("submitted", when(job.submitted_at)),
