@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
-import logging
 from typing import Annotated
 
 import typer
 
 from orchestrator.errors import InvalidInput
 
-from .context import state
+from .context import LogFormat, state
 
 
 def register(app: typer.Typer) -> None:
@@ -33,10 +32,12 @@ def serve(
     no_auth: Annotated[bool, typer.Option("--no-auth", help="accept requests without a token (loopback only)")
                        ] = False,
     loglevel: Annotated[str, typer.Option("--loglevel")] = "INFO",
+    log_format: LogFormat = "text",
 ) -> None:
     """Serve the HTTP API: every request needs a token ('vmorch token create') unless --no-auth."""
     import uvicorn
 
+    from orchestrator import logs
     from orchestrator.api import create_app
 
     st = state(ctx)
@@ -44,8 +45,9 @@ def serve(
     if not auth and not is_loopback(host):
         raise InvalidInput(f"refusing to serve without authentication on {host}",
                            hint="drop --no-auth (and VMORCH_API_AUTH=0), or listen on 127.0.0.1")
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.setup(log_format, loglevel)
     app = create_app(st.settings.model_copy(update={"api_auth": auth}))
     # Open event streams never end by themselves: give them a few seconds on shutdown, not forever.
-    uvicorn.run(app, host=host, port=port, log_level=loglevel.lower(), access_log=False,
+    # log_config=None: uvicorn's own lines go through vmorch's format too
+    uvicorn.run(app, host=host, port=port, log_level=loglevel.lower(), access_log=False, log_config=None,
                 timeout_graceful_shutdown=5)

@@ -10,7 +10,7 @@ import typer
 from orchestrator.names import check_name
 
 from . import render
-from .context import state
+from .context import LogFormat, state
 from .vms import parse_tags
 
 
@@ -72,8 +72,7 @@ def worker(
     ] = "",
     shared_storage: Annotated[bool, typer.Option(
         "--shared-storage", help="the disk directory is on storage every host sees at the same path")] = False,
-    log_format: Annotated[str, typer.Option(
-        "--log-format", envvar="VMORCH_LOG_FORMAT", help="text, or json: one JSON object per line")] = "text",
+    log_format: LogFormat = "text",
     metrics_port: Annotated[int, typer.Option(
         "--metrics-port", envvar="VMORCH_METRICS_PORT", min=0, max=65535,
         help="serve Prometheus metrics on this port (0: off)")] = 0,

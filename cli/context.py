@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -43,3 +43,8 @@ def state(ctx: typer.Context) -> State:
     obj = ctx.find_root().obj
     assert isinstance(obj, State)
     return obj
+
+
+#: ``--log-format`` of the long-running commands (worker, api, scheduler)
+LogFormat = Annotated[str, typer.Option("--log-format", envvar="VMORCH_LOG_FORMAT",
+                                        help="text, or json: one JSON object per line")]

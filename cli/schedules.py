@@ -15,7 +15,7 @@ from orchestrator.errors import InvalidInput
 from orchestrator.schedules import Schedule, ScheduleSpec
 
 from . import render, vms
-from .context import state
+from .context import LogFormat, state
 from .experiments import read
 
 app = typer.Typer(help="Run an experiment or a vm command by cron, every N, or once at a time.",
@@ -164,11 +164,11 @@ def _history_table(s: Schedule) -> Table:
 def scheduler(
     ctx: typer.Context,
     loglevel: Annotated[str, typer.Option("--loglevel", help="DEBUG, INFO, WARNING...")] = "INFO",
+    log_format: LogFormat = "text",
 ) -> None:
     """Run the scheduler: celery beat with RedBeat (one active cluster-wide) and the firings' consumer."""
-    import logging
-
+    from orchestrator import logs
     from orchestrator import scheduler as process
 
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(log_format, loglevel)
     process.run(state(ctx).settings, loglevel=loglevel.upper())
