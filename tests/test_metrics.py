@@ -61,6 +61,14 @@ def test_worker_metrics_move_when_jobs_run(base_settings: Settings, settings: Se
         jobs += client.submit(ops(Op.PAUSE, ns, "m1"))  # fails: the VM is shut off
         done = client.wait([j.id for j in jobs], timeout=30)
         assert [j.state.value for j in done] == ["succeeded", "succeeded", "succeeded", "failed"]
+
+        def counted() -> bool:
+            # A worker counts a job and its lock hold just after it published the job's final state.
+            now = scrape_worker(port)
+            return sample(now, "vmorch_jobs_finished_total", op="pause", state="failed") == 1 and \
+                (sample(now, "vmorch_lock_hold_seconds_count", level="vm") or 0) >= 4
+
+        wait_until(counted, timeout=5, what="the last job and lock release counted")
         after = scrape_worker(port)
         assert sample(after, "vmorch_jobs_finished_total", op="launch", state="succeeded") == 1
         assert sample(after, "vmorch_jobs_finished_total", op="pause", state="succeeded") == 1
