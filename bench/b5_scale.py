@@ -10,6 +10,7 @@ import time
 
 from orchestrator.client import RedisClient
 from orchestrator.operation import Op, Operation
+from orchestrator.store import BatchEntry
 
 from .common import require_succeeded
 from .harness import ROOT, Env, environment, percentile
@@ -47,7 +48,7 @@ def registered(env: Env, sizes: Sizes) -> list[Row]:
     t = time.perf_counter()
     for i in range(sizes.b5_vms):  # the launch script itself: VM record, registry, job, reservation
         op = Operation.build(Op.LAUNCH, NS, f"vm{i:05d}", memory_mib=64, disk_gib=0)
-        client.store.submit_launch(op, hosts[i % len(hosts)], "bench")
+        client.store.submit_batch([BatchEntry(op, host=hosts[i % len(hosts)])], who="bench")
     fill = time.perf_counter() - t
     vms = client.vms(NS)
     assert len(vms) == sizes.b5_vms, len(vms)

@@ -20,6 +20,7 @@ from orchestrator.client import RedisClient
 from orchestrator.locks import cmd_lock, host_lock, vms_lock
 from orchestrator.operation import Op, Operation
 from orchestrator.redisconn import connect_for_locks
+from orchestrator.store import BatchEntry
 
 from .harness import environment, percentile
 
@@ -40,7 +41,7 @@ def main() -> None:
         hosts = [f"h{i:03d}" for i in range(args.hosts)]
         for i in range(args.vms):
             op = Operation.build(Op.LAUNCH, "bench", f"vm{i}", memory_mib=64, disk_gib=0)
-            client.store.submit_launch(op, hosts[i % len(hosts)])
+            client.store.submit_batch([BatchEntry(op, host=hosts[i % len(hosts)])])
         fill = time.perf_counter() - started
         probe = [Operation.build(Op.LAUNCH, "bench", "probe", memory_mib=64)]
 

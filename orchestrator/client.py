@@ -479,8 +479,9 @@ class RedisClient:
                 raise InvalidInput(f"namespace {name!r} has {len(names)} VMs",
                                    hint="delete them first, or pass --force to delete them with it")
             self.store.mark_namespace_deleting(name)  # LOCK: cmd -- no launch gets in from now on
-            accepted = [(self.store.submit(op, self.actor), op)
-                        for op in (Operation.build(Op.DELETE, name, vm) for vm in names)]
+            deletes = [Operation.build(Op.DELETE, name, vm) for vm in names]
+            _, submitted = self.store.submit_batch([BatchEntry(op) for op in deletes], who=self.actor)
+            accepted = list(zip(submitted, deletes, strict=True))
         self._enqueue(accepted)
         return self.store.get_jobs(s.id for s, _ in accepted)
 

@@ -126,55 +126,6 @@ local function settle(id, state, by)
 end
 """
 
-# KEYS: job_next, vms(ns), vm_seq, mailbox, jobs(ns), vm record, updates channel, events(ns)
-# ARGV: job_prefix, ns, vm, op, params_json, who
-SUBMIT = _NOW + _EVENT + """
-if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 0 then
-  return redis.error_reply('not_found')
-end
-local host = redis.call('HGET', KEYS[6], 'host')
-local id = redis.call('INCR', KEYS[1])
-local seq = redis.call('INCR', KEYS[3])
-redis.call('HSET', ARGV[1] .. id, 'id', id, 'op', ARGV[4], 'namespace', ARGV[2], 'vm', ARGV[3],
-  'host', host, 'state', 'queued', 'seq', seq, 'submitted_at', now, 'attempts', 0, 'params', ARGV[5])
-redis.call('ZADD', KEYS[4], seq, id)
-redis.call('ZADD', KEYS[5], id, id)
-redis.call('PUBLISH', KEYS[7], id .. ' queued')
-event('job', id, ARGV[3], ARGV[4], 'queued', ARGV[6], 'seq ' .. seq .. ' on host ' .. host)
-return {id, seq, host}
-"""
-
-# The VM record, its registry entry and its launch job, in one step.
-# LOCK: the caller holds cmd:<ns> and vms:<ns> (name reservation and placement).
-# KEYS: job_next, vms(ns), vm_seq, mailbox, jobs(ns), vm record, updates, namespaces, host_vms, host record,
-#       namespace record, events(ns)
-# ARGV: job_prefix, ns, vm, params_json, host, memory_mib, vcpus, disk_gib, image, tags_json, domain, who
-SUBMIT_LAUNCH = _NOW + _EVENT + """
-if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 1 then
-  return redis.error_reply('already_exists')
-end
-redis.call('SADD', KEYS[2], ARGV[3])
-redis.call('SADD', KEYS[8], ARGV[2])
-redis.call('HSETNX', KEYS[11], 'created_at', now)  -- a first launch creates its namespace
-redis.call('SADD', KEYS[9], ARGV[2] .. '/' .. ARGV[3])
--- the reservation: placement decided under this host's lock, and it counts from now on
-redis.call('HINCRBY', KEYS[10], 'committed_mib', ARGV[6])
-redis.call('HINCRBY', KEYS[10], 'committed_vcpus', ARGV[7])
-redis.call('HSET', KEYS[6], 'name', ARGV[3], 'namespace', ARGV[2], 'host', ARGV[5], 'state', 'missing',
-  'memory_mib', ARGV[6], 'vcpus', ARGV[7], 'disk_gib', ARGV[8], 'image', ARGV[9], 'tags', ARGV[10],
-  'snapshots', '[]', 'domain', ARGV[11], 'created_at', now, 'updated_at', now, 'note', 'launch queued')
-local id = redis.call('INCR', KEYS[1])
-local seq = redis.call('INCR', KEYS[3])
-redis.call('HSET', ARGV[1] .. id, 'id', id, 'op', 'launch', 'namespace', ARGV[2], 'vm', ARGV[3],
-  'host', ARGV[5], 'state', 'queued', 'seq', seq, 'submitted_at', now, 'attempts', 0, 'params', ARGV[4])
-redis.call('ZADD', KEYS[4], seq, id)
-redis.call('ZADD', KEYS[5], id, id)
-redis.call('PUBLISH', KEYS[7], id .. ' queued')
-event('vm', '', ARGV[3], 'launch', 'missing', ARGV[12], 'registered on host ' .. ARGV[5])
-event('job', id, ARGV[3], 'launch', 'queued', ARGV[12], 'seq ' .. seq .. ' on host ' .. ARGV[5])
-return {id, seq, ARGV[5]}
-"""
-
 # A worker picked the message up; the job now waits for its turn. Only from queued, never while held.
 # KEYS: job, updates, events(ns); ARGV: id, worker
 MARK_WAITING = _NOW + _EVENT + """
@@ -187,37 +138,6 @@ if redis.call('HGET', KEYS[1], 'state') == 'queued' and redis.call('HGET', KEYS[
   return 1
 end
 return 0
-"""
-
-# A move: its two jobs in one step, so nothing slips between them in the VM's order, and the
-# target's reservation. LOCK: the caller holds cmd:<ns> and both hosts' locks.
-# KEYS: job_next, vms(ns), vm_seq, mailbox, jobs(ns), vm record, updates, target host record, events(ns)
-# ARGV: job_prefix, ns, vm, out_params, in_params, source, target, who
-SUBMIT_MOVE = _NOW + _EVENT + """
-if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 0 then
-  return redis.error_reply('not_found')
-end
-local vm = redis.call('HMGET', KEYS[6], 'host', 'memory_mib', 'vcpus')
-if vm[1] ~= ARGV[6] then
-  return redis.error_reply('moved')
-end
-redis.call('HINCRBY', KEYS[8], 'committed_mib', vm[2])
-redis.call('HINCRBY', KEYS[8], 'committed_vcpus', vm[3])
-local out = {}
-local jobs = {{'move-out', ARGV[4], ARGV[6]}, {'move-in', ARGV[5], ARGV[7]}}
-for i, j in ipairs(jobs) do
-  local id = redis.call('INCR', KEYS[1])
-  local seq = redis.call('INCR', KEYS[3])
-  redis.call('HSET', ARGV[1] .. id, 'id', id, 'op', j[1], 'namespace', ARGV[2], 'vm', ARGV[3],
-    'host', j[3], 'state', 'queued', 'seq', seq, 'submitted_at', now, 'attempts', 0, 'params', j[2])
-  redis.call('ZADD', KEYS[4], seq, id)
-  redis.call('ZADD', KEYS[5], id, id)
-  redis.call('PUBLISH', KEYS[7], id .. ' queued')
-  event('job', id, ARGV[3], j[1], 'queued', ARGV[8], 'seq ' .. seq .. ' on host ' .. j[3])
-  table.insert(out, id)
-  table.insert(out, seq)
-end
-return out
 """
 
 # Start (or restart, after a crash) an attempt. Refused if the job is final or fenced out.

@@ -98,14 +98,11 @@ class Store:
     def __init__(self, redis: Redis, *, host_down_after: float = 6.0) -> None:
         self.redis = redis
         self.host_down_after = host_down_after
-        self._submit = redis.register_script(scripts.SUBMIT)
-        self._submit_launch = redis.register_script(scripts.SUBMIT_LAUNCH)
         self._mark_waiting = redis.register_script(scripts.MARK_WAITING)
         self._begin = redis.register_script(scripts.BEGIN)
         self._finish = redis.register_script(scripts.FINISH)
         self._cancel = redis.register_script(scripts.CANCEL)
         self._update_vm = redis.register_script(scripts.UPDATE_VM)
-        self._submit_move = redis.register_script(scripts.SUBMIT_MOVE)
         self._hgetall_many = redis.register_script(scripts.HGETALL_MANY)
         self._turn = redis.register_script(scripts.TURN)
         self._submit_batch = redis.register_script(scripts.SUBMIT_BATCH)
@@ -113,61 +110,6 @@ class Store:
         self._release_due = redis.register_script(scripts.RELEASE_DUE)
 
     # -- submitting ---------------------------------------------------------------------
-
-    def submit(self, op: Operation, who: str = "") -> Submitted:
-        """Accept an operation on an existing VM: give it an id and its place in the VM's order."""
-        if op.op is Op.LAUNCH:
-            raise ValueError("launches go through submit_launch (they need the cmd lock)")
-        ns, vm = op.namespace, op.vm
-        try:
-            res = self._submit(
-                keys=[keys.JOB_NEXT, keys.vms(ns), keys.vm_seq(ns, vm), keys.vm_mailbox(ns, vm),
-                      keys.jobs(ns), keys.vm(ns, vm), keys.UPDATES, keys.events(ns)],
-                args=[keys.JOB_PREFIX, ns, vm, op.op.value, op.params.model_dump_json(), who],
-            )
-        except ResponseError as exc:
-            raise _script_error(exc, op) from None
-        return Submitted(int(res[0]), int(res[1]), str(res[2]))
-
-    def submit_launch(self, op: Operation, host: str, who: str = "") -> Submitted:
-        """Register the VM on ``host`` and accept its launch job, atomically.
-
-        # LOCK: the caller holds cmd:<ns> and vms:<ns>.
-        """
-        params = op.params
-        assert isinstance(params, LaunchParams)
-        ns, vm = op.namespace, op.vm
-        try:
-            res = self._submit_launch(
-                keys=[keys.JOB_NEXT, keys.vms(ns), keys.vm_seq(ns, vm), keys.vm_mailbox(ns, vm), keys.jobs(ns),
-                      keys.vm(ns, vm), keys.UPDATES, keys.NAMESPACES, keys.host_vms(host), keys.host(host),
-                      keys.namespace(ns), keys.events(ns)],
-                args=[keys.JOB_PREFIX, ns, vm, params.model_dump_json(), host, params.memory_mib, params.vcpus,
-                      params.disk_gib, params.image or "", json.dumps(params.tags), domain_name(ns, vm), who],
-            )
-        except ResponseError as exc:
-            raise _script_error(exc, op) from None
-        return Submitted(int(res[0]), int(res[1]), str(res[2]))
-
-    def submit_move(self, out: Operation, to: str, source: str, who: str = "") -> tuple[Submitted, Submitted]:
-        """Accept a move as two consecutive jobs (out on ``source``, in on ``to``) and reserve room on ``to``.
-
-        # LOCK: the caller holds cmd:<ns> and the locks of both hosts.
-        """
-        ns, vm = out.namespace, out.vm
-        in_params = MoveInParams(source=source).model_dump_json()
-        try:
-            res = self._submit_move(
-                keys=[keys.JOB_NEXT, keys.vms(ns), keys.vm_seq(ns, vm), keys.vm_mailbox(ns, vm), keys.jobs(ns),
-                      keys.vm(ns, vm), keys.UPDATES, keys.host(to), keys.events(ns)],
-                args=[keys.JOB_PREFIX, ns, vm, out.params.model_dump_json(), in_params, source, to, who],
-            )
-        except ResponseError as exc:
-            if "moved" in str(exc):
-                raise InvalidInput(f"VM {vm!r} is no longer on host {source!r}",
-                                   hint="it moved meanwhile; see 'vmorch vm show'") from None
-            raise _script_error(exc, out) from None
-        return Submitted(int(res[0]), int(res[1]), source), Submitted(int(res[2]), int(res[3]), to)
 
     def submit_batch(self, entries: list[BatchEntry], *, who: str = "", parent: Mapping[str, Any] | None = None,
                      after: Mapping[int, str] | None = None, delay_s: float = 0.0,

@@ -14,6 +14,7 @@ from orchestrator.operation import Op
 from orchestrator.queue import enqueue
 from orchestrator.records import Job, JobState, VmState
 from orchestrator.settings import Settings
+from orchestrator.store import BatchEntry
 
 from .conftest import WorkerProc, ops, run_cli
 from .test_ordering import assert_serialized_in_order
@@ -74,7 +75,8 @@ def test_a_failed_move_out_keeps_the_vm_and_gives_the_room_back(cluster: list[Wo
     run(client, Op.KILL, "snappy")
     before = committed(client, "t2")
     # accepted but not yet sent, so the reservation can be seen before the move-out runs
-    accepted = client.store.submit_move(ops(Op.MOVE_OUT, ns, "snappy", to="t2")[0], "t2", "t1")
+    _, accepted = client.store.submit_batch([BatchEntry(ops(Op.MOVE_OUT, ns, "snappy", to="t2")[0], host="t2",
+                                                        source="t1")])
     assert committed(client, "t2") == before + 40
     for s in accepted:
         enqueue(client.celery, s.host, ns, "snappy", s.id)
