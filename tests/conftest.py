@@ -29,6 +29,7 @@ from orchestrator.names import expand_target
 from orchestrator.operation import Op, Operation
 from orchestrator.records import HostState
 from orchestrator.settings import Settings
+from orchestrator.store import BatchEntry, Submitted
 
 from .apiserver import ApiServer, serve
 
@@ -257,6 +258,12 @@ def assert_keyspace_clean(redis: Redis, namespace: str) -> None:
         if key.startswith("lock-signal:"):  # python-redis-lock's wake-up list; expires within 1 s
             continue
         raise AssertionError(f"unexpected key left behind: {key} ({redis.type(key)})")
+
+
+def accept(client: RedisClient, op: Operation) -> Submitted:
+    """Accept one job without sending its wake-up: the test sends it itself, in the order it wants."""
+    _, [submitted] = client.store.submit_batch([BatchEntry(op)])
+    return submitted
 
 
 def ops(op: Op, namespace: str, target: str, **params: object) -> list[Operation]:

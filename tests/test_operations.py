@@ -17,7 +17,7 @@ from orchestrator.operation import Op
 from orchestrator.records import Job, JobState, VmState
 from orchestrator.settings import Settings
 
-from .conftest import WorkerProc, ops, wait_until
+from .conftest import WorkerProc, accept, ops, wait_until
 
 
 def run(client: RedisClient, op: Op, target: str, **params: object) -> list[Job]:
@@ -174,7 +174,7 @@ def test_jobs_after_a_delete_fail_with_a_clear_reason(cluster: list[WorkerProc],
 def test_cancel_a_queued_job(cluster: list[WorkerProc], client: RedisClient) -> None:
     ok(client, Op.LAUNCH, "can", memory_mib=32)
     # accepted but not sent: it stays queued until we deliver it
-    accepted = client.store.submit(ops(Op.PAUSE, client.settings.namespace, "can")[0])
+    accepted = accept(client, ops(Op.PAUSE, client.settings.namespace, "can")[0])
     canceled = client.cancel(accepted.id)
     assert canceled.state is JobState.CANCELED and canceled.error is not None
     assert "canceled by" in canceled.error.message

@@ -19,7 +19,7 @@ from orchestrator.queue import enqueue
 from orchestrator.records import Job, JobState, VmState
 from orchestrator.settings import Settings
 
-from .conftest import ROOT, WorkerProc, ops, settings_env, start_worker, wait_hosts_up
+from .conftest import ROOT, WorkerProc, accept, ops, settings_env, start_worker, wait_hosts_up
 
 BARRIER_SUBMIT = Path(__file__).with_name("barrier_submit.py")
 
@@ -94,7 +94,7 @@ def test_out_of_order_and_duplicate_delivery_still_runs_in_sequence_exactly_once
                 (Op.TAG, {"set": {"step": "6"}}), (Op.KILL, {}), (Op.SET, {"memory_mib": 40}), (Op.START, {}),
                 (Op.PAUSE, {})]
     # Accept the jobs without sending their messages ...
-    accepted = [client.store.submit(ops(op, ns, "ooo", **params)[0]) for op, params in sequence]
+    accepted = [accept(client, ops(op, ns, "ooo", **params)[0]) for op, params in sequence]
     # ... then deliver them last-first, each twice, plus a stray duplicate of the first.
     app = client.celery
     for s in reversed(accepted):
@@ -119,7 +119,7 @@ def test_a_single_slot_worker_never_deadlocks_on_reversed_messages(
         ns = settings.namespace
         [launch] = client.submit(ops(Op.LAUNCH, ns, "s[1-3]", memory_mib=32, host="solo")[:1])
         launches = [launch, *client.submit(ops(Op.LAUNCH, ns, "s[2-3]", memory_mib=32, host="solo"))]
-        accepted = [client.store.submit(o) for _ in range(4) for o in ops(Op.PAUSE, ns, "s[1-3]")
+        accepted = [accept(client, o) for _ in range(4) for o in ops(Op.PAUSE, ns, "s[1-3]")
                     + ops(Op.RESUME, ns, "s[1-3]")]
         for s in reversed(accepted):
             enqueue(client.celery, "solo", ns, client.job(s.id).vm, s.id)
