@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import cache
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_serializer
+from pydantic import BaseModel, ConfigDict, TypeAdapter, field_serializer
 
 from .operation import Op
 
@@ -153,7 +154,7 @@ class Vm(_Record):
     state: VmState
     memory_mib: int
     vcpus: int
-    tags: dict[str, str]
+    tags: dict[str, str] = {}
     disk_gib: int = 0
     image: str | None = None
     snapshots: list[str] = []
@@ -163,25 +164,23 @@ class Vm(_Record):
     #: what the last operation left to say (e.g. "vcpus apply at next boot")
     note: str | None = None
 
-    @classmethod
-    def from_hash(cls, h: dict[str, str], *, host_up: bool = True) -> Vm:
-        state = VmState(h["state"]) if host_up else VmState.UNKNOWN
-        return cls(
-            name=h["name"],
-            namespace=h["namespace"],
-            host=h["host"],
-            state=state,
-            memory_mib=int(h["memory_mib"]),
-            vcpus=int(h["vcpus"]),
-            tags=json.loads(h.get("tags") or "{}"),
-            disk_gib=int(h.get("disk_gib") or 0),
-            image=h.get("image") or None,
-            snapshots=json.loads(h.get("snapshots") or "[]"),
-            domain=h["domain"],
-            created_at=ts(h.get("created_at")),
-            updated_at=ts(h.get("updated_at")),
-            note=h.get("note") or None,
-        )
+    def on_down_host(self) -> Vm:
+        """As users see it while its host is down: its state is unknown."""
+        return self.model_copy(update={"state": VmState.UNKNOWN})
+
+
+@cache
+def _vm_list() -> TypeAdapter[list[Vm]]:
+    return TypeAdapter(list[Vm])
+
+
+def vms_from_json(text: str | bytes) -> list[Vm]:
+    """VM records from the JSON array the store's VMS_JSON script builds (see scripts._VM_JSON).
+
+    One call into pydantic's validator for the whole array: listing 10,000 VMs record by record
+    in Python cost twice what Redis spends reading them.
+    """
+    return _vm_list().validate_json(text)
 
 
 class Host(_Record):

@@ -75,13 +75,15 @@ local function release(did, d, by, why, released)
   table.insert(released, d[4])
 end
 
-local function settle(id, state, by)
+-- parent: the job's parent if the caller read it already (nil: read it here)
+local function settle(id, state, by, parent)
   local released = {}
-  local work = {{id, state}}
+  local work = {{id, state, parent}}
   while #work > 0 do
     local item = table.remove(work)
     local jid, st = item[1], item[2]
-    local parent = redis.call('HGET', P .. 'job:' .. jid, 'parent')
+    local parent = item[3]
+    if parent == nil then parent = redis.call('HGET', P .. 'job:' .. jid, 'parent') end
     if parent and parent ~= '' then
       local pk = P .. 'job:' .. parent
       redis.call('HINCRBY', pk, 'n_' .. st, 1)
@@ -145,19 +147,20 @@ return 0
 BEGIN = _NOW + _EVENT + _FENCE + """
 local refused = fenced(KEYS[2], ARGV[1])
 if refused then return refused end
-local state = redis.call('HGET', KEYS[1], 'state')
+local job = redis.call('HMGET', KEYS[1], 'state', 'attempts', 'parent', 'vm', 'op')
+local state = job[1]
 if state == false then return redis.error_reply('not_found') end
 if state == 'succeeded' or state == 'failed' or state == 'canceled' then return {0, state} end
-redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', now, 'worker', ARGV[3])
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+-- attempts only changes here, under the VM's lock and fenced: no increment of its own needed
+local attempts = (tonumber(job[2]) or 0) + 1
+redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', now, 'worker', ARGV[3], 'attempts', attempts)
 redis.call('PUBLISH', KEYS[3], ARGV[2] .. ' running')
-local parent = redis.call('HGET', KEYS[1], 'parent')
+local parent = job[3]
 if parent and parent ~= '' and redis.call('HGET', ARGV[4] .. parent, 'state') == 'queued' then
   redis.call('HSET', ARGV[4] .. parent, 'state', 'running', 'started_at', now)  -- its first child began
   redis.call('PUBLISH', KEYS[3], parent .. ' running')
 end
-local job = redis.call('HMGET', KEYS[1], 'vm', 'op')
-event('job', ARGV[2], job[1], job[2], 'running', ARGV[3], 'attempt ' .. attempts .. ', fence ' .. ARGV[1])
+event('job', ARGV[2], job[4], job[5], 'running', ARGV[3], 'attempt ' .. attempts .. ', fence ' .. ARGV[1])
 return {1, attempts}
 """
 
@@ -171,16 +174,21 @@ return {1, attempts}
 FINISH = _NOW + "local P = ARGV[13]\n" + _EVENT + _FENCE + _SETTLE + """
 local refused = fenced(KEYS[2], ARGV[1])
 if refused then return refused end
-local state = redis.call('HGET', KEYS[1], 'state')
-if is_final(state) then
+local job = redis.call('HMGET', KEYS[1], 'state', 'op', 'parent', 'namespace')
+if is_final(job[1]) then
   redis.call('ZREM', KEYS[3], ARGV[2])
   return {0}
 end
+local op = job[2]
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'finished_at', now, 'error', ARGV[4], 'result', ARGV[5])
 redis.call('ZREM', KEYS[3], ARGV[2])
-local op = redis.call('HGET', KEYS[1], 'op')
 event('job', ARGV[2], ARGV[8], op, ARGV[3], ARGV[9], ARGV[10])
-local vm = redis.call('HMGET', KEYS[4], 'host', 'memory_mib', 'vcpus')
+local update = ARGV[6] ~= '' and cjson.decode(ARGV[6]) or nil
+-- the reservation counts only change on a delete, a resize or a move: only they read the record
+local vm = {}
+if ARGV[7] == '1' or (update and (update['memory_mib'] or update['vcpus'] or update['host'])) then
+  vm = redis.call('HMGET', KEYS[4], 'host', 'memory_mib', 'vcpus')
+end
 if ARGV[12] ~= '' then
   for _, a in ipairs(cjson.decode(ARGV[12])) do
     redis.call('HINCRBY', ARGV[11] .. a[1], 'committed_mib', a[2])
@@ -194,10 +202,9 @@ end
 if ARGV[7] == '1' then
   redis.call('DEL', KEYS[4])
   redis.call('SREM', KEYS[5], ARGV[8])
-  redis.call('SREM', KEYS[6], redis.call('HGET', KEYS[1], 'namespace') .. '/' .. ARGV[8])
+  redis.call('SREM', KEYS[6], job[4] .. '/' .. ARGV[8])
   event('vm', ARGV[2], ARGV[8], op, 'deleted', ARGV[9], '')
-elseif ARGV[6] ~= '' and redis.call('EXISTS', KEYS[4]) == 1 then
-  local update = cjson.decode(ARGV[6])
+elseif update and redis.call('EXISTS', KEYS[4]) == 1 then
   if update['memory_mib'] then
     redis.call('HINCRBY', ARGV[11] .. vm[1], 'committed_mib', tonumber(update['memory_mib']) - tonumber(vm[2]))
   end
@@ -205,17 +212,19 @@ elseif ARGV[6] ~= '' and redis.call('EXISTS', KEYS[4]) == 1 then
     redis.call('HINCRBY', ARGV[11] .. vm[1], 'committed_vcpus', tonumber(update['vcpus']) - tonumber(vm[3]))
   end
   if update['host'] and update['host'] ~= vm[1] then
-    local member = redis.call('HGET', KEYS[1], 'namespace') .. '/' .. ARGV[8]
+    local member = job[4] .. '/' .. ARGV[8]
     redis.call('SMOVE', ARGV[11] .. vm[1] .. ':vms', ARGV[11] .. update['host'] .. ':vms', member)
   end
+  local fields = {'updated_at', now}
   for field, value in pairs(update) do
-    redis.call('HSET', KEYS[4], field, value)
+    table.insert(fields, field)
+    table.insert(fields, value)
   end
-  redis.call('HSET', KEYS[4], 'updated_at', now)
-  event('vm', ARGV[2], ARGV[8], op, redis.call('HGET', KEYS[4], 'state'), ARGV[9], ARGV[6])
+  redis.call('HSET', KEYS[4], unpack(fields))
+  event('vm', ARGV[2], ARGV[8], op, update['state'] or redis.call('HGET', KEYS[4], 'state'), ARGV[9], ARGV[6])
 end
 redis.call('PUBLISH', KEYS[7], ARGV[2] .. ' ' .. ARGV[3])
-local released = settle(ARGV[2], ARGV[3], ARGV[9])
+local released = settle(ARGV[2], ARGV[3], ARGV[9], job[3] or '')
 table.insert(released, 1, 1)
 return released
 """
@@ -259,15 +268,39 @@ event('vm', '', ARGV[3], '', redis.call('HGET', KEYS[1], 'state'), ARGV[4], ARGV
 return 1
 """
 
-# Read many hashes in one call: a listing of 10,000 VMs was 10,000 pipelined commands, whose
-# packing and parsing cost the client more than Redis's work. Callers pass bounded batches of
-# keys, so Redis is never blocked for long. KEYS: the hashes. Returns their fields flat, in order.
-HGETALL_MANY = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  out[i] = redis.call('HGETALL', key)
+# A VM record as the JSON object of ``records.Vm``, built inside Redis: the client hands the whole
+# listing to pydantic's JSON validator in one call, instead of building 10,000 dicts and records in
+# Python (which cost more than Redis's work). Fields go out as the strings they are (pydantic reads
+# numbers and epoch times from them), tags and snapshots as the JSON they are stored as, and empty
+# fields not at all (the model's defaults).
+_VM_JSON = """
+local function vm_json(key)
+  local h = redis.call('HGETALL', key)
+  if #h == 0 then return nil end
+  local parts = {}
+  for i = 1, #h, 2 do
+    local f, v = h[i], h[i + 1]
+    if v ~= '' then
+      if f == 'tags' or f == 'snapshots' then
+        table.insert(parts, '"' .. f .. '":' .. v)
+      else
+        table.insert(parts, cjson.encode(f) .. ':' .. cjson.encode(v))
+      end
+    end
+  end
+  return '{' .. table.concat(parts, ',') .. '}'
 end
-return out
+"""
+
+# Many VM records as one JSON array (missing ones left out). Callers pass bounded batches of keys,
+# so Redis is never blocked for long. KEYS: the VM records.
+VMS_JSON = _VM_JSON + """
+local out = {}
+for _, key in ipairs(KEYS) do
+  local vm = vm_json(key)
+  if vm then table.insert(out, vm) end
+end
+return '[' .. table.concat(out, ',') .. ']'
 """
 
 # A job accepted but whose wake-up could not be sent: final, so nothing waits for it forever.
@@ -310,12 +343,11 @@ for dep, kind in pairs(req.after) do
 end
 local count = 0
 for i, j in ipairs(req.jobs) do
-  local exists = redis.call('SISMEMBER', P .. 'vms:' .. j.ns, j.vm)
-  if j.t == 'launch' and exists == 1 then return redis.error_reply('already_exists ' .. i) end
-  if j.t ~= 'launch' and exists == 0 then return redis.error_reply('not_found ' .. i) end
-  if j.t == 'move' and redis.call('HGET', P .. 'vm:' .. j.ns .. ':' .. j.vm, 'host') ~= j.source then
-    return redis.error_reply('moved ' .. i)
-  end
+  -- a VM's record and its name in the registry are written and deleted together: its host tells both
+  j.at = redis.call('HGET', P .. 'vm:' .. j.ns .. ':' .. j.vm, 'host')
+  if j.t == 'launch' and j.at then return redis.error_reply('already_exists ' .. i) end
+  if j.t ~= 'launch' and not j.at then return redis.error_reply('not_found ' .. i) end
+  if j.t == 'move' and j.at ~= j.source then return redis.error_reply('moved ' .. i) end
   count = count + (j.t == 'move' and 2 or 1)
 end
 
@@ -336,12 +368,14 @@ local function new_job(j, op, params, host)
   local id = redis.call('INCR', P .. 'job:next')
   local jk = P .. 'job:' .. id
   local vk = P .. 'vm:' .. j.ns .. ':' .. j.vm
+  -- its place in the VM's order, unless it is held (dependencies, delay) or doomed
+  local seq = 0
+  if not failed_dep and #waiting == 0 and (req.delay or 0) <= 0 then seq = redis.call('INCR', vk .. ':seq') end
   redis.call('HSET', jk, 'id', id, 'op', op, 'namespace', j.ns, 'vm', j.vm, 'host', host, 'state', 'queued',
-    'seq', 0, 'submitted_at', now, 'attempts', 0, 'params', params, 'parent', parent,
+    'seq', seq, 'submitted_at', now, 'attempts', 0, 'params', params, 'parent', parent,
     'retry_of', j.retry_of or '', 'after', req.after_json)
   redis.call('ZADD', P .. 'jobs:' .. j.ns, id, id)
   if parent ~= '' then redis.call('ZADD', P .. 'job:' .. parent .. ':children', id, id) end
-  local seq = 0
   if failed_dep then
     -- as if it had been waiting for it: it fails at once (the caller settles it below)
     local err = cjson.encode({code = 'dependency_failed', message = 'dependency ' .. failed_dep .. ' failed'})
@@ -359,8 +393,6 @@ local function new_job(j, op, params, host)
     redis.call('HSET', jk, 'held', '1', 'deps_left', 0)
     release(id, {'queued', '1', j.ns, j.vm, op, host, req.delay}, who, 'accepted', {})
   else
-    seq = redis.call('INCR', vk .. ':seq')
-    redis.call('HSET', jk, 'seq', seq)
     redis.call('ZADD', vk .. ':mailbox', seq, id)
     ev(j.ns, 'job', id, j.vm, op, 'queued', who, 'seq ' .. seq .. ' on host ' .. host)
   end
@@ -373,7 +405,7 @@ end
 for _, j in ipairs(req.jobs) do
   local vk = P .. 'vm:' .. j.ns .. ':' .. j.vm
   if j.t == 'plain' then
-    new_job(j, j.op, j.params, redis.call('HGET', vk, 'host'))
+    new_job(j, j.op, j.params, j.at)
   elseif j.t == 'launch' then
     local hk = P .. 'host:' .. j.host
     redis.call('SADD', P .. 'vms:' .. j.ns, j.vm)
@@ -407,11 +439,11 @@ return out
 # message's job (by its seq), that job and the VM record. A job missing from the mailbox is final
 # (or unknown): nothing to run for its message.
 # LOCK: the caller holds vm:<ns>:<vm>. KEYS: mailbox, job, vm record; ARGV: job id
-TURN = """
+TURN = _VM_JSON + """
 local seq = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not seq then return {{}, {}, {}} end
+if not seq then return {{}, {}, ''} end
 return {redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', seq, 'WITHSCORES'), redis.call('HGETALL', KEYS[2]),
-  redis.call('HGETALL', KEYS[3])}
+  vm_json(KEYS[3]) or ''}
 """
 
 # The delayed jobs whose time has come (``SubmitOptions.delay_s``): their place in their VMs' order.

@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 from . import keys, metrics, scripts
 from .errors import AlreadyExists, FencedOut, InvalidInput, NotFound, VmorchError
 from .operation import LaunchParams, MoveInParams, Op, Operation
-from .records import Event, Host, HostState, Job, JobState, Namespace, Vm, domain_name, host_state
+from .records import Event, Host, HostState, Job, JobState, Namespace, Vm, domain_name, host_state, vms_from_json
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class Store:
         self._finish = redis.register_script(scripts.FINISH)
         self._cancel = redis.register_script(scripts.CANCEL)
         self._update_vm = redis.register_script(scripts.UPDATE_VM)
-        self._hgetall_many = redis.register_script(scripts.HGETALL_MANY)
+        self._vms_json = redis.register_script(scripts.VMS_JSON)
         self._turn = redis.register_script(scripts.TURN)
         self._submit_batch = redis.register_script(scripts.SUBMIT_BATCH)
         self._fail_unsent = redis.register_script(scripts.FAIL_UNSENT)
@@ -237,8 +237,7 @@ class Store:
         rows, job, record = self._turn(keys=[keys.vm_mailbox(namespace, vm), keys.job(job_id), keys.vm(namespace, vm)],
                                        args=[job_id])
         pending = [(int(i), int(float(sc))) for i, sc in zip(rows[::2], rows[1::2], strict=True)]
-        found: Vm | NotFound = Vm.from_hash(_pairs(record), host_up=True) if record else NotFound(
-            f"no VM {vm!r} in namespace {namespace!r}", hint="list VMs with 'vmorch vm list' (and check --namespace)")
+        found: Vm | NotFound = vms_from_json(f"[{record}]")[0] if record else _no_vm(namespace, vm)
         return Turn(pending, Job.from_hash(_pairs(job)) if job else None, found)
 
     def next_jobs(self, namespace: str) -> list[Job]:
@@ -259,26 +258,25 @@ class Store:
 
     def get_vm(self, namespace: str, name: str, *, as_stored: bool = False) -> Vm:
         """The VM; its state is ``unknown`` while its host is down, unless ``as_stored``."""
-        data = _hash(self.redis.hgetall(keys.vm(namespace, name)))
-        if not data:
-            raise NotFound(f"no VM {name!r} in namespace {namespace!r}",
-                           hint="list VMs with 'vmorch vm list' (and check --namespace)")
-        return Vm.from_hash(data, host_up=as_stored or self._host_up(data["host"]))
+        found = self._read_vms([keys.vm(namespace, name)])
+        if not found:
+            raise _no_vm(namespace, name)
+        vm = found[0]
+        return vm if as_stored or self._host_up(vm.host) else vm.on_down_host()
 
     def vm_names(self, namespace: str) -> list[str]:
         return sorted(cast(set[str], self.redis.smembers(keys.vms(namespace))))
 
     def list_vms(self, namespace: str) -> list[Vm]:
-        names = self.vm_names(namespace)
         up = {h.name for h in self.hosts() if h.state is not HostState.DOWN}
-        records = self._hashes([keys.vm(namespace, name) for name in names])
-        return [Vm.from_hash(h, host_up=h["host"] in up) for h in records if h]
+        vms = self._read_vms([keys.vm(namespace, name) for name in self.vm_names(namespace)])
+        return [vm if vm.host in up else vm.on_down_host() for vm in vms]
 
-    def _hashes(self, hash_keys: list[str], batch: int = 1000) -> list[dict[str, str]]:
-        """HGETALL of many keys, ``batch`` keys per script call ({} for a missing key)."""
-        out: list[dict[str, str]] = []
-        for start in range(0, len(hash_keys), batch):
-            out += [_pairs(flat) for flat in self._hgetall_many(keys=hash_keys[start:start + batch])]
+    def _read_vms(self, vm_keys: list[str], batch: int = 1000) -> list[Vm]:
+        """VM records (missing ones left out), read and built as JSON ``batch`` keys per script call."""
+        out: list[Vm] = []
+        for start in range(0, len(vm_keys), batch):
+            out += vms_from_json(self._vms_json(keys=vm_keys[start:start + batch]))
         return out
 
     # -- namespaces ---------------------------------------------------------------------
@@ -528,3 +526,8 @@ def _script_error(exc: ResponseError, op: Operation | None = None) -> VmorchErro
         return FencedOut("a newer holder took this lock; this write was refused",
                          hint="the job is retried by the new holder")
     raise exc
+
+
+def _no_vm(namespace: str, name: str) -> NotFound:
+    return NotFound(f"no VM {name!r} in namespace {namespace!r}",
+                    hint="list VMs with 'vmorch vm list' (and check --namespace)")

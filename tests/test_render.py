@@ -9,9 +9,9 @@ from orchestrator.records import Vm
 
 
 def vm(i: int) -> Vm:
-    return Vm.from_hash({"name": f"vm{i}", "namespace": "ns", "host": "h1" if i % 2 else "host-two",
-                         "state": "running" if i % 3 else "paused", "memory_mib": "64", "vcpus": "1",
-                         "tags": '{"role": "web"}', "domain": f"ns.vm{i}", "note": ""})
+    return Vm.model_validate({"name": f"vm{i}", "namespace": "ns", "host": "h1" if i % 2 else "host-two",
+                              "state": "running" if i % 3 else "paused", "memory_mib": 64, "vcpus": 1,
+                              "tags": {"role": "web"}, "domain": f"ns.vm{i}"})
 
 
 def test_a_long_list_is_plain_aligned_text(capsys: pytest.CaptureFixture[str]) -> None:
