@@ -239,13 +239,21 @@ def cleanup_namespace(c: RedisClient, redis: Redis, namespace: str) -> None:
         redis.delete(key)
 
 
-def assert_keyspace_clean(redis: Redis, namespace: str) -> None:
-    """After a test: no lock held, no unfinished job, nothing but history left of the namespace."""
-    # A worker publishes a job's final state under the VM lock and releases the lock just after,
-    # so a lock may outlive the wait by a moment; a leaked one would stay until its expiry (10 s).
-    deadline = time.monotonic() + 2
+def wait_unlocked(redis: Redis, namespace: str, within: float = 2.0) -> list[str]:
+    """The namespace's lock keys still there after up to ``within`` seconds.
+
+    A worker publishes a job's final state under the VM lock and releases the lock just after,
+    so a lock may outlive a wait for the job by a moment; a leaked one stays until its expiry.
+    """
+    deadline = time.monotonic() + within
     while (locks := [k for k in redis.scan_iter("lock:*") if f":{namespace}" in k]) and time.monotonic() < deadline:
         time.sleep(0.05)
+    return locks
+
+
+def assert_keyspace_clean(redis: Redis, namespace: str) -> None:
+    """After a test: no lock held, no unfinished job, nothing but history left of the namespace."""
+    locks = wait_unlocked(redis, namespace)
     assert not locks, f"lock keys left behind: {locks}"
     for job_id in redis.zrange(keys.jobs(namespace), 0, -1):
         state = redis.hget(keys.job(int(job_id)), "state")
