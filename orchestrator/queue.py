@@ -41,9 +41,11 @@ def make_app(settings: Settings) -> Celery:
         worker_redirect_stdouts=False,
         task_create_missing_queues=True,
         enable_utc=True,
-        # Task events, so that Flower and 'celery events' see vmorch's tasks (sent, received, succeeded).
+        # Task events, so that Flower and 'celery events' see vmorch's tasks (received, succeeded).
+        # Not "task-sent": it was a second broker write per job on the submitter's path, a third of
+        # the time a 1,000-VM launch took to enqueue (docs/benchmarks.md); the job's history already
+        # says who queued it and when.
         worker_send_task_events=True,
-        task_send_sent_event=True,
         broker_use_ssl=broker_ssl(broker),
     )
     return app
