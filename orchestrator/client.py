@@ -494,13 +494,12 @@ class RedisClient:
             return self.store.purge_namespace(name)  # LOCK: cmd
 
     def _enqueue(self, accepted: list[tuple[Submitted, Operation]]) -> None:
-        from .queue import enqueue
+        from .queue import WakeUp, enqueue_many
 
-        for s, op in accepted:
-            try:
-                enqueue(self.celery, s.host, op.namespace, op.vm, s.id)
-            except Exception as exc:  # the broker refused: the job must not stay queued forever
-                deps.wake(self.celery, self.store, self.store.fail_unsent(s, f"could not enqueue: {exc}"))
+        by_id = {s.id: s for s, _ in accepted}
+        for w, exc in enqueue_many(self.celery, (WakeUp(s.host, op.namespace, op.vm, s.id) for s, op in accepted)):
+            # the broker refused: the job must not stay queued forever
+            deps.wake(self.celery, self.store, self.store.fail_unsent(by_id[w.job_id], f"could not enqueue: {exc}"))
 
     # -- reading ------------------------------------------------------------------------
 

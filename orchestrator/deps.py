@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .errors import InvalidInput
 from .operation import Op
-from .queue import enqueue
+from .queue import WakeUp, enqueue_many
 from .store import Released, Store
 
 if TYPE_CHECKING:
@@ -51,14 +51,12 @@ def edges(after: Iterable[int], after_final: Iterable[int], ops: Iterable[Op], d
 
 def wake(app: Celery, store: Store, released: Iterable[Released]) -> None:
     """Send the wake-ups of released jobs, then forget them (a duplicate wake-up is harmless)."""
-    sent = []
-    for r in released:
-        try:
-            enqueue(app, r.host, r.namespace, r.vm, r.id)
-            sent.append(r)
-        except Exception as exc:  # the broker is away: a janitor sends it later
-            log.warning("wake-up of released job %s not sent: %s", r.id, exc)
-    store.woken(sent)
+    released = list(released)
+    unsent = set()
+    for w, exc in enqueue_many(app, (WakeUp(r.host, r.namespace, r.vm, r.id) for r in released)):
+        log.warning("wake-up of released job %s not sent: %s", w.job_id, exc)  # a janitor sends it later
+        unsent.add(w.job_id)
+    store.woken([r for r in released if r.id not in unsent])
 
 
 def release_due(app: Celery, store: Store, by: str = "") -> int:

@@ -148,3 +148,25 @@ def test_tag_selectors_and_lists_on_the_command_line(cluster: list[WorkerProc], 
     parent_id = client.job(int(failing.stdout.split()[1])).id
     shown_text = run_cli(settings, "job", "show", str(parent_id))
     assert "1 failed" in shown_text.stdout and "invalid_state" in shown_text.stdout
+
+
+def test_a_wake_up_the_broker_refuses_fails_its_job_and_the_rest_of_the_batch_runs(
+        cluster: list[WorkerProc], client: RedisClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch's messages go out over one producer; one refused message fails its own job only."""
+    run(client, Op.LAUNCH, "refused[1-3]", memory_mib=32)
+    send_task = client.celery.send_task
+
+    def refuse_refused2(name: str, args: list[object], **kw: object) -> object:
+        if args[1] == "refused2":
+            raise ConnectionError("broker went away")
+        return send_task(name, args=args, **kw)
+
+    monkeypatch.setattr(client.celery, "send_task", refuse_refused2)
+    jobs = run(client, Op.PAUSE, "refused[1-3]")
+    by_vm = {j.vm: j for j in jobs}
+    assert by_vm["refused1"].state is JobState.SUCCEEDED and by_vm["refused3"].state is JobState.SUCCEEDED
+    failed = by_vm["refused2"]
+    assert failed.state is JobState.FAILED and failed.error is not None
+    assert "could not enqueue: broker went away" in failed.error.message
+    monkeypatch.undo()
+    run(client, Op.DELETE, "refused[1-3]")
