@@ -9,12 +9,14 @@ worse than nothing). Install with ``vmorch --install-completion``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import typer
 
-from orchestrator.redisconn import connect_quick
 from orchestrator.settings import Settings
-from orchestrator.store import Store
+
+if TYPE_CHECKING:
+    from orchestrator.store import Store
 
 TIMEOUT_S = 0.3
 MAX_JOBS = 50
@@ -22,6 +24,10 @@ MAX_JOBS = 50
 
 def _with_store(ctx: typer.Context, read: Callable[[Store, str], list[str]], incomplete: str) -> list[str]:
     try:
+        # imported here: only TAB needs Redis, not every command's start-up
+        from orchestrator.redisconn import connect_quick
+        from orchestrator.store import Store
+
         params = ctx.find_root().params
         overrides: dict[str, object] = {}
         if params.get("redis_url"):

@@ -5,28 +5,29 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.markup import escape
-
-from orchestrator import doctor as checks
 
 from . import render
 from .context import state
 
-MARK = {checks.Status.OK: "[green]ok  [/green]", checks.Status.WARN: "[yellow]warn[/yellow]",
-        checks.Status.FAIL: "[red]FAIL[/red]"}
+#: by orchestrator.doctor.Status, a StrEnum: that module imports redis, which '--help' must not (start-up time)
+MARK = {"ok": "[green]ok  [/green]", "warn": "[yellow]warn[/yellow]", "fail": "[red]FAIL[/red]"}
+#: orchestrator.doctor.STUCK_AFTER_S, for the same reason (tests/test_startup.py checks that they stay the same)
+STUCK_AFTER_S = 120.0
 
 
 def doctor(
     ctx: typer.Context,
     stuck_after: Annotated[float, typer.Option(
         "--stuck-after", min=1, help="seconds after which a VM's next job not yet started on an up host is stuck")
-    ] = checks.STUCK_AFTER_S,
+    ] = STUCK_AFTER_S,
 ) -> None:
     """Check the cluster and say how to fix what is wrong.
 
     Checks Redis (version, persistence, eviction policy), every host's worker, its libvirt
     connection and clock, and versions. Exits 1 if something is wrong (a warning alone exits 0).
     """
+    from orchestrator import doctor as checks
+
     st = state(ctx)
     found = checks.examine(st.settings, stuck_after=stuck_after)
     failed = [c for c in found if c.status is checks.Status.FAIL]
@@ -35,7 +36,7 @@ def doctor(
     else:
         width = max(len(c.name) for c in found)
         for c in found:
-            render.out.print(f"{MARK[c.status]}  {c.name:<{width}}  {escape(c.message)}", markup=True)
+            render.out.print(f"{MARK[c.status]}  {c.name:<{width}}  {render.escape(c.message)}", markup=True)
             if c.fix and c.status is not checks.Status.OK:
                 render.out.print(f"      {'':<{width}}  fix: {c.fix}", markup=False)
         warned = sum(c.status is checks.Status.WARN for c in found)

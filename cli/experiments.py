@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
-from orchestrator import experiment
 from orchestrator.errors import InvalidInput
 from orchestrator.records import JobState
-from orchestrator.runs import ExperimentRun
 
 from . import render
 from .context import state
 from .waiting import wait as wait_for
+
+if TYPE_CHECKING:
+    from orchestrator.runs import ExperimentRun
 
 app = typer.Typer(help="Experiments: VMs, ordered steps and a teardown, from a YAML file, run as one job graph.",
                   no_args_is_help=True)
@@ -33,6 +33,8 @@ def read(path: Path) -> str:
 @app.command()
 def validate(ctx: typer.Context, path: File) -> None:
     """Check a file and report every problem with its line; exit 2 if there is one."""
+    from orchestrator import experiment  # imported here: YAML is for this command only (start-up time)
+
     st = state(ctx)
     exp, problems = experiment.parse(read(path))
     if st.json:
@@ -81,7 +83,7 @@ def list_(ctx: typer.Context, limit: Annotated[int, typer.Option("--limit", min=
         render.err.print(f"no experiment runs in namespace {st.namespace!r}; start one with 'vmorch experiment run "
                          "FILE'")
         return
-    table = Table(box=None, pad_edge=False)
+    table = render.new_table()
     for col in ("RUN", "NAME", "STATE", "STEPS", "STARTED", "SOURCE", "BY"):
         table.add_column(col, no_wrap=True)
     for r in runs:
@@ -96,7 +98,7 @@ def show_run(result: ExperimentRun, *, as_json: bool) -> None:
         render.dump_json(result)
         return
     render.out.print(f"run {result.id} {result.name} ({result.namespace}): {render.styled(result.state.value)}")
-    table = Table(box=None, pad_edge=False)
+    table = render.new_table()
     for col in ("STEP", "KIND", "JOB", "STATE", "DONE", "FAILED", "AFTER", "ERROR"):
         table.add_column(col, no_wrap=col != "ERROR")
     for step in result.steps:

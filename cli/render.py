@@ -1,4 +1,7 @@
-"""Printing: rich tables for people, JSON on stdout for scripts, progress on stderr."""
+"""Printing: rich tables for people, JSON on stdout for scripts, progress on stderr.
+
+rich is imported on first use: it takes about 50 ms, which '--help' and usage errors don't need.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +9,58 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
 from orchestrator.errors import VmorchError
 from orchestrator.records import Event, Host, Job, JobState, Namespace, Vm
 
-# Piped output keeps whole lines (rich would cut tables at 80 columns) so scripts can grep them.
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+#: stdout and stderr, made on first use (see __getattr__)
+out: Console
+err: Console
 
 STATE_STYLE = {
     "succeeded": "green", "failed": "red", "canceled": "yellow", "running": "cyan", "waiting": "magenta",
     "queued": "dim", "paused": "yellow", "shutoff": "dim", "crashed": "red", "missing": "red",
     "unknown": "red", "up": "green", "down": "red", "draining": "yellow",
 }
+
+
+def __getattr__(name: str) -> Console:
+    if name == "out":
+        return _console(stderr=False)
+    if name == "err":
+        return _console(stderr=True)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@cache
+def _console(*, stderr: bool) -> Console:
+    from rich.console import Console
+
+    # Piped output keeps whole lines (rich would cut tables at 80 columns) so scripts can grep them.
+    width = None if stderr or sys.stdout.isatty() else 200
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
+
+
+def new_table(*, show_header: bool = True) -> Table:
+    """A borderless table, as every listing prints."""
+    from rich.table import Table
+
+    return Table(box=None, show_header=show_header, pad_edge=False)
+
+
+def escape(text: str) -> str:
+    """``text`` with rich markup escaped."""
+    from rich.markup import escape as escape_markup
+
+    return escape_markup(text)
 
 
 def dump_json(value: BaseModel | Sequence[BaseModel] | dict[str, Any]) -> None:
@@ -46,9 +81,9 @@ def listing(items: Sequence[BaseModel], table: Callable[[Any], Table], *, as_jso
     elif len(items) > PLAIN_ROWS:
         sys.stdout.write(plain(table(items)) + "\n")
     elif items:
-        out.print(table(items))
+        _console(stderr=False).print(table(items))
     else:
-        err.print(empty)
+        _console(stderr=True).print(empty)
 
 
 #: past this many rows a list is printed as plain aligned text: rich lays out every cell, which
@@ -111,7 +146,7 @@ def job_line(job: Job) -> str:
 
 
 def jobs_table(jobs: Sequence[Job]) -> Table:
-    table = Table(box=None, pad_edge=False)
+    table = new_table()
     for col in ("ID", "OP", "VM", "SEQ", "HOST", "STATE", "SUBMITTED", "STARTED", "FINISHED", "TRIES", "ERROR"):
         table.add_column(col, no_wrap=col != "ERROR")
     for j in jobs:
@@ -123,7 +158,7 @@ def jobs_table(jobs: Sequence[Job]) -> Table:
 
 
 def job_detail(job: Job) -> Table:
-    table = Table(box=None, show_header=False, pad_edge=False)
+    table = new_table(show_header=False)
     table.add_column(style="bold")
     table.add_column()
     rows: list[tuple[str, str]] = [
@@ -148,7 +183,7 @@ def job_detail(job: Job) -> Table:
 
 
 def events_table(events: Sequence[Event]) -> Table:
-    table = Table(box=None, pad_edge=False)
+    table = new_table()
     for col in ("AT", "WHAT", "JOB", "OP", "STATE", "BY", "DETAIL"):
         table.add_column(col, no_wrap=col != "DETAIL")
     for e in events:
@@ -157,7 +192,7 @@ def events_table(events: Sequence[Event]) -> Table:
 
 
 def vms_table(vms: Sequence[Vm]) -> Table:
-    table = Table(box=None, pad_edge=False)
+    table = new_table()
     for col in ("NAME", "HOST", "STATE", "MEMORY", "VCPUS", "TAGS", "NOTE"):
         table.add_column(col, no_wrap=col not in ("TAGS", "NOTE"))
     for v in vms:
@@ -167,7 +202,7 @@ def vms_table(vms: Sequence[Vm]) -> Table:
 
 
 def vm_detail(vm: Vm) -> Table:
-    table = Table(box=None, show_header=False, pad_edge=False)
+    table = new_table(show_header=False)
     table.add_column(style="bold")
     table.add_column()
     for k, v in [("name", vm.name), ("namespace", vm.namespace), ("host", vm.host), ("state", styled(vm.state.value)),
@@ -181,7 +216,7 @@ def vm_detail(vm: Vm) -> Table:
 
 
 def hosts_table(hosts: Sequence[Host]) -> Table:
-    table = Table(box=None, pad_edge=False)
+    table = new_table()
     for col in ("NAME", "STATE", "HEARTBEAT", "PID", "LIBVIRT", "MEMORY USED", "VCPUS USED", "VMS", "LABELS"):
         table.add_column(col, no_wrap=True)
     for h in hosts:
@@ -192,7 +227,7 @@ def hosts_table(hosts: Sequence[Host]) -> Table:
 
 
 def namespaces_table(namespaces: Sequence[Namespace]) -> Table:
-    table = Table(box=None, pad_edge=False)
+    table = new_table()
     for col in ("NAME", "STATE", "VMS", "HOSTS", "CREATED"):
         table.add_column(col, no_wrap=True)
     for ns in namespaces:
@@ -204,6 +239,7 @@ def namespaces_table(namespaces: Sequence[Namespace]) -> Table:
 def error(exc: VmorchError, *, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps({"error": exc.to_dict()}) + "\n")
+    err = _console(stderr=True)
     err.print(f"[red]error:[/red] {exc.message}", markup=True)
     if exc.hint:
         err.print(f"[dim]hint: {exc.hint}[/dim]")
@@ -224,5 +260,7 @@ def _iso(value: datetime | None) -> str:
 
 def _plain_cell(cell: object) -> str:
     if isinstance(cell, str):
+        from rich.text import Text
+
         return Text.from_markup(cell).plain if "[" in cell else cell
     return str(cell)

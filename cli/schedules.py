@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
-from rich.table import Table
 from typer.main import get_command
 
 from orchestrator.errors import InvalidInput
-from orchestrator.schedules import Schedule, ScheduleSpec
 
 from . import render, vms
 from .context import LogFormat, state
 from .experiments import read
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from orchestrator.schedules import Schedule
 
 app = typer.Typer(help="Run an experiment or a vm command by cron, every N, or once at a time.",
                   no_args_is_help=True)
@@ -39,6 +42,8 @@ def add(
 ) -> None:
     """Add a schedule: `vmorch schedule add nightly --cron "0 2 * * *" -e exp.yaml`, or
     `vmorch schedule add snap --every 1h -- vm snapshot web[1-3] hourly`."""
+    from orchestrator.schedules import ScheduleSpec  # imported here: croniter and YAML (start-up time)
+
     st = state(ctx)
     if command:
         check_vm_command(command)
@@ -85,7 +90,7 @@ def list_(ctx: typer.Context) -> None:
     if not items:
         render.err.print(f"no schedules in namespace {st.namespace!r}; add one with 'vmorch schedule add'")
         return
-    table = Table(box=None, pad_edge=False)
+    table = render.new_table()
     for col in ("NAME", "WHEN", "WHAT", "STATE", "NEXT", "LAST"):
         table.add_column(col, no_wrap=col != "WHAT")
     for s in items:
@@ -151,7 +156,7 @@ def show_schedule(s: Schedule, *, as_json: bool) -> None:
 
 
 def _history_table(s: Schedule) -> Table:
-    table = Table(box=None, pad_edge=False)
+    table = render.new_table()
     for col in ("SLOT", "FIRED", "STATE", "RUN", "JOBS", "ERROR"):
         table.add_column(col, no_wrap=col != "ERROR")
     for f in s.history:

@@ -7,19 +7,30 @@ mint another one).
 
 from __future__ import annotations
 
-from typing import Annotated
+from enum import StrEnum
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
-
-from orchestrator.redisconn import connect, ping
-from orchestrator.store import Store
-from orchestrator.tokens import Role, Token, TokenStore
 
 from . import render
 from .context import State, state
 
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from orchestrator.store import Store
+    from orchestrator.tokens import Token, TokenStore
+
 app = typer.Typer(help="API tokens (needs direct access to Redis).", no_args_is_help=True)
+
+
+class RoleName(StrEnum):
+    """The values of orchestrator.tokens.Role for ``--role``: that module imports redis, which '--help' must
+    not (start-up time). tests/test_startup.py checks that they stay the same."""
+
+    READ = "read"
+    OPERATE = "operate"
+    ADMIN = "admin"
 
 
 def _who() -> str:
@@ -29,6 +40,11 @@ def _who() -> str:
 
 
 def _stores(st: State) -> tuple[TokenStore, Store]:
+    # imported here: '--help' needs no Redis (start-up time)
+    from orchestrator.redisconn import connect, ping
+    from orchestrator.store import Store
+    from orchestrator.tokens import TokenStore
+
     url = st.settings.resolved_redis_url()
     redis = connect(url, retries=2)
     ping(redis, url)
@@ -38,15 +54,18 @@ def _stores(st: State) -> tuple[TokenStore, Store]:
 @app.command()
 def create(
     ctx: typer.Context, name: Annotated[str, typer.Argument(help="a name for the token (shown in the history)")],
-    role: Annotated[Role, typer.Option("--role", help="read: look; operate: also submit and cancel jobs; "
-                                                     "admin: also create/delete namespaces, drain hosts")] = Role.READ,
+    role: Annotated[RoleName, typer.Option("--role", help="read: look; operate: also submit and cancel jobs; "
+                                                         "admin: also create/delete namespaces, drain hosts")
+                    ] = RoleName.READ,
     namespaces: Annotated[list[str] | None, typer.Option(
         "--namespace", help="a namespace it covers, repeatable; '*' for all (default: -n's namespace)")] = None,
 ) -> None:
     """Make a token. Its secret is printed once: it is stored only as a hash."""
+    from orchestrator.tokens import Role
+
     st = state(ctx)
     tokens, store = _stores(st)
-    secret, token = tokens.create(name, role, namespaces or [st.namespace])
+    secret, token = tokens.create(name, Role(role.value), namespaces or [st.namespace])
     store.add_event(None, kind="token", vm=name, state="created", by=_who(),
                     detail=f"role {token.role.value}, namespaces {','.join(token.namespaces)}")
     if st.json:
@@ -80,7 +99,7 @@ def revoke(ctx: typer.Context, name: Annotated[str, typer.Argument(help="token n
 
 
 def _table(tokens: list[Token]) -> Table:
-    table = Table(box=None, pad_edge=False)
+    table = render.new_table()
     for col in ("NAME", "ROLE", "NAMESPACES", "CREATED"):
         table.add_column(col, no_wrap=True)
     for t in tokens:

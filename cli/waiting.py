@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from orchestrator.records import Job
 
-from .render import err
+from . import render
 
 if TYPE_CHECKING:
     from orchestrator.client import Client
@@ -23,7 +23,7 @@ def wait(client: Client, jobs: Sequence[Job], *, timeout: float | None = None, p
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn()]
     # Only on a terminal: piped, a progress display is noise (and leaves a blank line behind).
-    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
+    with Progress(*columns, console=render.err, transient=True, disable=not render.err.is_terminal) as progress:
         task = progress.add_task(prefix + _describe(jobs), total=len(ids))
 
         def update(current: list[Job]) -> None:

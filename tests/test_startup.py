@@ -1,7 +1,8 @@
 """The CLI's start-up: simple commands must not pay for what they don't use.
 
 Celery, libvirt and the HTTP server stack take a large share of a short command's time;
-only the commands that need them may import them.
+only the commands that need them may import them. A help text needs no Redis client either
+(redis-py imports asyncio), no YAML, cron or rich.
 """
 
 from __future__ import annotations
@@ -11,12 +12,19 @@ import subprocess
 
 import pytest
 
+from cli import doctor as doctor_cli
+from cli import tokens as tokens_cli
+from orchestrator import doctor
 from orchestrator.client import RedisClient
 from orchestrator.settings import Settings
+from orchestrator.tokens import Role
 
 from .conftest import PYTHON, ROOT, settings_env
 
 HEAVY = ("celery", "kombu", "libvirt", "fastapi", "uvicorn", "starlette")
+#: what a help text doesn't need on top: Redis, pydantic-settings (gone), experiments' YAML, schedules' cron,
+#: rich (typer prints help without it)
+NOT_FOR_HELP = ("redis", "asyncio", "pydantic_settings", "yaml", "croniter", "rich")
 
 # Runs the CLI in-process, then reports every module it imported on stderr's last line.
 PROBE = """
@@ -46,6 +54,7 @@ def test_help_imports_nothing_heavy(settings: Settings, args: tuple[str, ...]) -
     modules = imported(settings, *args)
     assert heavy(modules) == []
     assert "orchestrator.client" not in modules  # no Redis client for a help text
+    assert sorted(m for m in modules if m.split(".")[0] in NOT_FOR_HELP) == []
 
 
 def test_read_commands_import_nothing_heavy(client: RedisClient, settings: Settings) -> None:
@@ -53,3 +62,10 @@ def test_read_commands_import_nothing_heavy(client: RedisClient, settings: Setti
         modules = imported(settings, *args)
         assert "orchestrator.client" in modules, f"{args} did not run"  # the probe really ran the command
         assert heavy(modules) == [], args
+
+
+def test_cli_copies_match_the_orchestrator() -> None:
+    """The CLI copies these to keep redis out of '--help'; they must not drift apart."""
+    assert [r.value for r in tokens_cli.RoleName] == [r.value for r in Role]
+    assert set(doctor_cli.MARK) == {s.value for s in doctor.Status}
+    assert doctor_cli.STUCK_AFTER_S == doctor.STUCK_AFTER_S
