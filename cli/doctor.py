@@ -9,17 +9,16 @@ import typer
 from . import render
 from .context import state
 
-#: by orchestrator.doctor.Status, a StrEnum: that module imports redis, which '--help' must not (start-up time)
+#: by the value of orchestrator.doctor.Status: that module imports redis, which "--help" must not (start-up time)
 MARK = {"ok": "[green]ok  [/green]", "warn": "[yellow]warn[/yellow]", "fail": "[red]FAIL[/red]"}
-#: orchestrator.doctor.STUCK_AFTER_S, for the same reason (tests/test_startup.py checks that they stay the same)
-STUCK_AFTER_S = 120.0
 
 
 def doctor(
     ctx: typer.Context,
-    stuck_after: Annotated[float, typer.Option(
-        "--stuck-after", min=1, help="seconds after which a VM's next job not yet started on an up host is stuck")
-    ] = STUCK_AFTER_S,
+    stuck_after: Annotated[float | None, typer.Option(
+        "--stuck-after", min=1, show_default=False,
+        help="seconds after which a VM's next job not yet started on an up host is stuck "
+             "[default: VMORCH_DOCTOR_STUCK_AFTER, 120]")] = None,
 ) -> None:
     """Check the cluster and say how to fix what is wrong.
 

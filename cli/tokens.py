@@ -7,10 +7,11 @@ mint another one).
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from orchestrator.tokens import Role
 
 from . import render
 from .context import State, state
@@ -22,15 +23,6 @@ if TYPE_CHECKING:
     from orchestrator.tokens import Token, TokenStore
 
 app = typer.Typer(help="API tokens (needs direct access to Redis).", no_args_is_help=True)
-
-
-class RoleName(StrEnum):
-    """The values of orchestrator.tokens.Role for ``--role``: that module imports redis, which '--help' must
-    not (start-up time). tests/test_startup.py checks that they stay the same."""
-
-    READ = "read"
-    OPERATE = "operate"
-    ADMIN = "admin"
 
 
 def _who() -> str:
@@ -54,18 +46,17 @@ def _stores(st: State) -> tuple[TokenStore, Store]:
 @app.command()
 def create(
     ctx: typer.Context, name: Annotated[str, typer.Argument(help="a name for the token (shown in the history)")],
-    role: Annotated[RoleName, typer.Option("--role", help="read: look; operate: also submit and cancel jobs; "
+    role: Annotated[Role, typer.Option("--role", help="read: look; operate: also submit and cancel jobs; "
                                                          "admin: also create/delete namespaces, drain hosts")
-                    ] = RoleName.READ,
+                    ] = Role.READ,
     namespaces: Annotated[list[str] | None, typer.Option(
         "--namespace", help="a namespace it covers, repeatable; '*' for all (default: -n's namespace)")] = None,
 ) -> None:
     """Make a token. Its secret is printed once: it is stored only as a hash."""
-    from orchestrator.tokens import Role
 
     st = state(ctx)
     tokens, store = _stores(st)
-    secret, token = tokens.create(name, Role(role.value), namespaces or [st.namespace])
+    secret, token = tokens.create(name, role, namespaces or [st.namespace])
     store.add_event(None, kind="token", vm=name, state="created", by=_who(),
                     detail=f"role {token.role.value}, namespaces {','.join(token.namespaces)}")
     if st.json:

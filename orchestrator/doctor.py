@@ -24,8 +24,6 @@ MIN_REDIS = (6, 2)
 #: a host's clock this far from Redis's skews latencies and log times (warn) or breaks comparisons (fail)
 SKEW_WARN_S = 0.25
 SKEW_FAIL_S = 2.0
-#: the first unfinished job of a VM not started after this long, on a host that is up, is stuck
-STUCK_AFTER_S = 120.0
 
 
 def _conf_fix(name: str, value: str) -> str:
@@ -49,7 +47,7 @@ class Check:
         return asdict(self)
 
 
-def examine(settings: Settings, *, stuck_after: float = STUCK_AFTER_S) -> list[Check]:
+def examine(settings: Settings, *, stuck_after: float | None = None) -> list[Check]:
     """Run every check against the cluster of ``settings``; never raises for a sick cluster."""
     url = settings.resolved_redis_url()
     redis = connect_quick(url, timeout=3.0)
@@ -66,7 +64,7 @@ def examine(settings: Settings, *, stuck_after: float = STUCK_AFTER_S) -> list[C
             hosts = store.hosts()
             checks += _host_checks(hosts)
             checks += _clock_checks(hosts)
-            checks.append(_stuck_jobs(store, hosts, stuck_after))
+            checks.append(_stuck_jobs(store, hosts, stuck_after or settings.doctor_stuck_after))
             checks.append(_versions(info, hosts))
         except RedisError as exc:
             checks.append(Check("hosts", Status.FAIL, f"cannot read the host records: {exc}",

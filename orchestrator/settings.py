@@ -69,6 +69,8 @@ class Settings(BaseModel):
     api_auth: bool = True
     #: the longest (s) one long-poll request of the API holds before answering
     api_wait_max: float = Field(default=30.0, gt=0, le=300)
+    #: ``vmorch doctor``: a VM's next job not started after this long (s), on a host that is up, is stuck
+    doctor_stuck_after: float = Field(default=120.0, ge=1)
 
     @model_validator(mode="before")
     @classmethod

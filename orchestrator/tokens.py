@@ -17,16 +17,18 @@ import json
 import secrets
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from pydantic import BaseModel, ConfigDict, field_serializer
-from redis import Redis
-from redis.asyncio import Redis as AsyncRedis
 
 from . import keys
 from .errors import AlreadyExists, InvalidInput, NotFound
 from .names import check_name, check_namespace
 from .records import ts
+
+if TYPE_CHECKING:  # the CLI's '--help' reads Role without importing redis (start-up time)
+    from redis import Redis
+    from redis.asyncio import Redis as AsyncRedis
 
 SECRET_PREFIX = "vmo_"
 ALL = "*"
