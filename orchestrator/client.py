@@ -12,26 +12,27 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.exceptions import RedisError
 
-from . import deps, experiment, keys, placement, targets
+from . import deps, keys, placement, targets
 from .errors import AlreadyExists, ClusterUnavailable, ExecError, InvalidInput, NotFound, VmorchError
-from .locks import LockManager, LockName, cmd_lock, host_lock, vms_lock
+from .locks import Holding, LockManager, LockName, cmd_lock, host_lock, vms_lock
 from .names import check_namespace
 from .operation import LaunchParams, MoveOutParams, Op, Operation, SubmitOptions
 from .records import Event, Host, HostState, Job, JobState, Namespace, Vm
 from .redisconn import connect, ping
 from .runs import ExperimentRun, RunStep, RunStore, derive_state
-from .schedules import Schedule, ScheduleSpec, ScheduleStore
-from .schedules import lock as schedule_lock
 from .settings import Settings
 from .store import BatchEntry, Store, Submitted
 
 if TYPE_CHECKING:
     from celery import Celery
+
+    from . import experiment
+    from .schedules import Schedule, ScheduleSpec, ScheduleStore
 
 OnUpdate = Callable[[list[Job]], None]
 
@@ -360,6 +361,8 @@ class RedisClient:
         Each step is accepted whole or not at all; if a later step is refused (a target that
         matches no VM, say), the steps already accepted are canceled before the error is raised.
         """
+        from . import experiment  # imported here: YAML is for experiments only (CLI start-up time)
+
         exp = experiment.load(text)
         ns = exp.namespace or namespace
         steps: list[RunStep] = []
@@ -420,11 +423,18 @@ class RedisClient:
     @property
     def _schedules(self) -> ScheduleStore:
         if self._schedule_store is None:
+            from .schedules import ScheduleStore  # imported here: cron is for schedules only (CLI start-up time)
+
             self._schedule_store = ScheduleStore(self)
         return self._schedule_store
 
+    def _schedule_lock(self, namespace: str, name: str) -> AbstractContextManager[Holding]:
+        from .schedules import lock
+
+        return self.locks.hold(lock(namespace, name), timeout=self.settings.submit_lock_timeout)
+
     def add_schedule(self, spec: ScheduleSpec) -> Schedule:
-        with self.locks.hold(schedule_lock(spec.namespace, spec.name), timeout=self.settings.submit_lock_timeout):
+        with self._schedule_lock(spec.namespace, spec.name):
             self._schedules.add(spec, self.actor)  # LOCK: schedule
         return self.schedule(spec.namespace, spec.name)
 
@@ -436,12 +446,12 @@ class RedisClient:
         return [store.get(namespace, n, history=1) for n in store.names(namespace)]
 
     def pause_schedule(self, namespace: str, name: str, paused: bool) -> Schedule:
-        with self.locks.hold(schedule_lock(namespace, name), timeout=self.settings.submit_lock_timeout):
+        with self._schedule_lock(namespace, name):
             self._schedules.set_paused(namespace, name, paused)  # LOCK: schedule
         return self.schedule(namespace, name)
 
     def remove_schedule(self, namespace: str, name: str) -> None:
-        with self.locks.hold(schedule_lock(namespace, name), timeout=self.settings.submit_lock_timeout):
+        with self._schedule_lock(namespace, name):
             self._schedules.remove(namespace, name)  # LOCK: schedule
 
     # -- namespaces ---------------------------------------------------------------------
