@@ -159,7 +159,7 @@ class RedisClient:
             if op.op is Op.MOVE_OUT:
                 accepted.append((next(by_job), op))
         self._enqueue([(s, op) for s, op in accepted if s.seq])  # a held job is woken when released
-        return self.store.get_jobs(s.id for s, _ in accepted)
+        return [s.job for s, _ in accepted]
 
     def _refuse_bad(self, ops: list[Operation]) -> None:
         """Refuse the whole batch before accepting any of it (one round trip for all the names)."""

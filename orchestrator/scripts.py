@@ -325,7 +325,8 @@ return settle(ARGV[2], 'failed', ARGV[4])
 #            launch: host, mib, vcpus, disk, image, tags, domain; move: in_params, source, target}]}
 # LOCK: for launches the caller holds cmd:<ns>, vms:<ns> and the hosts' locks; for moves cmd:<ns>
 # and both hosts' locks.
-# Returns {parent id or 0, id, seq, host, id, seq, host, ...} (seq 0: held until its dependencies are met).
+# Returns {parent id or 0, id, seq, host, job hash, id, seq, host, job hash, ...} (seq 0: held until its
+# dependencies are met; the job hash flat, as HGETALL gives it).
 SUBMIT_BATCH = _NOW + "local P = ARGV[1]\n" + _SETTLE + """
 local req = cjson.decode(ARGV[2])
 local who = req.who
@@ -432,7 +433,15 @@ for _, id in ipairs(doomed) do
   redis.call('PUBLISH', P .. 'updates', id .. ' failed')
   settle(id, 'failed', who)  -- nothing waits for it yet: only its parent counts it
 end
-return out
+-- each job as accepted, so the submitter needs no second round trip to read them back
+local accepted = {out[1]}
+for i = 2, #out, 3 do
+  table.insert(accepted, out[i])
+  table.insert(accepted, out[i + 1])
+  table.insert(accepted, out[i + 2])
+  table.insert(accepted, redis.call('HGETALL', P .. 'job:' .. out[i]))
+end
+return accepted
 """
 
 # What a worker reads first under a VM's lock, in one step: the VM's unfinished jobs up to the

@@ -35,6 +35,8 @@ class Submitted:
     id: int
     seq: int  # 0: held until its dependencies are met
     host: str
+    #: the job as it was accepted
+    job: Job
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,8 @@ class Store:
             raise _batch_error(exc, entries) from None
         parent_id = int(res[0]) or None
         flat = res[1:]
-        return parent_id, [Submitted(int(flat[i]), int(flat[i + 1]), str(flat[i + 2])) for i in range(0, len(flat), 3)]
+        return parent_id, [Submitted(int(flat[i]), int(flat[i + 1]), str(flat[i + 2]),
+                                     Job.from_hash(_pairs(flat[i + 3]))) for i in range(0, len(flat), 4)]
 
     def fail_unsent(self, submitted: Submitted, reason: str) -> list[Released]:
         """A job accepted but whose message could not be sent: make it final, not stranded."""
