@@ -76,6 +76,8 @@ def worker(
     metrics_port: Annotated[int, typer.Option(
         "--metrics-port", envvar="VMORCH_METRICS_PORT", min=0, max=65535,
         help="serve Prometheus metrics on this port (0: off)")] = 0,
+    task_events: Annotated[bool, typer.Option(
+        "--task-events", help="send Celery task events from the start (Flower turns them on by itself)")] = False,
 ) -> None:
     """Run the worker of one host (consumes the queue host.<name>)."""
     from orchestrator import logs
@@ -84,4 +86,4 @@ def worker(
     logs.setup(log_format, loglevel)
     run(state(ctx).settings, check_name(host, "host name"), libvirt_uri, concurrency=concurrency,
         storage_dir=storage_dir, loglevel=loglevel.upper(), labels=parse_tags(label), migrate_uri=migrate_uri,
-        shared_storage=shared_storage, metrics_port=metrics_port)
+        shared_storage=shared_storage, metrics_port=metrics_port, task_events=task_events)

@@ -43,11 +43,13 @@ def make_app(settings: Settings) -> Celery:
         worker_redirect_stdouts=False,
         task_create_missing_queues=True,
         enable_utc=True,
-        # Task events, so that Flower and 'celery events' see vmorch's tasks (received, succeeded).
-        # Not "task-sent": it was a second broker write per job on the submitter's path, a third of
-        # the time a 1,000-VM launch took to enqueue (docs/benchmarks.md); the job's history already
-        # says who queued it and when.
-        worker_send_task_events=True,
+        # Task events (what Flower and 'celery events' show) only while a monitor asks for them:
+        # Flower turns them on in every worker by itself ('celery control enable_events' does too),
+        # and 'vmorch worker --task-events' sends them from the start. Always on, they took a third of
+        # a worker's busy time, and 1,000 launches ran at 174 instead of 236 VMs/s (docs/benchmarks.md).
+        # Never "task-sent": a second broker write per job on the submitter's path; the job's history
+        # already says who queued it and when.
+        worker_send_task_events=False,
         broker_use_ssl=broker_ssl(broker),
     )
     return app

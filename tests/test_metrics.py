@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import threading
+import time
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
@@ -121,9 +122,10 @@ def test_cluster_metrics_say_redis_is_down_instead_of_failing(tmp_path: Path) ->
     assert sample(text, "vmorch_redis_up") == 0
 
 
-def test_celery_task_events_reach_a_receiver(cluster: list[WorkerProc], settings: Settings,
-                                             client: RedisClient) -> None:
-    """What Flower and 'celery events' consume: received/succeeded from the worker (no task-sent: see queue.py)."""
+def test_celery_task_events_are_sent_while_a_monitor_asks_for_them(cluster: list[WorkerProc], settings: Settings,
+                                                                   client: RedisClient) -> None:
+    """What Flower and 'celery events' consume: received/succeeded from the worker, once a monitor turned them on
+    (they cost a third of a worker's busy time while nobody watches). Never task-sent (see queue.py)."""
     app = make_app(settings)
     seen: dict[str, dict[str, Any]] = defaultdict(dict)
     ready = threading.Event()
@@ -131,6 +133,12 @@ def test_celery_task_events_reach_a_receiver(cluster: list[WorkerProc], settings
     def on_event(event: dict[str, Any]) -> None:
         if "uuid" in event:
             seen[event["uuid"]][event["type"]] = event
+
+    def ours() -> list[dict[str, Any]]:
+        return [e for e in seen.values() if e.get("task-received", {}).get("name") == RUN_TASK]
+
+    def run_one(op: Op, **params: object) -> None:
+        client.wait([j.id for j in client.submit(ops(op, settings.namespace, "ev1", **params))], timeout=30)
 
     with app.connection_for_read() as conn:
         receiver = app.events.Receiver(conn, handlers={"*": on_event})
@@ -143,23 +151,25 @@ def test_celery_task_events_reach_a_receiver(cluster: list[WorkerProc], settings
         thread.start()
         ready.wait(5)
         try:
-            def ours() -> list[dict[str, Any]]:
-                return [e for e in seen.values() if e.get("task-received", {}).get("name") == RUN_TASK
-                        and "task-succeeded" in e]
-
-            client.wait([j.id for j in client.submit(ops(Op.LAUNCH, settings.namespace, "ev1", memory_mib=64))],
-                        timeout=30)
-            for _ in range(10):  # the receiver may start listening a moment after capture() is called
-                client.wait([j.id for j in client.submit(ops(Op.START, settings.namespace, "ev1"))], timeout=30)
+            run_one(Op.LAUNCH, memory_mib=64)
+            for _ in range(3):
+                run_one(Op.START)
+            time.sleep(0.5)
+            assert ours() == [], "task events while no monitor asked for them"
+            app.control.enable_events()  # what Flower does, and 'celery control enable_events'
+            for _ in range(10):  # the workers' control threads take the broadcast a moment later
+                run_one(Op.START)
                 try:
-                    wait_until(lambda: bool(ours()), timeout=3, what="task events of vmorch.run")
+                    wait_until(lambda: any("task-succeeded" in e for e in ours()), timeout=3,
+                               what="task events of vmorch.run")
                     break
                 except AssertionError:
                     continue
-            event = ours()[0]
+            event = next(e for e in ours() if "task-succeeded" in e)
             assert event["task-received"]["hostname"].split("@")[0] in ("t1", "t2"), event["task-received"]
             assert "task-sent" not in event  # a second broker write per job on the submitter's path
         finally:
+            app.control.disable_events()
             receiver.should_stop = True
             thread.join(timeout=10)
 

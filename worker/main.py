@@ -35,7 +35,7 @@ def default_storage(settings: Settings, host: str) -> Path:
 
 def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4,
         storage_dir: Path | None = None, loglevel: str = "INFO", labels: dict[str, str] | None = None,
-        migrate_uri: str = "", shared_storage: bool = False, metrics_port: int = 0) -> None:
+        migrate_uri: str = "", shared_storage: bool = False, metrics_port: int = 0, task_events: bool = False) -> None:
     """Run until SIGTERM/SIGINT. ``test:///default`` keeps its state in this process: never fork."""
     logs.bind_process(host=host)
     metrics.enable()
@@ -47,6 +47,7 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
     watchdog = Watchdog(store, f"{host}:{os.getpid()}", settings.job_hard_time_limit)
     worker = Worker(settings, host, store, locks, driver, watchdog, blobs=connect(url, decode=False))
     app = worker.app = make_app(settings)
+    app.conf.worker_send_task_events = task_events
     register(app, worker)
     cpus, memory_mib = driver.capacity()
     probe = LibvirtProbe(driver, interval=max(1.0, settings.heartbeat_interval))
