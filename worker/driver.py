@@ -569,11 +569,17 @@ class Driver:
         return _result(_state_of(dom), changed, "; ".join(notes), memory_mib=new_mem, vcpus=new_vcpus, live=live)
 
     def _meta(self, dom: libvirt.virDomain, domain: str) -> domxml.VmorchMeta:
+        # Only vmorch's element, not the whole definition: every job writes its fence here, and
+        # rendering and parsing the full XML cost ten times the pause it followed (test driver).
         with _libvirt(domain, "read metadata of"):
-            meta = domxml.parse_metadata(self._config(dom))
-        if meta is None:
-            raise InvalidState(f"{domain} is not managed by vmorch (no vmorch metadata)")
-        return meta
+            try:
+                fragment = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domxml.NS,
+                                        libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                    raise InvalidState(f"{domain} is not managed by vmorch (no vmorch metadata)") from None
+                raise
+        return domxml.parse_fragment(str(fragment))
 
     def _write_meta(self, dom: libvirt.virDomain, domain: str, meta: domxml.VmorchMeta) -> None:
         with _libvirt(domain, "write metadata of"):
