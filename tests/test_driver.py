@@ -263,6 +263,17 @@ def test_tag_metadata_update_round_trips_through_libvirt(drv: Driver, vmns: str)
     assert drv.status(d).metadata["tags"] == {}
 
 
+def test_metadata_of_a_domain_vmorch_did_not_make_is_refused(drv: Driver, vmns: str) -> None:
+    d = spec(vmns).domain
+    drv.launch(spec(vmns))
+    dom = drv.conn.lookupByName(d)
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, domxml.NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    with pytest.raises(InvalidState, match="not managed by vmorch"):
+        drv.set_metadata(d, fence=5)
+    drv.kill(d)
+    drv.delete(d)
+
+
 def test_threads_share_one_driver(drv: Driver, vmns: str) -> None:
     names = [f"vm{i}" for i in range(12)]
     with ThreadPoolExecutor(6) as pool:
