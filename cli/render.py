@@ -9,7 +9,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -260,7 +260,14 @@ def _iso(value: datetime | None) -> str:
 
 def _plain_cell(cell: object) -> str:
     if isinstance(cell, str):
-        from rich.text import Text
-
-        return Text.from_markup(cell).plain if "[" in cell else cell
+        return _unmarked(cell) if "[" in cell else cell
     return str(cell)
+
+
+@lru_cache(maxsize=4096)
+def _unmarked(cell: str) -> str:
+    """A cell's text without its markup; the same few styled states fill most cells of a long list,
+    and parsing their markup again for each of 10,000 rows took most of the listing's time."""
+    from rich.text import Text
+
+    return Text.from_markup(cell).plain
