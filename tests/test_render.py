@@ -23,3 +23,12 @@ def test_a_long_list_is_plain_aligned_text(capsys: pytest.CaptureFixture[str]) -
     assert lines[1].split() == ["vm0", "host-two", "paused", "64", "MiB", "1", "role=web"]  # no markup left
     state_at = lines[0].index("STATE")
     assert {line[state_at:].split()[0] for line in lines[1:]} == {"running", "paused"}  # columns line up
+
+
+def test_a_short_list_into_a_pipe_is_plain_text_too(capsys: pytest.CaptureFixture[str]) -> None:
+    vms = [vm(i) for i in range(3)]
+    render.listing(vms, render.vms_table, as_json=False, empty="none")  # capsys is no terminal
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "HOST", "STATE", "MEMORY", "VCPUS", "TAGS", "NOTE"]
+    assert [line.split()[0] for line in lines[1:]] == ["vm0", "vm1", "vm2"]
+    assert "[" not in "".join(lines)  # no markup left
