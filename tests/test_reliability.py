@@ -224,3 +224,21 @@ def test_an_injected_renewal_failure_aborts_and_the_job_is_rerun(base_settings: 
         assert done.state is JobState.SUCCEEDED, done.error
         assert done.attempts == 2
         assert client.vm(ns, "rv").state is VmState.SHUTOFF
+
+
+def test_a_job_the_worker_cannot_handle_fails_and_the_vms_next_job_still_runs(
+        cluster: list[WorkerProc], client: RedisClient, redis: Redis) -> None:
+    """A VM record the worker can't read (here: damaged by hand) fails the job with an internal
+    error instead of leaving it queued forever; once the record is repaired the VM works again."""
+    ns = client.settings.namespace
+    [launch] = client.wait([j.id for j in client.submit(ops(Op.LAUNCH, ns, "broken", memory_mib=32))], timeout=30)
+    assert launch.state is JobState.SUCCEEDED
+    redis.hset(keys.vm(ns, "broken"), "memory_mib", "lots")
+    [pause] = client.wait([j.id for j in client.submit(ops(Op.PAUSE, ns, "broken"))], timeout=30)
+    assert pause.state is JobState.FAILED and pause.error is not None, pause
+    assert pause.error.message.startswith("internal error: ValidationError"), pause.error
+    assert pause.error.hint == "see the worker's log"
+    redis.hset(keys.vm(ns, "broken"), "memory_mib", "32")
+    [again] = client.wait([j.id for j in client.submit(ops(Op.PAUSE, ns, "broken"))], timeout=30)
+    assert again.state is JobState.SUCCEEDED, again.error
+    client.wait([j.id for j in client.submit(ops(Op.DELETE, ns, "broken"))], timeout=30)

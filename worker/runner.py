@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from celery import Celery
 from redis import Redis
+from redis.exceptions import RedisError, ResponseError
 
 from orchestrator import deps, logs, metrics
 from orchestrator.errors import Canceled, LockError, NotFound, OperationTimeout, VmGone, VmorchError
@@ -77,20 +78,50 @@ def run_message(w: Worker, namespace: str, vm: str, job_id: int) -> None:
     with w.locks.hold(lock, timeout=w.settings.lock_wait_timeout,
                       on_wait=lambda: w.store.mark_waiting(namespace, job_id, w.name)) as holding:
         fence = holding.fence(lock)
-        # LOCK: vm -- the mailbox read here can only grow behind job_id's seq, never before it.
-        turn = w.store.turn(namespace, vm, job_id)
-        vm_now: Vm | NotFound | None = turn.vm
-        for earlier_id, _seq in turn.pending:
-            holding.check()
-            current = turn.job if earlier_id == job_id and turn.job is not None else w.store.get_job(earlier_id)
-            elsewhere = _run_one(w, holding, fence, current, vm_now)
-            vm_now = None  # that job may have changed the VM: the next one reads it again
-            if elsewhere is not None:
-                # The VM lives on another host now (it moved): hand this whole request over to it.
-                # Waiting here for that host would hold the VM's lock across hosts.
-                assert w.app is not None
-                enqueue(w.app, elsewhere, namespace, vm, job_id)
-                break
+        running = job_id
+        try:
+            # LOCK: vm -- the mailbox read here can only grow behind job_id's seq, never before it.
+            turn = w.store.turn(namespace, vm, job_id)
+            vm_now: Vm | NotFound | None = turn.vm
+            for earlier_id, _seq in turn.pending:
+                holding.check()
+                running = earlier_id
+                current = turn.job if earlier_id == job_id and turn.job is not None else w.store.get_job(earlier_id)
+                elsewhere = _run_one(w, holding, fence, current, vm_now)
+                vm_now = None  # that job may have changed the VM: the next one reads it again
+                if elsewhere is not None:
+                    # The VM lives on another host now (it moved): hand this whole request over to it.
+                    # Waiting here for that host would hold the VM's lock across hosts.
+                    assert w.app is not None
+                    enqueue(w.app, elsewhere, namespace, vm, job_id)
+                    break
+        except LockError:
+            raise  # nothing is written without the lock: the task tries again
+        except RedisError as exc:
+            if not isinstance(exc, ResponseError):
+                raise  # Redis is away for a moment: the task tries again
+            _fail_crashed(w, fence, running, exc)
+        except Exception as exc:
+            _fail_crashed(w, fence, running, exc)
+
+
+def _fail_crashed(w: Worker, fence: Fence, job_id: int, exc: Exception) -> None:
+    """A bug (or a record vmorch can't read) stopped this job: fail it, or it would stay queued
+    with nothing left to run it; the VM's later jobs keep their turn.
+
+    # LOCK: the caller holds vm:<ns>:<vm> (``fence``).
+    """
+    log.error("job %s crashed in the worker:\n%s", job_id, traceback.format_exc())
+    job = w.store.get_job(job_id)
+    if job.state.final:
+        return
+    error = _internal(exc)
+    _wake(w, w.store.finish(job, fence, JobState.FAILED, error=error, by=w.name))
+    metrics.job_finished(job, error)
+
+
+def _internal(exc: Exception) -> VmorchError:
+    return VmorchError(f"internal error: {type(exc).__name__}: {exc}", hint="see the worker's log")
 
 
 def _load_vm(w: Worker, fence: Fence, job: Job, known: Vm | NotFound | None) -> Vm | None:
@@ -212,7 +243,7 @@ def _execute(w: Worker, ctx: Context) -> tuple[Outcome | None, VmorchError | Non
         return None, exc
     except Exception as exc:
         log.error("job %s crashed:\n%s", ctx.job.id, traceback.format_exc())
-        return None, VmorchError(f"internal error: {type(exc).__name__}: {exc}")
+        return None, _internal(exc)
 
 
 def _observed(w: Worker, job: Job, domain: str, error: VmorchError) -> dict[str, str]:
