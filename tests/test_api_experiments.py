@@ -112,3 +112,21 @@ def test_tokens_reach_no_further_through_experiments_and_dependencies(
             gone = admin.post(f"/api/v1/namespaces/{other}/deletion", params={"force": "true"}).json()
             client.wait([j["id"] for j in gone], timeout=30)
             admin.delete(f"/api/v1/namespaces/{other}")
+
+
+def test_a_schedule_the_body_schema_lets_through_but_the_spec_refuses_is_a_422(
+        api_server: ApiServer, settings: Settings, redis: Redis) -> None:
+    """Found by the fuzzer: a bad 'at' time, or two of cron/every/at, were a 500."""
+    ns = settings.namespace
+    before = sorted(redis.scan_iter(f"*schedule*{ns}*"))
+    with api_server.http(api_server.admin_token) as http:
+        for body, field in (({"name": "s1", "at": "\U000a1338 not a time", "command": ["vm", "start", "x"]}, "at"),
+                            ({"name": "s1", "cron": "0 2 * * *", "every": "10m", "command": ["vm", "start", "x"]},
+                             None)):
+            r = http.post(f"/api/v1/namespaces/{ns}/schedules", json=body)
+            assert r.status_code == 422, r.text
+            error = r.json()["error"]
+            assert error["code"] == "invalid_input" and error["message"], error
+            if field:
+                assert error["field"].endswith(field), error
+    assert sorted(redis.scan_iter(f"*schedule*{ns}*")) == before  # nothing written

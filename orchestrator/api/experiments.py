@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import experiment
 from ..errors import NotFound
@@ -91,7 +92,11 @@ def add_schedule(ns: OperateNs, body: ScheduleIn, client: Client, token: Current
     """Needs role ``operate``; an experiment naming another namespace needs it there too."""
     if body.experiment is not None:
         _experiment_namespace(body.experiment, ns, token)
-    spec = ScheduleSpec.model_validate({**body.model_dump(), "namespace": ns})
+    try:
+        spec = ScheduleSpec.model_validate({**body.model_dump(), "namespace": ns})
+    except ValidationError as exc:  # what the body's own schema lets through: a bad time, or two of cron/every/at
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)],
+                                     ) from None
     schedule = client.add_schedule(spec)
     response.headers["Location"] = f"/api/v1/namespaces/{ns}/schedules/{schedule.name}"
     return schedule
