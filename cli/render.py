@@ -130,7 +130,7 @@ def job_line(job: Job) -> str:
         line = (f"job {job.id} {styled(job.state.value)}: {'/'.join(job.params.get('ops', []))} "
                 f"{job.namespace}/{label} ({c['total']} jobs: {c['succeeded']} succeeded, "
                 f"{c['failed']} failed, {c['canceled']} canceled, {c['pending']} pending)")
-        return line + (f" - {job.error.message}" if job.error else "")
+        return line + (f" - {escape(job.error.message)}" if job.error else "")
     what = f"{job.op.value} {job.namespace}/{job.vm}"
     where = f"seq {job.seq}, host {job.host}"
     if job.held:
@@ -138,11 +138,11 @@ def job_line(job: Job) -> str:
             f"waits for jobs {', '.join(map(str, job.after))}"
     line = f"job {job.id} {styled(job.state.value)}: {what} ({where})"
     if job.error:
-        line += f" - {job.error.code}: {job.error.message}"
+        line += f" - {job.error.code}: {escape(job.error.message)}"
         if job.error.hint:
-            line += f" (hint: {job.error.hint})"
+            line += f" (hint: {escape(job.error.hint)})"
     elif job.result and job.result.get("note"):
-        line += f" - {job.result['note']}"
+        line += f" - {escape(str(job.result['note']))}"
     return line
 
 
@@ -151,7 +151,7 @@ def jobs_table(jobs: Sequence[Job]) -> Table:
     for col in ("ID", "OP", "VM", "SEQ", "HOST", "STATE", "SUBMITTED", "STARTED", "FINISHED", "TRIES", "ERROR"):
         table.add_column(col, no_wrap=col != "ERROR")
     for j in jobs:
-        error = f"{j.error.code}: {j.error.message}" if j.error else ""
+        error = escape(f"{j.error.code}: {j.error.message}") if j.error else ""
         vm = escape(f"({j.params.get('label', '')})") if j.is_parent else j.vm
         table.add_row(str(j.id), j.op.value, vm, str(j.seq), j.host, styled(j.state.value), when(j.submitted_at),
                       when(j.started_at), when(j.finished_at), str(j.attempts), error)
@@ -166,18 +166,18 @@ def job_detail(job: Job) -> Table:
         ("id", str(job.id)), ("op", job.op.value), ("vm", f"{job.namespace}/{job.vm}"), ("host", job.host),
         ("state", styled(job.state.value)), ("seq", str(job.seq)), ("submitted", _iso(job.submitted_at)),
         ("started", _iso(job.started_at)), ("finished", _iso(job.finished_at)), ("took", took(job)),
-        ("attempts", str(job.attempts)), ("params", json.dumps(job.params)),
+        ("attempts", str(job.attempts)), ("params", escape(json.dumps(job.params))),
     ]
     links = [("parent", job.parent), ("retry of", job.retry_of)]
     rows += [(k, str(v)) for k, v in links if v is not None]
     if job.after:
         rows.append(("after", ", ".join(map(str, job.after)) + (" (not all met yet)" if job.held else "")))
     if job.error:
-        rows.append(("error", f"[red]{job.error.code}[/red]: {job.error.message}"))
+        rows.append(("error", f"[red]{job.error.code}[/red]: {escape(job.error.message)}"))
     if job.result is not None:
-        rows.append(("result", json.dumps(job.result)))
+        rows.append(("result", escape(json.dumps(job.result))))
     if job.cancel_requested_by:
-        rows.append(("cancel", f"requested by {job.cancel_requested_by}"))
+        rows.append(("cancel", f"requested by {escape(job.cancel_requested_by)}"))
     for k, v in rows:
         table.add_row(k, v)
     return table
@@ -188,7 +188,7 @@ def events_table(events: Sequence[Event]) -> Table:
     for col in ("AT", "WHAT", "JOB", "OP", "STATE", "BY", "DETAIL"):
         table.add_column(col, no_wrap=col != "DETAIL")
     for e in events:
-        table.add_row(when(e.at), e.kind, str(e.job or ""), e.op, styled(e.state), e.by, e.detail)
+        table.add_row(when(e.at), e.kind, str(e.job or ""), e.op, styled(e.state), escape(e.by), escape(e.detail))
     return table
 
 
@@ -197,8 +197,9 @@ def vms_table(vms: Sequence[Vm]) -> Table:
     for col in ("NAME", "HOST", "STATE", "MEMORY", "VCPUS", "TAGS", "NOTE"):
         table.add_column(col, no_wrap=col not in ("TAGS", "NOTE"))
     for v in vms:
-        tags = ",".join(f"{k}={val}" for k, val in sorted(v.tags.items()))
-        table.add_row(v.name, v.host, styled(v.state.value), f"{v.memory_mib} MiB", str(v.vcpus), tags, v.note or "")
+        tags = escape(",".join(f"{k}={val}" for k, val in sorted(v.tags.items())))
+        table.add_row(v.name, v.host, styled(v.state.value), f"{v.memory_mib} MiB", str(v.vcpus), tags,
+                      escape(v.note or ""))
     return table
 
 
@@ -208,10 +209,11 @@ def vm_detail(vm: Vm) -> Table:
     table.add_column()
     for k, v in [("name", vm.name), ("namespace", vm.namespace), ("host", vm.host), ("state", styled(vm.state.value)),
                  ("memory", f"{vm.memory_mib} MiB"), ("vcpus", str(vm.vcpus)),
-                 ("disk", f"{vm.disk_gib} GiB" if vm.disk_gib else "none"), ("image", vm.image or "-"),
-                 ("tags", ", ".join(f"{k}={val}" for k, val in sorted(vm.tags.items())) or "-"),
-                 ("snapshots", ", ".join(vm.snapshots) or "-"), ("domain", vm.domain),
-                 ("created", _iso(vm.created_at)), ("updated", _iso(vm.updated_at)), ("note", vm.note or "-")]:
+                 ("disk", f"{vm.disk_gib} GiB" if vm.disk_gib else "none"), ("image", escape(vm.image or "-")),
+                 ("tags", escape(", ".join(f"{k}={val}" for k, val in sorted(vm.tags.items())) or "-")),
+                 ("snapshots", escape(", ".join(vm.snapshots) or "-")), ("domain", vm.domain),
+                 ("created", _iso(vm.created_at)), ("updated", _iso(vm.updated_at)),
+                 ("note", escape(vm.note or "-"))]:
         table.add_row(k, v)
     return table
 
@@ -221,7 +223,7 @@ def hosts_table(hosts: Sequence[Host]) -> Table:
     for col in ("NAME", "STATE", "HEARTBEAT", "PID", "LIBVIRT", "MEMORY USED", "VCPUS USED", "VMS", "LABELS"):
         table.add_column(col, no_wrap=True)
     for h in hosts:
-        labels = ",".join(f"{k}={v}" for k, v in sorted(h.labels.items()))
+        labels = escape(",".join(f"{k}={v}" for k, v in sorted(h.labels.items())))
         table.add_row(h.name, styled(h.state.value), when(h.heartbeat_at), str(h.pid or "-"), h.libvirt_uri,
                       f"{h.committed_mib}/{h.memory_mib} MiB", f"{h.committed_vcpus}/{h.cpus}", str(h.vms), labels)
     return table

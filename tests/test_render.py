@@ -32,3 +32,16 @@ def test_a_short_list_into_a_pipe_is_plain_text_too(capsys: pytest.CaptureFixtur
     assert lines[0].split() == ["NAME", "HOST", "STATE", "MEMORY", "VCPUS", "TAGS", "NOTE"]
     assert [line.split()[0] for line in lines[1:]] == ["vm0", "vm1", "vm2"]
     assert "[" not in "".join(lines)  # no markup left
+
+
+def test_brackets_in_users_text_are_printed_as_they_are(capsys: pytest.CaptureFixture[str]) -> None:
+    """Tag values, notes and error messages are text, never rich markup (a pydantic error says '[type=...]')."""
+    odd = Vm.model_validate({"name": "odd", "namespace": "ns", "host": "h1", "state": "running", "memory_mib": 64,
+                             "vcpus": 1, "tags": {"role": "[red]web[/red]"}, "domain": "ns.odd",
+                             "note": "1 validation error [type=int_parsing, input_value='lots']"})
+    for vms in ([odd], [odd] * (render.PLAIN_ROWS + 1)):  # the short and the long way
+        render.listing(vms, render.vms_table, as_json=False, empty="none")
+        line = capsys.readouterr().out.splitlines()[1]
+        assert "role=[red]web[/red]" in line and "[type=int_parsing, input_value='lots']" in line, line
+    render.out.print(render.vm_detail(odd))
+    assert "[type=int_parsing, input_value='lots']" in capsys.readouterr().out
