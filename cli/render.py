@@ -243,9 +243,9 @@ def error(exc: VmorchError, *, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps({"error": exc.to_dict()}) + "\n")
     err = _console(stderr=True)
-    err.print(f"[red]error:[/red] {exc.message}", markup=True)
+    err.print(f"[red]error:[/red] {escape(exc.message)}", markup=True)  # it may quote what the user typed
     if exc.hint:
-        err.print(f"[dim]hint: {exc.hint}[/dim]")
+        err.print(f"[dim]hint: {escape(exc.hint)}[/dim]")
 
 
 def any_failed(jobs: Sequence[Job]) -> bool:

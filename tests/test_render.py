@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cli import render
+from orchestrator.errors import InvalidInput
 from orchestrator.records import Vm
 
 
@@ -45,3 +46,9 @@ def test_brackets_in_users_text_are_printed_as_they_are(capsys: pytest.CaptureFi
         assert "role=[red]web[/red]" in line and "[type=int_parsing, input_value='lots']" in line, line
     render.out.print(render.vm_detail(odd))
     assert "[type=int_parsing, input_value='lots']" in capsys.readouterr().out
+
+
+def test_an_error_quoting_brackets_prints_them(capsys: pytest.CaptureFixture[str]) -> None:
+    render.error(InvalidInput("no VM '[red]x' in namespace 'ns'", hint="names are [a-z0-9-]"), as_json=False)
+    err = capsys.readouterr().err
+    assert "no VM '[red]x'" in err and "names are [a-z0-9-]" in err, err
