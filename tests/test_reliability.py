@@ -84,10 +84,16 @@ def qemu_host(settings: Settings, name: str, client: RedisClient, **env: str) ->
             # delete what the test left while the host is up, then stop it
             ns = client.settings.namespace
             names = client.store.vm_names(ns)
+            failed: list[object] = []
             if names:
                 jobs = client.submit([o for n in names for o in ops(Op.DELETE, ns, n)])
-                client.wait([j.id for j in jobs], timeout=60)
+                done = client.wait([j.id for j in jobs], timeout=60)
+                failed = [(j.id, j.vm, j.state.value, j.error) for j in done if j.state is not JobState.SUCCEEDED]
+                if failed and host.worker:
+                    failed.append(host.worker.log_tail(40))
             host.stop()
+            # say why the cleanup failed (the QEMU check after this would only say that it did)
+            assert not failed, failed
 
 
 def running(client: RedisClient, job: Job) -> None:
