@@ -37,7 +37,8 @@ class Op(StrEnum):
 
 
 class Params(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Built on first use (see records._Record): a command uses the params of one operation at most.
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
 
 class NoParams(Params):
@@ -154,7 +155,7 @@ PARAMS: dict[Op, type[Params]] = {
 class Operation(BaseModel):
     """One operation on one VM. Frozen; encodes and decodes itself as JSON."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
     encoding: ClassVar[str] = "json"
 
     op: Op
@@ -208,7 +209,7 @@ __all__ = ["PARAMS", "Op", "Operation", "Params", "check_name"]
 class SubmitOptions(BaseModel):
     """How a batch of operations is accepted (plain JSON, as the HTTP API takes it)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
     #: run only once these jobs succeeded; fail at once ("dependency <id> failed") if one does not
     after: list[int] = Field(default_factory=list)
     #: run once these jobs are final, whatever their state (a teardown)

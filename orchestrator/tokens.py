@@ -47,7 +47,7 @@ _RANK = {Role.READ: 0, Role.OPERATE: 1, Role.ADMIN: 2}
 
 
 class Token(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     name: str
     role: Role
