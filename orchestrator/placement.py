@@ -1,12 +1,13 @@
 """Placement: which host a new VM goes to. A pure decision over host records.
 
 After minimega's scheduler: among hosts that are up (not down, not draining), in the
-namespace's host set and matching the requested labels, the one with the least
-committed memory that still fits the VM; or the host of another VM (``--colocate``);
-or round the hosts for a range (``--spread``). Every refusal names the resource that
-ran out. The caller holds the ``cmd`` lock of the namespace and the lock of every
-candidate host while it decides and reserves, so two decisions never race for the
-same free memory.
+namespace's host set, matching the requested labels and whose libvirt answered the
+worker's last probe, the one with the least committed memory that still fits the VM; or
+the host of another VM (``--colocate``); or round the hosts for a range (``--spread``).
+Every refusal names the resource that ran out. A worker that is up while its libvirtd is
+not would fail every launch sent to it, so such a host gets none, pinned or not. The
+caller holds the ``cmd`` lock of the namespace and the lock of every candidate host while
+it decides and reserves, so two decisions never race for the same free memory.
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ def _check_usable(host: Host, allowed: set[str] | None) -> None:
     if allowed is not None and host.name not in allowed:
         raise InvalidInput(f"host {host.name!r} is not in this namespace's hosts ({', '.join(sorted(allowed))})",
                            hint="pick one of them, or change the namespace with 'vmorch ns create --hosts'")
+    if host.libvirt_ok is False:
+        raise InvalidInput(f"host {host.name!r} can't reach its libvirt: {host.libvirt_error or 'no answer'}",
+                           hint="see 'vmorch doctor'; or pick another host")
 
 
 def _candidates(r: Request, rooms: Iterable[_Room], allowed: set[str] | None) -> list[_Room]:
@@ -107,7 +111,13 @@ def _candidates(r: Request, rooms: Iterable[_Room], allowed: set[str] | None) ->
             wanted = ",".join(f"{k}={v}" for k, v in sorted(r.host_labels.items()))
             raise NoCapacity(f"no up host has the labels {wanted}",
                              hint="see the hosts' labels with 'vmorch host list'")
-    return up
+    # None: a worker older than the probe, or not probed yet; only a probe that failed rules a host out
+    answering = [room for room in up if room.host.libvirt_ok is not False]
+    if not answering:
+        why = "; ".join(f"{room.host.name}: {room.host.libvirt_error or 'no answer'}" for room in up)
+        raise NoCapacity(f"no host that is up can reach its libvirt ({why})",
+                         hint="see 'vmorch doctor' for what to restart")
+    return answering
 
 
 def _no_room(r: Request, rooms: Sequence[_Room]) -> NoCapacity:

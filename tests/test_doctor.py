@@ -158,13 +158,21 @@ def libvirtd(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def plan(settings: Settings, *args: str) -> dict[str, str]:
+    """Where ``vm launch --dry-run`` would put VMs: {vm: host}."""
+    done = run_cli(settings, "--json", "vm", "launch", *args, "--memory", "32", "--disk", "0", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    return {p["vm"]: p["host"] for p in json.loads(done.stdout)["plan"]}
+
+
 @pytest.mark.slow
-def test_doctor_catches_a_host_whose_libvirt_is_unreachable(fresh: Settings,
-                                                            libvirtd: tuple[str, subprocess.Popen[bytes]]) -> None:
+def test_a_host_whose_libvirt_is_unreachable_fails_the_doctor_and_gets_no_new_vms(
+        fresh: Settings, libvirtd: tuple[str, subprocess.Popen[bytes]]) -> None:
     uri, daemon = libvirtd
-    with running_hosts(fresh, start_worker(fresh, "lv1", uri)):
+    with running_hosts(fresh, start_worker(fresh, "lv1", uri), start_worker(fresh, "lv2")):
         code, report, text = doctor(fresh)
         assert code == 0, text
+        assert set(plan(fresh, "p[1-4]", "--spread").values()) == {"lv1", "lv2"}
         daemon.terminate()
         daemon.wait(timeout=15)
         wait_until(lambda: doctor_fails(fresh), timeout=20, what="the doctor to notice libvirtd is gone")
@@ -174,6 +182,17 @@ def test_doctor_catches_a_host_whose_libvirt_is_unreachable(fresh: Settings,
         assert "its worker is up but libvirt" in host["message"] and "does not answer" in host["message"]
         assert "systemctl status libvirtd" in host["fix"]
         assert check(report, "redis")["status"] == "ok"
+
+        # Placement leaves lv1 out: its worker is up, but every launch sent there would fail.
+        assert set(plan(fresh, "p[1-4]", "--spread").values()) == {"lv2"}
+        pinned = run_cli(fresh, "vm", "launch", "p1", "--host", "lv1", "--memory", "32", "--disk", "0")
+        assert pinned.returncode == 2, pinned.stderr
+        assert "host 'lv1' can't reach its libvirt" in pinned.stderr and "vmorch doctor" in pinned.stderr
+        assert json.loads(run_cli(fresh, "--json", "job", "list").stdout) == []  # nothing was accepted
+        launched = run_cli(fresh, "--json", "vm", "launch", "p1", "--memory", "32", "--disk", "0", "--wait")
+        assert launched.returncode == 0, launched.stderr
+        assert json.loads(run_cli(fresh, "--json", "vm", "show", "p1").stdout)["host"] == "lv2"
+        assert run_cli(fresh, "vm", "delete", "p1", "--wait").returncode == 0
 
 
 # -- the judgements themselves, on host records as workers write them ----------------------
