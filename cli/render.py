@@ -224,7 +224,9 @@ def hosts_table(hosts: Sequence[Host]) -> Table:
         table.add_column(col, no_wrap=True)
     for h in hosts:
         labels = escape(",".join(f"{k}={v}" for k, v in sorted(h.labels.items())))
-        table.add_row(h.name, styled(h.state.value), when(h.heartbeat_at), str(h.pid or "-"), h.libvirt_uri,
+        # placement skips such a host: the list says why it gets no new VM
+        libvirt = h.libvirt_uri if h.libvirt_ok is not False else f"{h.libvirt_uri} (not answering)"
+        table.add_row(h.name, styled(h.state.value), when(h.heartbeat_at), str(h.pid or "-"), libvirt,
                       f"{h.committed_mib}/{h.memory_mib} MiB", f"{h.committed_vcpus}/{h.cpus}", str(h.vms), labels)
     return table
 

@@ -184,6 +184,8 @@ def test_a_host_whose_libvirt_is_unreachable_fails_the_doctor_and_gets_no_new_vm
         assert check(report, "redis")["status"] == "ok"
 
         # Placement leaves lv1 out: its worker is up, but every launch sent there would fail.
+        listed = {line.split()[0]: line for line in run_cli(fresh, "host", "list").stdout.splitlines()[1:]}
+        assert "(not answering)" in listed["lv1"] and "(not answering)" not in listed["lv2"]
         assert set(plan(fresh, "p[1-4]", "--spread").values()) == {"lv2"}
         pinned = run_cli(fresh, "vm", "launch", "p1", "--host", "lv1", "--memory", "32", "--disk", "0")
         assert pinned.returncode == 2, pinned.stderr
