@@ -64,7 +64,8 @@ def examine(settings: Settings, *, stuck_after: float | None = None) -> list[Che
             hosts = store.hosts()
             checks += _host_checks(hosts)
             checks += _clock_checks(hosts)
-            checks.append(_stuck_jobs(store, hosts, stuck_after or settings.doctor_stuck_after))
+            stuck = settings.doctor_stuck_after if stuck_after is None else stuck_after
+            checks.append(_stuck_jobs(store, hosts, stuck))
             checks.append(_versions(info, hosts))
         except RedisError as exc:
             checks.append(Check("hosts", Status.FAIL, f"cannot read the host records: {exc}",

@@ -81,7 +81,7 @@ def broker_ssl(url: str) -> dict[str, Any] | None:
 
 
 def enqueue(app: Celery, host: str, namespace: str, vm: str, job_id: int) -> None:
-    app.send_task(RUN_TASK, args=[namespace, vm, job_id], queue=keys.queue(host))
+    _send(app, WakeUp(host, namespace, vm, job_id))
 
 
 @dataclass(frozen=True)
@@ -107,11 +107,14 @@ def enqueue_many(app: Celery, wakeups: Iterable[WakeUp]) -> list[tuple[WakeUp, E
         with app.producer_or_acquire() as producer:
             for w in todo:
                 try:
-                    app.send_task(RUN_TASK, args=[w.namespace, w.vm, w.job_id], queue=keys.queue(w.host),
-                                  producer=producer)
+                    _send(app, w, producer)
                 except Exception as exc:  # the caller decides what an unsent job becomes
                     failed.append((w, exc))
                 done += 1
     except Exception as exc:  # no producer at all: nothing after ``done`` was sent
         failed += [(w, exc) for w in todo[done:]]
     return failed
+
+
+def _send(app: Celery, w: WakeUp, producer: Any = None) -> None:
+    app.send_task(RUN_TASK, args=[w.namespace, w.vm, w.job_id], queue=keys.queue(w.host), producer=producer)

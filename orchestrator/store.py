@@ -240,7 +240,7 @@ class Store:
         rows, job, record = self._turn(keys=[keys.vm_mailbox(namespace, vm), keys.job(job_id), keys.vm(namespace, vm)],
                                        args=[job_id])
         pending = [(int(i), int(float(sc))) for i, sc in zip(rows[::2], rows[1::2], strict=True)]
-        found: Vm | NotFound = vms_from_json(f"[{record}]")[0] if record else _no_vm(namespace, vm)
+        found: Vm | NotFound = Vm.model_validate_json(record) if record else _no_vm(namespace, vm)
         return Turn(pending, Job.from_hash(_pairs(job)) if job else None, found)
 
     def next_jobs(self, namespace: str) -> list[Job]:

@@ -154,7 +154,7 @@ def test_celery_task_events_are_sent_while_a_monitor_asks_for_them(cluster: list
             run_one(Op.LAUNCH, memory_mib=64)
             for _ in range(3):
                 run_one(Op.START)
-            time.sleep(0.5)
+            time.sleep(0.5)  # an absence has no condition to wait for: events come within this of a job's end
             assert ours() == [], "task events while no monitor asked for them"
             app.control.enable_events()  # what Flower does, and 'celery control enable_events'
             for _ in range(10):  # the workers' control threads take the broadcast a moment later

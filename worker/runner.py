@@ -97,10 +97,10 @@ def run_message(w: Worker, namespace: str, vm: str, job_id: int) -> None:
                     break
         except LockError:
             raise  # nothing is written without the lock: the task tries again
-        except RedisError as exc:
-            if not isinstance(exc, ResponseError):
-                raise  # Redis is away for a moment: the task tries again
+        except ResponseError as exc:  # Redis refused a command: retrying would fail the same way
             _fail_crashed(w, fence, running, exc)
+        except RedisError:
+            raise  # Redis is away for a moment: the task tries again
         except Exception as exc:
             _fail_crashed(w, fence, running, exc)
 
