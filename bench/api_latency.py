@@ -22,11 +22,11 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.client import RedisClient
-from orchestrator.httpclient import HttpClient
-from orchestrator.operation import Op, Operation
-from orchestrator.redisconn import connect
-from orchestrator.tokens import Role, TokenStore
+from orchestrator.edge.httpclient import HttpClient
+from orchestrator.model.operation import Op, Operation
+from orchestrator.services.client import RedisClient
+from orchestrator.store.redisconn import connect
+from orchestrator.store.tokens import Role, TokenStore
 
 from .harness import environment, free_port, percentile
 

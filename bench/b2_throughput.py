@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 
-from orchestrator.client import RedisClient
-from orchestrator.operation import Op, Operation
+from orchestrator.model.operation import Op, Operation
+from orchestrator.services.client import RedisClient
 
 from .common import NS, bare_app, bare_batch, launch, require_succeeded
 from .harness import Env

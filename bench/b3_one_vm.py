@@ -8,9 +8,9 @@ import threading
 import time
 from collections.abc import Sequence
 
-from orchestrator.client import RedisClient
-from orchestrator.operation import Op, Operation
-from orchestrator.records import Job
+from orchestrator.model.operation import Op, Operation
+from orchestrator.model.records import Job
+from orchestrator.services.client import RedisClient
 
 from .common import NS, bare_app, bare_batch, launch, require_succeeded
 from .harness import CommandCounter, Env, monitored

@@ -14,8 +14,8 @@ from contextlib import AbstractContextManager
 
 import redis_lock
 
-from orchestrator.locks import LockManager, vm_lock
-from orchestrator.redisconn import connect_for_locks
+from orchestrator.control.locks import LockManager, vm_lock
+from orchestrator.store.redisconn import connect_for_locks
 
 from .harness import Env, percentile
 from .suite import Row, Sizes, at_most, ms
@@ -25,7 +25,7 @@ HANDOFF_MAX_S = 0.005
 
 HOLDER = """
 import sys, time
-from orchestrator.locks import LockManager, vm_lock
+from orchestrator.control.locks import LockManager, vm_lock
 m = LockManager(sys.argv[1], owner="bench-holder", expire=int(sys.argv[2]))
 with m.hold(vm_lock("bench", "victim"), timeout=30):
     print("held", flush=True)

@@ -8,9 +8,9 @@ import subprocess
 import sys
 import time
 
-from orchestrator.client import RedisClient
-from orchestrator.operation import Op, Operation
-from orchestrator.store import BatchEntry
+from orchestrator.model.operation import Op, Operation
+from orchestrator.services.client import RedisClient
+from orchestrator.store.jobstore import BatchEntry
 
 from .common import require_succeeded
 from .harness import ROOT, Env, environment, percentile

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import libvirt
 
-from orchestrator.client import RedisClient
-from orchestrator.operation import Op, Operation
+from orchestrator.model.operation import Op, Operation
+from orchestrator.services.client import RedisClient
 from worker import domxml
 from worker.driver import Driver
 

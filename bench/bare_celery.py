@@ -8,8 +8,8 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-from orchestrator.queue import make_app
-from orchestrator.settings import Settings
+from orchestrator.control.queue import make_app
+from orchestrator.model.settings import Settings
 
 if TYPE_CHECKING:
     from celery import Celery

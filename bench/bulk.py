@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from orchestrator.client import RedisClient, SubmitOptions
-from orchestrator.operation import Op, Operation
+from orchestrator.model.operation import Op, Operation
+from orchestrator.services.client import RedisClient, SubmitOptions
 
 from .harness import environment
 

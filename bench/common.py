@@ -6,9 +6,9 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.client import RedisClient
-from orchestrator.operation import Op, Operation
-from orchestrator.records import Job, JobState
+from orchestrator.model.operation import Op, Operation
+from orchestrator.model.records import Job, JobState
+from orchestrator.services.client import RedisClient
 
 from . import bare_celery
 

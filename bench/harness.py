@@ -17,9 +17,9 @@ from pathlib import Path
 
 from redis import Redis
 
-from orchestrator.records import HostState
-from orchestrator.settings import Settings
-from orchestrator.store import Store
+from orchestrator.model.records import HostState
+from orchestrator.model.settings import Settings
+from orchestrator.store.jobstore import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,11 +16,11 @@ import redis_lock
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.client import RedisClient
-from orchestrator.locks import cmd_lock, host_lock, vms_lock
-from orchestrator.operation import Op, Operation
-from orchestrator.redisconn import connect_for_locks
-from orchestrator.store import BatchEntry
+from orchestrator.control.locks import cmd_lock, host_lock, vms_lock
+from orchestrator.model.operation import Op, Operation
+from orchestrator.services.client import RedisClient
+from orchestrator.store.jobstore import BatchEntry
+from orchestrator.store.redisconn import connect_for_locks
 
 from .harness import environment, percentile
 

@@ -1,7 +1,7 @@
 """How long the API's /metrics takes with a busy cluster: hosts, VMs and unfinished jobs in Redis.
 
 Registers hosts (no workers, so every accepted launch stays queued, in its VM's mailbox and
-in its host's Celery queue), then times scrapes of ``orchestrator.metrics.asgi_app`` next
+in its host's Celery queue), then times scrapes of ``orchestrator.edge.clustermetrics.asgi_app`` next
 to a scrape of this process's own metrics only (no Redis) as the baseline.
 
     .venv/bin/python -m bench.scrape [--hosts 50] [--vms 2000] [--n 20]
@@ -16,9 +16,9 @@ import time
 import httpx
 from prometheus_client import REGISTRY, generate_latest
 
-from orchestrator.client import RedisClient
-from orchestrator.metrics import asgi_app
-from orchestrator.operation import Op, Operation
+from orchestrator.edge.clustermetrics import asgi_app
+from orchestrator.model.operation import Op, Operation
+from orchestrator.services.client import RedisClient
 
 from .harness import environment, percentile
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from orchestrator.errors import InvalidInput
+from orchestrator.model.errors import InvalidInput
 
 from .context import LogFormat, state
 
@@ -37,8 +37,8 @@ def serve(
     """Serve the HTTP API: every request needs a token ('vmorch token create') unless --no-auth."""
     import uvicorn
 
-    from orchestrator import logs
-    from orchestrator.api import create_app
+    from orchestrator.edge.api import create_app
+    from orchestrator.model import logs
 
     st = state(ctx)
     auth = st.settings.api_auth and not no_auth

@@ -11,9 +11,9 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from orchestrator.errors import InvalidInput, VmorchError
-from orchestrator.names import check_namespace
-from orchestrator.settings import Settings
+from orchestrator.model.errors import InvalidInput, VmorchError
+from orchestrator.model.names import check_namespace
+from orchestrator.model.settings import Settings
 
 from . import api, cluster, completion, experiments, hosts, jobs, namespaces, schedules, tokens, vms
 from .context import State

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from orchestrator.names import check_name
+from orchestrator.model.names import check_name
 
 from . import render
 from .context import LogFormat, state
@@ -32,7 +32,7 @@ def up(
 ) -> None:
     """Start a local cluster (Redis, host workers, HTTP API with an admin token) under VMORCH_HOME."""
     from orchestrator import localcluster
-    from orchestrator.redisconn import redact
+    from orchestrator.store.redisconn import redact
 
     st = state(ctx)
     info = localcluster.up(st.settings, hosts=hosts, libvirt_uri=libvirt_uri, api_port=api_port, detach=detach,
@@ -80,7 +80,7 @@ def worker(
         "--task-events", help="send Celery task events from the start (Flower turns them on by itself)")] = False,
 ) -> None:
     """Run the worker of one host (consumes the queue host.<name>)."""
-    from orchestrator import logs
+    from orchestrator.model import logs
     from worker.main import run
 
     logs.setup(log_format, loglevel)

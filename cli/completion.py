@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from orchestrator.settings import Settings
+from orchestrator.model.settings import Settings
 
 if TYPE_CHECKING:
-    from orchestrator.store import Store
+    from orchestrator.store.jobstore import Store
 
 TIMEOUT_S = 0.3
 MAX_JOBS = 50
@@ -25,8 +25,8 @@ MAX_JOBS = 50
 def _with_store(ctx: typer.Context, read: Callable[[Store, str], list[str]], incomplete: str) -> list[str]:
     try:
         # imported here: only TAB needs Redis, not every command's start-up
-        from orchestrator.redisconn import connect_quick
-        from orchestrator.store import Store
+        from orchestrator.store.jobstore import Store
+        from orchestrator.store.redisconn import connect_quick
 
         params = ctx.find_root().params
         overrides: dict[str, object] = {}

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from orchestrator.settings import Settings
+from orchestrator.model.settings import Settings
 
 if TYPE_CHECKING:
-    from orchestrator.client import Client
+    from orchestrator.services.client import Client
 
 
 @dataclass
@@ -29,11 +29,11 @@ class State:
         if self._client is None:
             # imported here: '--help' and usage errors need no client libraries (start-up time)
             if self.settings.api_url:
-                from orchestrator.httpclient import HttpClient
+                from orchestrator.edge.httpclient import HttpClient
 
                 self._client = HttpClient(self.settings)
             else:
-                from orchestrator.client import RedisClient
+                from orchestrator.services.client import RedisClient
 
                 self._client = RedisClient(self.settings)
         return self._client

@@ -9,7 +9,7 @@ import typer
 from . import render
 from .context import state
 
-#: by the value of orchestrator.doctor.Status: that module imports redis, which "--help" must not (start-up time)
+#: by the value of orchestrator.edge.doctor.Status: that module imports redis, which "--help" must not (start-up time)
 MARK = {"ok": "[green]ok  [/green]", "warn": "[yellow]warn[/yellow]", "fail": "[red]FAIL[/red]"}
 
 
@@ -25,7 +25,7 @@ def doctor(
     Checks Redis (version, persistence, eviction policy), every host's worker, its libvirt
     connection and clock, and versions. Exits 1 if something is wrong (a warning alone exits 0).
     """
-    from orchestrator import doctor as checks
+    from orchestrator.edge import doctor as checks
 
     st = state(ctx)
     found = checks.examine(st.settings, stuck_after=stuck_after)

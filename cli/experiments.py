@@ -7,15 +7,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from orchestrator.errors import InvalidInput
-from orchestrator.records import JobState
+from orchestrator.model.errors import InvalidInput
+from orchestrator.model.records import JobState
 
 from . import render
 from .context import state
 from .waiting import wait as wait_for
 
 if TYPE_CHECKING:
-    from orchestrator.runs import ExperimentRun
+    from orchestrator.store.runs import ExperimentRun
 
 app = typer.Typer(help="Experiments: VMs, ordered steps and a teardown, from a YAML file, run as one job graph.",
                   no_args_is_help=True)
@@ -33,7 +33,7 @@ def read(path: Path) -> str:
 @app.command()
 def validate(ctx: typer.Context, path: File) -> None:
     """Check a file and report every problem with its line; exit 2 if there is one."""
-    from orchestrator import experiment  # imported here: YAML is for this command only (start-up time)
+    from orchestrator.model import experiment  # imported here: YAML is for this command only (start-up time)
 
     st = state(ctx)
     exp, problems = experiment.parse(read(path))

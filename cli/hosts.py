@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from orchestrator.errors import NotFound
+from orchestrator.model.errors import NotFound
 
 from . import completion, render
 from .context import state

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from orchestrator.operation import Op
-from orchestrator.records import JobState
+from orchestrator.model.operation import Op
+from orchestrator.model.records import JobState
 
 from . import completion, render
 from .context import state

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from orchestrator.errors import VmorchError
-from orchestrator.records import Event, Host, Job, JobState, Namespace, Vm
+from orchestrator.model.errors import VmorchError
+from orchestrator.model.records import Event, Host, Job, JobState, Namespace, Vm
 
 if TYPE_CHECKING:
     from rich.console import Console

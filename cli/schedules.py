@@ -10,7 +10,7 @@ import typer
 from pydantic import ValidationError
 from typer.main import get_command
 
-from orchestrator.errors import InvalidInput
+from orchestrator.model.errors import InvalidInput
 
 from . import render, vms
 from .context import LogFormat, state
@@ -19,7 +19,7 @@ from .experiments import read
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from orchestrator.schedules import Schedule
+    from orchestrator.services.schedules import Schedule
 
 app = typer.Typer(help="Run an experiment or a vm command by cron, every N, or once at a time.",
                   no_args_is_help=True)
@@ -42,7 +42,7 @@ def add(
 ) -> None:
     """Add a schedule: `vmorch schedule add nightly --cron "0 2 * * *" -e exp.yaml`, or
     `vmorch schedule add snap --every 1h -- vm snapshot web[1-3] hourly`."""
-    from orchestrator.schedules import ScheduleSpec  # imported here: croniter and YAML (start-up time)
+    from orchestrator.services.schedules import ScheduleSpec  # imported here: croniter and YAML (start-up time)
 
     st = state(ctx)
     if command:
@@ -172,8 +172,8 @@ def scheduler(
     log_format: LogFormat = "text",
 ) -> None:
     """Run the scheduler: celery beat with RedBeat (one active cluster-wide) and the firings' consumer."""
-    from orchestrator import logs
-    from orchestrator import scheduler as process
+    from orchestrator.model import logs
+    from orchestrator.services import scheduler as process
 
     logs.setup(log_format, loglevel)
     process.run(state(ctx).settings, loglevel=loglevel.upper())

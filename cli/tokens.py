@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from orchestrator.tokens import Role
+from orchestrator.store.tokens import Role
 
 from . import render
 from .context import State, state
@@ -19,23 +19,23 @@ from .context import State, state
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from orchestrator.store import Store
-    from orchestrator.tokens import Token, TokenStore
+    from orchestrator.store.jobstore import Store
+    from orchestrator.store.tokens import Token, TokenStore
 
 app = typer.Typer(help="API tokens (needs direct access to Redis).", no_args_is_help=True)
 
 
 def _who() -> str:
-    from orchestrator.client import who  # imported here: '--help' needs no client (start-up time)
+    from orchestrator.services.client import who  # imported here: '--help' needs no client (start-up time)
 
     return who()
 
 
 def _stores(st: State) -> tuple[TokenStore, Store]:
     # imported here: '--help' needs no Redis (start-up time)
-    from orchestrator.redisconn import connect, ping
-    from orchestrator.store import Store
-    from orchestrator.tokens import TokenStore
+    from orchestrator.store.jobstore import Store
+    from orchestrator.store.redisconn import connect, ping
+    from orchestrator.store.tokens import TokenStore
 
     url = st.settings.resolved_redis_url()
     redis = connect(url, retries=2)

@@ -6,18 +6,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from orchestrator.errors import InvalidInput, NotFound
-from orchestrator.names import check_name, check_tag, expand_target
-from orchestrator.operation import Op, Operation, SubmitOptions
-from orchestrator.records import HostState, Job
-from orchestrator.targets import resolve
+from orchestrator.control.targets import resolve
+from orchestrator.model.errors import InvalidInput, NotFound
+from orchestrator.model.names import check_name, check_tag, expand_target
+from orchestrator.model.operation import Op, Operation, SubmitOptions
+from orchestrator.model.records import HostState, Job
 
 from . import completion, render
 from .context import state
 from .waiting import wait as wait_for
 
 if TYPE_CHECKING:
-    from orchestrator.client import Client
+    from orchestrator.services.client import Client
 
 app = typer.Typer(help="Operate on VMs. TARGET is a name, a list a,b or a range such as web[1-10]; "
                        "--tag key=value selects VMs by their tags.", no_args_is_help=True)

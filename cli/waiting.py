@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from orchestrator.records import Job
+from orchestrator.model.records import Job
 
 from . import render
 
 if TYPE_CHECKING:
-    from orchestrator.client import Client
+    from orchestrator.services.client import Client
 
 
 def wait(client: Client, jobs: Sequence[Job], *, timeout: float | None = None, parent: Job | None = None) -> list[Job]:

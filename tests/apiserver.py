@@ -12,10 +12,10 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from orchestrator.api import create_app
-from orchestrator.redisconn import connect
-from orchestrator.settings import Settings
-from orchestrator.tokens import Role, Token, TokenStore
+from orchestrator.edge.api import create_app
+from orchestrator.model.settings import Settings
+from orchestrator.store.redisconn import connect
+from orchestrator.store.tokens import Role, Token, TokenStore
 
 
 @dataclass

@@ -13,8 +13,6 @@ import sys
 from redis import Redis
 
 import cli.app
-import orchestrator.client
-import orchestrator.queue  # noqa: F401
 
 url, barrier = sys.argv[1], sys.argv[2]
 argv = sys.argv[sys.argv.index("--") + 1:]

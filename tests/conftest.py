@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from orchestrator import keys
-from orchestrator.client import RedisClient
-from orchestrator.names import expand_target
-from orchestrator.operation import Op, Operation
-from orchestrator.records import HostState
-from orchestrator.settings import Settings
-from orchestrator.store import BatchEntry, Submitted
+from orchestrator.model.names import expand_target
+from orchestrator.model.operation import Op, Operation
+from orchestrator.model.records import HostState
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
+from orchestrator.store import keys
+from orchestrator.store.jobstore import BatchEntry, Submitted
 
 from .apiserver import ApiServer, serve
 

@@ -14,7 +14,7 @@ import time
 
 from redis import Redis
 
-from orchestrator.locks import Level, LockManager, LockName
+from orchestrator.control.locks import Level, LockManager, LockName
 
 url, rounds, hold_s, expire, names = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 locks = [LockName(Level(int(n.split(":", 1)[0])), n.split(":", 1)[1]) for n in names.split(",")]

@@ -12,12 +12,12 @@ import httpx
 import pytest
 from redis import Redis
 
-from orchestrator import keys
-from orchestrator.api import create_app
-from orchestrator.client import RedisClient
-from orchestrator.httpclient import HttpClient
-from orchestrator.operation import Op, SubmitOptions
-from orchestrator.settings import Settings
+from orchestrator.edge.api import create_app
+from orchestrator.edge.httpclient import HttpClient
+from orchestrator.model.operation import Op, SubmitOptions
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
+from orchestrator.store import keys
 from worker import domxml
 
 from .apiserver import ApiServer, running

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from redis import Redis
 
-from orchestrator import keys
-from orchestrator.client import RedisClient
-from orchestrator.settings import Settings
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
+from orchestrator.store import keys
 
 from .apiserver import ApiServer
 from .conftest import ROOT, WorkerProc, run_cli

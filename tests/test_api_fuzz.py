@@ -21,10 +21,10 @@ from hypothesis.errors import FlakyStrategyDefinition
 from redis import Redis
 from schemathesis.generation import GenerationMode
 
-from orchestrator import keys
-from orchestrator.client import RedisClient
-from orchestrator.operation import Op
-from orchestrator.settings import Settings
+from orchestrator.model.operation import Op
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
+from orchestrator.store import keys
 
 from .apiserver import ApiServer, serve
 

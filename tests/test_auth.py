@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import pytest
 from redis import Redis
 
-from orchestrator import keys
-from orchestrator.client import RedisClient
-from orchestrator.operation import Op
-from orchestrator.settings import Settings
-from orchestrator.tokens import Role, Token, digest
+from orchestrator.model.operation import Op
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
+from orchestrator.store import keys
+from orchestrator.store.tokens import Role, Token, digest
 
 from .apiserver import ApiServer
 from .conftest import ops, run_cli

@@ -9,13 +9,13 @@ from contextlib import contextmanager
 import pytest
 from redis import Redis
 
-from orchestrator import keys
-from orchestrator.client import RedisClient, SubmitOptions
-from orchestrator.errors import InvalidInput, NotFound
-from orchestrator.locks import LockManager, vm_lock
-from orchestrator.operation import Op
-from orchestrator.records import BulkOp, Job, JobState, VmState
-from orchestrator.settings import Settings
+from orchestrator.control.locks import LockManager, vm_lock
+from orchestrator.model.errors import InvalidInput, NotFound
+from orchestrator.model.operation import Op
+from orchestrator.model.records import BulkOp, Job, JobState, VmState
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient, SubmitOptions
+from orchestrator.store import keys
 
 from .conftest import WorkerProc, ops, run_cli, wait_until
 

@@ -12,9 +12,9 @@ from datetime import datetime
 import pytest
 from redis import Redis
 
-from orchestrator import keys
-from orchestrator.client import RedisClient
-from orchestrator.settings import Settings
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
+from orchestrator.store import keys
 
 from .conftest import WorkerProc, run_cli
 

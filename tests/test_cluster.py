@@ -13,12 +13,12 @@ from collections.abc import Iterator
 import pytest
 from redis import Redis
 
-from orchestrator import keys
-from orchestrator.client import RedisClient
-from orchestrator.errors import InvalidInput, NoCapacity
-from orchestrator.operation import Op
-from orchestrator.records import JobState
-from orchestrator.settings import Settings
+from orchestrator.model.errors import InvalidInput, NoCapacity
+from orchestrator.model.operation import Op
+from orchestrator.model.records import JobState
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
+from orchestrator.store import keys
 
 from .conftest import (
     ROOT,

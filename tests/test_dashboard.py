@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 
 from orchestrator import localcluster
-from orchestrator.client import RedisClient
-from orchestrator.locks import LockManager, vm_lock
-from orchestrator.operation import Op
-from orchestrator.records import JobState
-from orchestrator.settings import Settings
+from orchestrator.control.locks import LockManager, vm_lock
+from orchestrator.model.operation import Op
+from orchestrator.model.records import JobState
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
 
 from .apiserver import ApiServer
 from .conftest import PYTHON, ROOT, ops, wait_until

@@ -18,9 +18,9 @@ import yaml
 from redis import Redis
 
 from cli.app import app as cli_app
-from orchestrator.client import RedisClient
-from orchestrator.operation import Op
-from orchestrator.settings import Settings
+from orchestrator.model.operation import Op
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
 
 from .conftest import (
     PYTHON,

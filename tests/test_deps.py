@@ -7,12 +7,12 @@ import json
 import pytest
 from redis import Redis
 
-from orchestrator import keys
-from orchestrator.client import RedisClient, SubmitOptions
-from orchestrator.errors import InvalidInput
-from orchestrator.operation import Op
-from orchestrator.records import Job, JobState, VmState
-from orchestrator.settings import Settings
+from orchestrator.model.errors import InvalidInput
+from orchestrator.model.operation import Op
+from orchestrator.model.records import Job, JobState, VmState
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient, SubmitOptions
+from orchestrator.store import keys
 
 from .conftest import WorkerProc, ops, run_cli, wait_until
 from .test_bulk import vm_held

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.settings import Settings
+from orchestrator.model.settings import Settings
 
 from .conftest import RedisServer, free_port, run_cli, running_hosts, start_worker, wait_until
 
@@ -71,8 +71,8 @@ def test_healthy_cluster_then_a_dead_worker(fresh: Settings) -> None:
 
 def test_doctor_warns_of_a_host_that_heartbeats_but_runs_nothing(fresh: Settings) -> None:
     """A worker whose Celery consumer died while its heartbeat thread goes on: its VMs' jobs never start."""
-    from orchestrator.client import RedisClient
-    from orchestrator.operation import Op, Operation
+    from orchestrator.model.operation import Op, Operation
+    from orchestrator.services.client import RedisClient
 
     client = RedisClient(fresh)
     store = client.store
@@ -200,7 +200,7 @@ def test_a_host_whose_libvirt_is_unreachable_fails_the_doctor_and_gets_no_new_vm
 # -- the judgements themselves, on host records as workers write them ----------------------
 
 def _host(name: str, **fields: str) -> Any:
-    from orchestrator.records import Host
+    from orchestrator.model.records import Host
 
     record = {"name": name, "heartbeat_at": "1000", "pid": "1", "libvirt_uri": "qemu:///system",
               "version": "0.1.0", "libvirt_ok": "1", **fields}
@@ -208,7 +208,7 @@ def _host(name: str, **fields: str) -> Any:
 
 
 def test_clock_skew_between_hosts_is_judged_by_the_spread() -> None:
-    from orchestrator import doctor as d
+    from orchestrator.edge import doctor as d
 
     def clock(*offsets: str) -> Any:
         return d._clock_checks([_host(f"h{i}", clock_offset=o) for i, o in enumerate(offsets)])[0]
@@ -220,7 +220,7 @@ def test_clock_skew_between_hosts_is_judged_by_the_spread() -> None:
 
 
 def test_versions_and_an_unprobed_libvirt_are_warnings() -> None:
-    from orchestrator import doctor as d
+    from orchestrator.edge import doctor as d
 
     versions = d._versions({"redis_version": "7.0.15"}, [_host("h1"), _host("h2", version="0.0.9")])
     assert versions.status is d.Status.WARN and "h2 0.0.9" in versions.message

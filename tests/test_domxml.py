@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from orchestrator.errors import InvalidInput
+from orchestrator.model.errors import InvalidInput
 from worker import domxml
 from worker.domxml import NS, VmorchMeta
 

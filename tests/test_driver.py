@@ -21,7 +21,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from orchestrator.errors import (
+from orchestrator.model.errors import (
     AlreadyExists,
     Canceled,
     HypervisorError,
@@ -31,7 +31,7 @@ from orchestrator.errors import (
     OperationTimeout,
     VmGone,
 )
-from orchestrator.records import VmState
+from orchestrator.model.records import VmState
 from worker import domxml
 from worker.driver import DomainSpec, Driver
 from worker.eventloop import ensure_event_loop

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.client import RedisClient
-from orchestrator.errors import InvalidInput, NotFound
-from orchestrator.experiment import parse
-from orchestrator.records import JobState
-from orchestrator.settings import Settings
+from orchestrator.model.errors import InvalidInput, NotFound
+from orchestrator.model.experiment import parse
+from orchestrator.model.records import JobState
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
 
 from .conftest import ROOT, WorkerProc, run_cli
 

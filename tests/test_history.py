@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from orchestrator.client import RedisClient
-from orchestrator.operation import Op
-from orchestrator.settings import Settings
+from orchestrator.model.operation import Op
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
 
 from .conftest import WorkerProc, ops, run_cli
 

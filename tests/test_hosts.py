@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import time
 
-from orchestrator.client import RedisClient
-from orchestrator.operation import Op
-from orchestrator.records import HostState, JobState, VmState
-from orchestrator.settings import Settings
+from orchestrator.model.operation import Op
+from orchestrator.model.records import HostState, JobState, VmState
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
 
 from .conftest import WorkerProc, ops, run_cli, start_worker, wait_hosts_up, wait_until
 

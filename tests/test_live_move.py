@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.client import RedisClient
-from orchestrator.operation import Op
-from orchestrator.records import JobState, VmState
-from orchestrator.settings import Settings
+from orchestrator.model.operation import Op
+from orchestrator.model.records import JobState, VmState
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
 
 from .conftest import WorkerProc, ops, running_hosts, start_worker, wait_until
 

@@ -23,13 +23,13 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from orchestrator import localcluster
-from orchestrator.errors import AlreadyExists, ClusterUnavailable, InvalidInput
 from orchestrator.localcluster import ClusterInfo
 from orchestrator.localcluster.api import api_answers
-from orchestrator.records import HostState
-from orchestrator.redisconn import connect
-from orchestrator.settings import Settings
-from orchestrator.store import Store
+from orchestrator.model.errors import AlreadyExists, ClusterUnavailable, InvalidInput
+from orchestrator.model.records import HostState
+from orchestrator.model.settings import Settings
+from orchestrator.store.jobstore import Store
+from orchestrator.store.redisconn import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_URI = "test:///default"

@@ -14,10 +14,10 @@ from typing import TypeVar
 import pytest
 from redis import Redis
 
-from orchestrator import keys
-from orchestrator.errors import FencedOut, LockLost, LockOrderError, LockTimeout
-from orchestrator.locks import LockManager, cmd_lock, held, host_lock, other_lock, require, vm_lock, vms_lock
-from orchestrator.store import Store
+from orchestrator.control.locks import LockManager, cmd_lock, held, host_lock, other_lock, require, vm_lock, vms_lock
+from orchestrator.model.errors import FencedOut, LockLost, LockOrderError, LockTimeout
+from orchestrator.store import keys
+from orchestrator.store.jobstore import Store
 
 from .conftest import RedisServer, wait_until
 

@@ -8,12 +8,12 @@ import logging
 
 import pytest
 
-from orchestrator import logs
-from orchestrator.client import RedisClient
-from orchestrator.errors import InvalidInput
-from orchestrator.locks import LockManager, vm_lock
-from orchestrator.operation import Op
-from orchestrator.settings import Settings
+from orchestrator.control.locks import LockManager, vm_lock
+from orchestrator.model import logs
+from orchestrator.model.errors import InvalidInput
+from orchestrator.model.operation import Op
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
 
 from .conftest import ops, run_cli, running_hosts, start_worker
 
@@ -66,7 +66,7 @@ def test_lock_lines_carry_the_lock_level(redis_server: object, base_settings: Se
                                          caplog: pytest.LogCaptureFixture) -> None:
     locks = LockManager(base_settings.resolved_redis_url(), expire=4)
     try:
-        with caplog.at_level(logging.DEBUG, logger="orchestrator.locks"), \
+        with caplog.at_level(logging.DEBUG, logger="orchestrator.control.locks"), \
                 locks.hold(vm_lock("logtest", "v1"), timeout=5):
             pass
     finally:

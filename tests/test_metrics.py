@@ -15,11 +15,11 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.client import RedisClient
-from orchestrator.metrics import asgi_app
-from orchestrator.operation import Op
-from orchestrator.queue import RUN_TASK, make_app
-from orchestrator.settings import Settings
+from orchestrator.control.queue import RUN_TASK, make_app
+from orchestrator.edge.clustermetrics import asgi_app
+from orchestrator.model.operation import Op
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
 
 from .conftest import PYTHON, ROOT, WorkerProc, free_port, ops, running_hosts, settings_env, start_worker, wait_until
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.errors import (
+from orchestrator.model.errors import (
     AlreadyExists,
     FencedOut,
     InvalidInput,
@@ -13,8 +13,8 @@ from orchestrator.errors import (
     NotFound,
     VmorchError,
 )
-from orchestrator.names import expand_target
-from orchestrator.operation import PARAMS, LaunchParams, Op, Operation
+from orchestrator.model.names import expand_target
+from orchestrator.model.operation import PARAMS, LaunchParams, Op, Operation
 from worker.handlers import HANDLERS
 
 

@@ -7,14 +7,14 @@ import shutil
 import pytest
 from redis import Redis
 
-from orchestrator import keys
-from orchestrator.client import RedisClient
-from orchestrator.errors import InvalidInput
-from orchestrator.operation import Op
-from orchestrator.queue import enqueue
-from orchestrator.records import Job, JobState, VmState
-from orchestrator.settings import Settings
-from orchestrator.store import BatchEntry
+from orchestrator.control.queue import enqueue
+from orchestrator.model.errors import InvalidInput
+from orchestrator.model.operation import Op
+from orchestrator.model.records import Job, JobState, VmState
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
+from orchestrator.store import keys
+from orchestrator.store.jobstore import BatchEntry
 
 from .conftest import WorkerProc, ops, run_cli
 from .test_ordering import assert_serialized_in_order

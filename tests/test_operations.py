@@ -9,13 +9,13 @@ from contextlib import contextmanager
 import pytest
 from redis import Redis
 
-from orchestrator import keys
-from orchestrator.client import RedisClient
-from orchestrator.errors import AlreadyExists, InvalidInput, NoCapacity, NotFound, VmorchError
-from orchestrator.locks import LockManager, vm_lock
-from orchestrator.operation import Op
-from orchestrator.records import Job, JobState, VmState
-from orchestrator.settings import Settings
+from orchestrator.control.locks import LockManager, vm_lock
+from orchestrator.model.errors import AlreadyExists, InvalidInput, NoCapacity, NotFound, VmorchError
+from orchestrator.model.operation import Op
+from orchestrator.model.records import Job, JobState, VmState
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
+from orchestrator.store import keys
 
 from .conftest import WorkerProc, accept, ops, wait_unlocked, wait_until
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from redis import Redis
 
-from orchestrator import keys
-from orchestrator.client import RedisClient
-from orchestrator.operation import Op
-from orchestrator.queue import enqueue
-from orchestrator.records import Job, JobState, VmState
-from orchestrator.settings import Settings
+from orchestrator.control.queue import enqueue
+from orchestrator.model.operation import Op
+from orchestrator.model.records import Job, JobState, VmState
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
+from orchestrator.store import keys
 
 from .conftest import ROOT, WorkerProc, accept, ops, settings_env, start_worker, wait_hosts_up
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator import placement
-from orchestrator.errors import InvalidInput, NoCapacity
-from orchestrator.records import Host
+from orchestrator.control import placement
+from orchestrator.model.errors import InvalidInput, NoCapacity
+from orchestrator.model.records import Host
 
 
 def host(name: str, **fields: str) -> Host:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from orchestrator.client import RedisClient
-from orchestrator.operation import Op
-from orchestrator.records import JobState, VmState
-from orchestrator.settings import Settings
+from orchestrator.model.operation import Op
+from orchestrator.model.records import JobState, VmState
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
 
 from .conftest import WorkerProc, ops, start_worker, wait_hosts_up, wait_until
 from .test_operations import ok, one, state

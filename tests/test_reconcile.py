@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from orchestrator.client import RedisClient
-from orchestrator.operation import Op
-from orchestrator.records import JobState, VmState
-from orchestrator.settings import Settings
+from orchestrator.model.operation import Op
+from orchestrator.model.records import JobState, VmState
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
 
 from .conftest import ops, start_worker, wait_hosts_up
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from orchestrator.queue import broker_ssl
-from orchestrator.settings import Settings
+from orchestrator.control.queue import broker_ssl
+from orchestrator.model.settings import Settings
 
 from .apiserver import serve
 from .conftest import free_port, run_cli, running_hosts, start_worker, wait_until

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.client import RedisClient
-from orchestrator.operation import Op
-from orchestrator.records import Job, JobState
-from orchestrator.settings import Settings
+from orchestrator.model.operation import Op
+from orchestrator.model.records import Job, JobState
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
 
 from .conftest import RedisServer, WorkerProc, free_port, ops, start_worker, wait_hosts_up
 from .test_ordering import assert_serialized_in_order

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from orchestrator import keys
-from orchestrator.client import RedisClient
-from orchestrator.locks import vm_lock
-from orchestrator.operation import Op
-from orchestrator.records import Job, JobState, VmState
-from orchestrator.settings import Settings
+from orchestrator.control.locks import vm_lock
+from orchestrator.model.operation import Op
+from orchestrator.model.records import Job, JobState, VmState
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
+from orchestrator.store import keys
 
 from .conftest import WorkerProc, ops, start_worker, wait_hosts_up, wait_until
 from .test_qemu import qemu_pids

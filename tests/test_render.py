@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cli import render
-from orchestrator.errors import InvalidInput
-from orchestrator.records import Vm
+from orchestrator.model.errors import InvalidInput
+from orchestrator.model.records import Vm
 
 
 def vm(i: int) -> Vm:

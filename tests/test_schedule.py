@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import keys, schedules
-from orchestrator.client import RedisClient
-from orchestrator.errors import AlreadyExists, InvalidInput, NotFound
-from orchestrator.operation import Op
-from orchestrator.records import JobState
-from orchestrator.schedules import ScheduleSpec
-from orchestrator.settings import Settings
+from orchestrator.model.errors import AlreadyExists, InvalidInput, NotFound
+from orchestrator.model.operation import Op
+from orchestrator.model.records import JobState
+from orchestrator.model.settings import Settings
+from orchestrator.services import firing, schedules
+from orchestrator.services.client import RedisClient
+from orchestrator.services.schedules import ScheduleSpec
+from orchestrator.store import keys
 
 from .conftest import PYTHON, ROOT, WorkerProc, ops, run_cli, settings_env, wait_until
 
@@ -89,8 +90,8 @@ def test_a_slot_fires_once_even_when_two_firings_race(cluster: list[WorkerProc],
             client.add_schedule(ScheduleSpec(name="exp", namespace=ns, every="1s", command=["vm", "pause", "x"]))
         raw = client._schedules.raw(ns, "exp")
         wait_until(lambda: schedules.current_slot(raw, client.store.redis_time()) is not None, what="the first slot")
-        first = schedules.fire(client, ns, "exp", by="a")
-        second = schedules.fire(client, ns, "exp", by="b")  # the same slot: a duplicate
+        first = firing.fire(client, ns, "exp", by="a")
+        second = firing.fire(client, ns, "exp", by="b")  # the same slot: a duplicate
         assert first is not None and first.state == "fired" and first.run is not None and second is None
         run = client.experiment_run(first.run)
         assert run.source == "schedule:exp" and [s.job for s in run.steps] == first.jobs
@@ -100,7 +101,7 @@ def test_a_slot_fires_once_even_when_two_firings_race(cluster: list[WorkerProc],
 
         client.pause_schedule(ns, "exp", True)
         time.sleep(1.2)
-        assert schedules.fire(client, ns, "exp") is None  # paused
+        assert firing.fire(client, ns, "exp") is None  # paused
         assert client.schedule(ns, "exp").next_at is None
     finally:
         client.remove_schedule(ns, "exp")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from orchestrator.settings import Settings
+from orchestrator.model.settings import Settings
 
 from .conftest import PYTHON, ROOT
 

@@ -13,9 +13,9 @@ import subprocess
 import pytest
 
 from cli import doctor as doctor_cli
-from orchestrator import doctor
-from orchestrator.client import RedisClient
-from orchestrator.settings import Settings
+from orchestrator.edge import doctor
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
 
 from .conftest import PYTHON, ROOT, settings_env
 
@@ -36,7 +36,7 @@ try:
 except SystemExit:
     pass
 from pydantic import BaseModel
-from orchestrator import records
+from orchestrator.model import records
 built = [n for n, c in vars(records).items()
          if isinstance(c, type) and issubclass(c, BaseModel) and c.__pydantic_complete__]
 sys.stderr.write("\\n" + json.dumps({"modules": sorted(sys.modules), "built": sorted(built)}))
@@ -63,14 +63,14 @@ def heavy(modules: set[str]) -> list[str]:
 def test_help_imports_nothing_heavy(settings: Settings, args: tuple[str, ...]) -> None:
     modules = imported(settings, *args)
     assert heavy(modules) == []
-    assert "orchestrator.client" not in modules  # no Redis client for a help text
+    assert "orchestrator.services.client" not in modules  # no Redis client for a help text
     assert sorted(m for m in modules if m.split(".")[0] in NOT_FOR_HELP) == []
 
 
 def test_read_commands_import_nothing_heavy(client: RedisClient, settings: Settings) -> None:
     for args in (("job", "list"), ("vm", "list"), ("host", "list")):
         modules = imported(settings, *args)
-        assert "orchestrator.client" in modules, f"{args} did not run"  # the probe really ran the command
+        assert "orchestrator.services.client" in modules, f"{args} did not run"  # the probe really ran the command
         assert heavy(modules) == [], args
         assert sorted(m for m in modules if m.split(".")[0] in NOT_FOR_READING) == [], args
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.errors import InvalidInput
+from orchestrator.model.errors import InvalidInput
 
 NS = "https://vmorch.dev/xmlns/domain/1"
 PREFIX = "vmorch"

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlparse
 
 import libvirt
 
-from orchestrator.errors import (
+from orchestrator.model.errors import (
     AlreadyExists,
     HypervisorError,
     InvalidInput,
@@ -33,7 +33,7 @@ from orchestrator.errors import (
     VmGone,
     VmorchError,
 )
-from orchestrator.records import VmState, domain_name
+from orchestrator.model.records import VmState, domain_name
 
 from . import domxml
 from .eventloop import ensure_event_loop

@@ -14,10 +14,9 @@ from typing import Any
 
 from redis import Redis
 
-from orchestrator import keys, transfer
-from orchestrator.errors import ExecError, VmGone
-from orchestrator.locks import LockName, host_lock
-from orchestrator.operation import (
+from orchestrator.control.locks import LockName, host_lock
+from orchestrator.model.errors import ExecError, VmGone
+from orchestrator.model.operation import (
     LaunchParams,
     MoveInParams,
     MoveOutParams,
@@ -27,8 +26,9 @@ from orchestrator.operation import (
     StopParams,
     TagParams,
 )
-from orchestrator.records import Job, JobState, Vm, VmState
-from orchestrator.store import Store
+from orchestrator.model.records import Job, JobState, Vm, VmState
+from orchestrator.store import keys, transfer
+from orchestrator.store.jobstore import Store
 
 from .driver import DomainSpec, Driver
 

@@ -14,7 +14,7 @@ import time
 
 import libvirt
 
-from orchestrator.errors import VmorchError
+from orchestrator.model.errors import VmorchError
 
 from .driver import Driver
 

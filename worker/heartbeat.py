@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from redis.exceptions import RedisError
 
 from orchestrator import __version__
-from orchestrator.store import Store
+from orchestrator.store.jobstore import Store
 
 log = logging.getLogger(__name__)
 

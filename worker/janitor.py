@@ -12,11 +12,11 @@ import threading
 
 from redis.exceptions import RedisError
 
-from orchestrator import deps
-from orchestrator.errors import HostDown, LockError
-from orchestrator.locks import vm_lock
-from orchestrator.operation import Op
-from orchestrator.records import HostState, JobState
+from orchestrator.control import deps
+from orchestrator.control.locks import vm_lock
+from orchestrator.model.errors import HostDown, LockError
+from orchestrator.model.operation import Op
+from orchestrator.model.records import HostState, JobState
 
 from .runner import Worker
 

@@ -10,12 +10,13 @@ from pathlib import Path
 
 from celery import Celery
 
-from orchestrator import keys, logs, metrics
-from orchestrator.locks import LockManager
-from orchestrator.queue import enqueue, make_app
-from orchestrator.redisconn import connect
-from orchestrator.settings import Settings
-from orchestrator.store import Store
+from orchestrator.control.locks import LockManager
+from orchestrator.control.queue import enqueue, make_app
+from orchestrator.model import logs, metrics
+from orchestrator.model.settings import Settings
+from orchestrator.store import keys
+from orchestrator.store.jobstore import Store
+from orchestrator.store.redisconn import connect
 
 from .driver import Driver
 from .health import LibvirtProbe

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from orchestrator.errors import NotFound, VmorchError
-from orchestrator.locks import vm_lock
+from orchestrator.control.locks import vm_lock
+from orchestrator.model.errors import NotFound, VmorchError
 
 from .runner import Worker
 

@@ -26,14 +26,15 @@ from celery import Celery
 from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from orchestrator import deps, logs, metrics
-from orchestrator.errors import Canceled, LockError, NotFound, OperationTimeout, VmGone, VmorchError
-from orchestrator.locks import Holding, LockManager, vm_lock
-from orchestrator.operation import Op
-from orchestrator.queue import enqueue
-from orchestrator.records import Job, JobState, Vm, VmState
-from orchestrator.settings import Settings
-from orchestrator.store import Fence, Finished, Store
+from orchestrator.control import deps
+from orchestrator.control.locks import Holding, LockManager, vm_lock
+from orchestrator.control.queue import enqueue
+from orchestrator.model import logs, metrics
+from orchestrator.model.errors import Canceled, LockError, NotFound, OperationTimeout, VmGone, VmorchError
+from orchestrator.model.operation import Op
+from orchestrator.model.records import Job, JobState, Vm, VmState
+from orchestrator.model.settings import Settings
+from orchestrator.store.jobstore import Fence, Finished, Store
 
 from .driver import Driver
 from .handlers import HANDLERS, Context, Outcome, failure_adjust

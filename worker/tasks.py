@@ -8,9 +8,9 @@ from typing import Any
 from celery import Celery, Task
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from orchestrator import logs
-from orchestrator.errors import LockError
-from orchestrator.queue import RUN_TASK
+from orchestrator.control.queue import RUN_TASK
+from orchestrator.model import logs
+from orchestrator.model.errors import LockError
 
 from .runner import Worker, run_message
 

@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from orchestrator.errors import OperationTimeout
-from orchestrator.records import Job, JobState
-from orchestrator.store import Fence, Store
+from orchestrator.model.errors import OperationTimeout
+from orchestrator.model.records import Job, JobState
+from orchestrator.store.jobstore import Fence, Store
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ their start time (``/proc/<pid>/stat``), so a recycled PID is never mistaken for
 The names below are the public API; the modules of this package are its internals.
 """
 
-from .control import down, status, up
-from .plan import default_libvirt_uri
-from .state import ClusterHost, ClusterInfo
-from .supervisor import Supervisor
+from orchestrator.localcluster.control import down, status, up
+from orchestrator.localcluster.plan import default_libvirt_uri
+from orchestrator.localcluster.state import ClusterHost, ClusterInfo
+from orchestrator.localcluster.supervisor import Supervisor
 
 __all__ = ["ClusterHost", "ClusterInfo", "Supervisor", "default_libvirt_uri", "down", "status", "up"]

@@ -12,12 +12,12 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from ..errors import VmorchError
-from ..records import VmState
-from ..settings import Settings
-from .environment import resolved
-from .supervisor import Supervisor
-from .timeouts import DOMAINS_STOP_TIMEOUT
+from orchestrator.localcluster.environment import resolved
+from orchestrator.localcluster.supervisor import Supervisor
+from orchestrator.localcluster.timeouts import DOMAINS_STOP_TIMEOUT
+from orchestrator.model.errors import VmorchError
+from orchestrator.model.records import VmState
+from orchestrator.model.settings import Settings
 
 
 def _log_event(line: str) -> None:

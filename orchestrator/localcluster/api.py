@@ -15,9 +15,9 @@ from pathlib import Path
 
 import httpx
 
-from ..errors import NotFound
-from ..redisconn import connect
-from ..tokens import Role, TokenStore
+from orchestrator.model.errors import NotFound
+from orchestrator.store.redisconn import connect
+from orchestrator.store.tokens import Role, TokenStore
 
 #: the name of the token ``vmorch up`` makes
 LOCAL_ADMIN = "local-admin"

@@ -5,17 +5,17 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Sequence
 
-from ..errors import ClusterUnavailable, InvalidInput
-from ..settings import Settings
-from .environment import OnEvent, child_env, own_command, redis_server, resolved
-from .home import Paths, prepare_home, purge_home
-from .homelock import already_running, running_supervisor
-from .plan import plan_hosts
-from .processes import Recorded, keep_reaping, start_ticks
-from .readiness import wait_ready
-from .state import ClusterInfo, load_state
-from .stopping import stop_leftovers, stop_supervisor
-from .supervisor import Supervisor
+from orchestrator.localcluster.environment import OnEvent, child_env, own_command, redis_server, resolved
+from orchestrator.localcluster.home import Paths, prepare_home, purge_home
+from orchestrator.localcluster.homelock import already_running, running_supervisor
+from orchestrator.localcluster.plan import plan_hosts
+from orchestrator.localcluster.processes import Recorded, keep_reaping, start_ticks
+from orchestrator.localcluster.readiness import wait_ready
+from orchestrator.localcluster.state import ClusterInfo, load_state
+from orchestrator.localcluster.stopping import stop_leftovers, stop_supervisor
+from orchestrator.localcluster.supervisor import Supervisor
+from orchestrator.model.errors import ClusterUnavailable, InvalidInput
+from orchestrator.model.settings import Settings
 
 
 def up(settings: Settings, *, hosts: int = 2, libvirt_uri: str | None = None, api_port: int | None = None,

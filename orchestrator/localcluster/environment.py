@@ -8,8 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import ClusterUnavailable
-from ..settings import Settings
+from orchestrator.model.errors import ClusterUnavailable
+from orchestrator.model.settings import Settings
 
 #: where each step reports what it does, one line at a time
 OnEvent = Callable[[str], None]

@@ -6,8 +6,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InvalidInput
-from .environment import OnEvent
+from orchestrator.localcluster.environment import OnEvent
+from orchestrator.model.errors import InvalidInput
 
 CLUSTER_FILE = "cluster.json"
 LOCK_FILE = "supervisor.lock"

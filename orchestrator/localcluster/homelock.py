@@ -6,10 +6,10 @@ import fcntl
 import os
 import time
 
-from ..errors import AlreadyExists, ClusterUnavailable
-from .home import Paths
-from .processes import Recorded, start_ticks
-from .state import load_state
+from orchestrator.localcluster.home import Paths
+from orchestrator.localcluster.processes import Recorded, start_ticks
+from orchestrator.localcluster.state import load_state
+from orchestrator.model.errors import AlreadyExists, ClusterUnavailable
 
 
 class HomeLock:

@@ -6,8 +6,8 @@ import pwd
 import shutil
 from pathlib import Path
 
-from ..errors import InvalidInput
-from .environment import OnEvent
+from orchestrator.localcluster.environment import OnEvent
+from orchestrator.model.errors import InvalidInput
 
 TEST_URI = "test:///default"
 MAX_EMBED_ROOT = 50  # characters; see default_libvirt_uri

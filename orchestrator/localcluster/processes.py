@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from .environment import OnEvent
-from .timeouts import BACKOFF_MIN
+from orchestrator.localcluster.environment import OnEvent
+from orchestrator.localcluster.timeouts import BACKOFF_MIN
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:

@@ -8,16 +8,16 @@ from collections.abc import Mapping, Sequence
 
 from redis.exceptions import RedisError
 
-from ..errors import ClusterUnavailable
-from ..records import HostState
-from ..redisconn import connect
-from ..settings import Settings
-from ..store import Store
-from .api import api_answers
-from .home import Paths
-from .processes import describe_exit, tail
-from .state import ClusterInfo, load_state
-from .timeouts import POLL, READY_TIMEOUT
+from orchestrator.localcluster.api import api_answers
+from orchestrator.localcluster.home import Paths
+from orchestrator.localcluster.processes import describe_exit, tail
+from orchestrator.localcluster.state import ClusterInfo, load_state
+from orchestrator.localcluster.timeouts import POLL, READY_TIMEOUT
+from orchestrator.model.errors import ClusterUnavailable
+from orchestrator.model.records import HostState
+from orchestrator.model.settings import Settings
+from orchestrator.store.jobstore import Store
+from orchestrator.store.redisconn import connect
 
 
 def hosts_up(redis_url: str, expected: Mapping[str, int], down_after: float) -> set[str]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .home import CLUSTER_FILE, Paths
-from .processes import Recorded
+from orchestrator.localcluster.home import CLUSTER_FILE, Paths
+from orchestrator.localcluster.processes import Recorded
 
 
 class ClusterHost(BaseModel):

@@ -8,14 +8,14 @@ from collections.abc import Sequence
 
 from redis.exceptions import RedisError
 
-from ..redisconn import connect
-from ..settings import Settings
-from .environment import OnEvent, child_env, own_command
-from .home import Paths
-from .plan import is_embedded
-from .processes import Process, Recorded, terminate, wait_dead
-from .state import load_state
-from .timeouts import DOMAINS_STOP_TIMEOUT, DOWN_TIMEOUT, WORKER_STOP_TIMEOUT
+from orchestrator.localcluster.environment import OnEvent, child_env, own_command
+from orchestrator.localcluster.home import Paths
+from orchestrator.localcluster.plan import is_embedded
+from orchestrator.localcluster.processes import Process, Recorded, terminate, wait_dead
+from orchestrator.localcluster.state import load_state
+from orchestrator.localcluster.timeouts import DOMAINS_STOP_TIMEOUT, DOWN_TIMEOUT, WORKER_STOP_TIMEOUT
+from orchestrator.model.settings import Settings
+from orchestrator.store.redisconn import connect
 
 
 def stop_all(settings: Settings, workers: Sequence[Process], hosts: Sequence[tuple[str, str]],

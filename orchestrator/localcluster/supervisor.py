@@ -17,18 +17,18 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from ..errors import ClusterUnavailable
-from ..redisconn import connect, redact
-from ..settings import Settings
-from .api import LOCAL_ADMIN, api_argv, ensure_admin_token
-from .environment import OnEvent, child_env, redis_server, resolved
-from .home import Paths, prepare_home
-from .homelock import HomeLock
-from .processes import Child, describe_exit, start_ticks, tail, wait_dead
-from .readiness import hosts_up
-from .state import ClusterHost, ClusterInfo, State, write_state
-from .stopping import stop_all
-from .timeouts import BACKOFF_MAX, BACKOFF_MIN, POLL, REDIS_START_TIMEOUT, STABLE_AFTER
+from orchestrator.localcluster.api import LOCAL_ADMIN, api_argv, ensure_admin_token
+from orchestrator.localcluster.environment import OnEvent, child_env, redis_server, resolved
+from orchestrator.localcluster.home import Paths, prepare_home
+from orchestrator.localcluster.homelock import HomeLock
+from orchestrator.localcluster.processes import Child, describe_exit, start_ticks, tail, wait_dead
+from orchestrator.localcluster.readiness import hosts_up
+from orchestrator.localcluster.state import ClusterHost, ClusterInfo, State, write_state
+from orchestrator.localcluster.stopping import stop_all
+from orchestrator.localcluster.timeouts import BACKOFF_MAX, BACKOFF_MIN, POLL, REDIS_START_TIMEOUT, STABLE_AFTER
+from orchestrator.model.errors import ClusterUnavailable
+from orchestrator.model.settings import Settings
+from orchestrator.store.redisconn import connect, redact
 
 SCHEDULER_STOP_TIMEOUT = 15.0
 

@@ -1,0 +1,58 @@
+"""``/api/v1/namespaces``: list, create and delete namespaces."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+
+from orchestrator.edge.api.auth import AdminNs, Client, CurrentToken, ReadNs, authorize
+from orchestrator.edge.api.errors import responses
+from orchestrator.edge.api.jobs import accepted
+from orchestrator.edge.api.schemas import NamespaceCreate, NamespaceDeleted
+from orchestrator.model.errors import NotFound
+from orchestrator.model.records import Job, Namespace
+from orchestrator.store.tokens import Role
+
+router = APIRouter(prefix="/api/v1/namespaces", tags=["namespaces"])
+
+
+@router.get("", response_model=list[Namespace], responses=responses(503),
+            summary="The namespaces the token covers")
+def list_namespaces(client: Client, token: CurrentToken) -> list[Namespace]:
+    return [ns for ns in client.namespaces() if token.covers(ns.name)]
+
+
+@router.post("", status_code=201, response_model=Namespace, responses=responses(403, 409, 503),
+             summary="Create a namespace, optionally limited to some hosts")
+def create_namespace(body: NamespaceCreate, client: Client, token: CurrentToken, response: Response) -> Namespace:
+    """Needs role ``admin`` on that namespace."""
+    authorize(token, Role.ADMIN, body.name)
+    created = client.create_namespace(body.name, body.hosts)
+    client.store.add_event(body.name, kind="namespace", state="created", by=client.actor,
+                           detail=f"hosts {','.join(body.hosts)}" if body.hosts else "all hosts")
+    response.headers["Location"] = f"/api/v1/namespaces/{body.name}"
+    return created
+
+
+@router.get("/{ns}", response_model=Namespace, responses=responses(403, 404, 503), summary="One namespace")
+def get_namespace(ns: ReadNs, client: Client) -> Namespace:
+    found = client.store.namespace(ns)
+    if found is None:
+        raise NotFound(f"no namespace {ns!r}", hint="see 'vmorch ns list'")
+    return found
+
+
+@router.post("/{ns}/deletion", status_code=202, response_model=list[Job], responses=responses(403, 404, 503),
+             summary="Start deleting a namespace: its VMs go through delete jobs")
+def start_delete(ns: AdminNs, client: Client, response: Response,
+                 force: Annotated[bool, Query(description="also delete its VMs")] = False) -> list[Job]:
+    """No launch gets in from now on. Wait for the jobs, then ``DELETE`` the namespace. Role ``admin``."""
+    return accepted(response, client.delete_namespace(ns, force=force))
+
+
+@router.delete("/{ns}", response_model=NamespaceDeleted, responses=responses(403, 409, 503),
+               summary="Remove an empty namespace with its jobs and history")
+def finish_delete(ns: AdminNs, client: Client) -> NamespaceDeleted:
+    """409 while it still has VMs (start with ``POST .../deletion?force=true``). Role ``admin``."""
+    return NamespaceDeleted(namespace=ns, removed_keys=client.finish_namespace_delete(ns))

@@ -1,0 +1,227 @@
+"""The operation: what a user asked for, one frozen value passed from CLI to worker.
+
+An ``Operation`` is the request (Ganeti's opcode, dramatiq's ``Message``); the ``Job``
+beside it (``orchestrator.job``) is its execution record.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from orchestrator.model.errors import InvalidInput
+from orchestrator.model.names import Name, Namespace, check_name, check_tag
+
+MIB_MIN, MIB_MAX = 16, 4 * 1024 * 1024
+VCPUS_MAX = 256
+
+
+class Op(StrEnum):
+    LAUNCH = "launch"
+    START = "start"
+    STOP = "stop"
+    KILL = "kill"
+    PAUSE = "pause"
+    RESUME = "resume"
+    REBOOT = "reboot"
+    DELETE = "delete"
+    SET = "set"
+    SNAPSHOT = "snapshot"
+    REVERT = "revert"
+    TAG = "tag"
+    #: ``vm move`` is two jobs in the VM's order: out on the source host, in on the target
+    MOVE_OUT = "move-out"
+    MOVE_IN = "move-in"
+
+
+class Params(BaseModel):
+    # Built on first use (see records._Record): a command uses the params of one operation at most.
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+
+
+class NoParams(Params):
+    pass
+
+
+class LaunchParams(Params):
+    memory_mib: int = Field(default=128, ge=MIB_MIN, le=MIB_MAX)
+    vcpus: int = Field(default=1, ge=1, le=VCPUS_MAX)
+    #: size of the qcow2 disk vmorch creates; 0 = no disk
+    disk_gib: int = Field(default=1, ge=0, le=16 * 1024)
+    #: an existing disk image used as the backing file of the VM's disk
+    image: str | None = Field(default=None, max_length=4096)
+    #: pin to this host; None lets placement choose
+    host: Name | None = None
+    #: placement only considers hosts with all these labels
+    host_labels: dict[str, str] = Field(default_factory=dict)
+    #: place on the host of this VM
+    colocate: Name | None = None
+    #: a range goes round the hosts instead of filling the emptiest first
+    spread: bool = False
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_placement(self) -> LaunchParams:
+        if self.host is not None and self.colocate is not None:
+            raise ValueError("give --host or --colocate, not both")
+        return self
+
+    @field_validator("tags", "host_labels")
+    @classmethod
+    def _tags(cls, tags: dict[str, str]) -> dict[str, str]:
+        for key, value in tags.items():
+            _check_tag(key, value)
+        return tags
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, image: str | None) -> str | None:
+        if image is not None and not image.startswith("/"):
+            raise ValueError("the image must be an absolute path on the VM's host")
+        return image
+
+
+class StopParams(Params):
+    force: bool = False
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+
+
+class SetParams(Params):
+    memory_mib: int | None = Field(default=None, ge=MIB_MIN, le=MIB_MAX)
+    vcpus: int | None = Field(default=None, ge=1, le=VCPUS_MAX)
+
+    @model_validator(mode="after")
+    def _something(self) -> SetParams:
+        if self.memory_mib is None and self.vcpus is None:
+            raise ValueError("give --memory and/or --vcpus")
+        return self
+
+
+class SnapshotParams(Params):
+    name: Name
+
+
+class TagParams(Params):
+    set: dict[str, str] = Field(default_factory=dict)
+    remove: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _something(self) -> TagParams:
+        if not self.set and not self.remove:
+            raise ValueError("give tags to set (key=value) and/or to remove (--remove key)")
+        for key, value in self.set.items():
+            _check_tag(key, value)
+        for key in self.remove:
+            _check_tag(key, "")
+        return self
+
+
+class MoveOutParams(Params):
+    to: Name
+    live: bool = False
+
+
+class MoveInParams(Params):
+    source: Name
+
+
+def _check_tag(key: str, value: str) -> None:
+    try:
+        check_tag(key, value)
+    except InvalidInput as exc:
+        raise ValueError(f"{exc.message} ({exc.hint})") from None
+
+
+PARAMS: dict[Op, type[Params]] = {
+    Op.LAUNCH: LaunchParams,
+    Op.START: NoParams,
+    Op.STOP: StopParams,
+    Op.KILL: NoParams,
+    Op.PAUSE: NoParams,
+    Op.RESUME: NoParams,
+    Op.REBOOT: NoParams,
+    Op.DELETE: NoParams,
+    Op.SET: SetParams,
+    Op.SNAPSHOT: SnapshotParams,
+    Op.REVERT: SnapshotParams,
+    Op.TAG: TagParams,
+    Op.MOVE_OUT: MoveOutParams,
+    Op.MOVE_IN: MoveInParams,
+}
+
+
+class Operation(BaseModel):
+    """One operation on one VM. Frozen; encodes and decodes itself as JSON."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+    encoding: ClassVar[str] = "json"
+
+    op: Op
+    namespace: Namespace
+    vm: Name
+    params: SerializeAsAny[Params] = Field(default_factory=NoParams)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_params(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "op" in data:
+            try:
+                model = PARAMS[Op(data["op"])]
+            except ValueError:
+                return data  # the field validator reports the unknown op
+            raw = data.get("params")
+            if raw is None or isinstance(raw, dict):
+                data = {**data, "params": model.model_validate(raw or {})}
+            elif not isinstance(raw, model):
+                raise ValueError(f"params of {data['op']} must be {model.__name__}")
+        return data
+
+    @classmethod
+    def build(cls, op: Op | str, namespace: str, vm: str, **params: Any) -> Operation:
+        """Build and validate; any problem becomes one ``InvalidInput`` naming the field."""
+        try:
+            return cls.model_validate({"op": op, "namespace": namespace, "vm": vm, "params": params})
+        except ValidationError as exc:
+            raise invalid_input(exc) from None
+
+    def encode(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def decode(cls, data: str | bytes) -> Operation:
+        return cls.model_validate_json(data)
+
+
+def invalid_input(exc: ValidationError) -> InvalidInput:
+    """A pydantic error as one line a user can act on."""
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if p not in ("params",)) or "input"
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return InvalidInput(f"{loc}: {msg}{more}", hint="see 'vmorch vm --help' for valid values")
+
+
+__all__ = ["PARAMS", "Op", "Operation", "Params", "check_name"]
+
+
+class SubmitOptions(BaseModel):
+    """How a batch of operations is accepted (plain JSON, as the HTTP API takes it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+    #: run only once these jobs succeeded; fail at once ("dependency <id> failed") if one does not
+    after: list[int] = Field(default_factory=list)
+    #: run once these jobs are final, whatever their state (a teardown)
+    after_final: list[int] = Field(default_factory=list)
+    #: one parent job over the batch; None: when it has more than one operation
+    parent: bool | None = None
+    #: what the parent covers, for people (the command's target); default: made from the VM names
+    label: str = Field(default="", max_length=200)
+    #: the job these re-run (``job retry``)
+    retry_of: int | None = None
+    #: once their dependencies are met (or at once), wait this many seconds for their turn
+    delay_s: float = Field(default=0.0, ge=0, le=7 * 86400)
+    #: a job of ``after`` that already failed: "refuse" the batch, or "fail" its jobs at once (a graph
+    #: submitted piece by piece, whose first piece may fail before the last is accepted)
+    if_dependency_failed: Literal["refuse", "fail"] = "refuse"

@@ -1,0 +1,83 @@
+"""Running an experiment file as a job graph, and reading its runs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from orchestrator.control import targets
+from orchestrator.control.reading import Reading
+from orchestrator.control.submit import Submitting
+from orchestrator.model.errors import VmorchError
+from orchestrator.model.operation import Op, Operation, SubmitOptions
+from orchestrator.store.runs import ExperimentRun, RunStep, derive_state
+
+if TYPE_CHECKING:
+    from orchestrator.model import experiment
+
+
+class Experiments(Submitting, Reading):
+    # -- experiments ------------------------------------------------------------------------
+
+    def run_experiment(self, text: str, *, namespace: str, source: str = "") -> ExperimentRun:
+        """Run an experiment file (its YAML text) as a job graph and record the run.
+
+        Each step is accepted whole or not at all; if a later step is refused (a target that
+        matches no VM, say), the steps already accepted are canceled before the error is raised.
+        """
+        from orchestrator.model import experiment  # imported here: YAML is for experiments only (CLI start-up time)
+
+        exp = experiment.load(text)
+        ns = exp.namespace or namespace
+        steps: list[RunStep] = []
+        try:
+            if exp.vms:
+                launches = [Operation.build(Op.LAUNCH, ns, n, **spec.launch_params())
+                            for spec in exp.vms for n in spec.names()]
+                steps.append(RunStep(name="launch", kind="launch",
+                                     job=self._submit_step(launches, f"{exp.name}: launch")))
+            ids = {s.name: s.job for s in steps}
+            previous = [s.name for s in steps]
+            for i, step in enumerate(exp.steps):
+                name = experiment.step_name(step, i)
+                after = step.after if step.after is not None else previous
+                job = self._submit_step(self._step_ops(ns, step), f"{exp.name}: {name}",
+                                        SubmitOptions(after=[ids[a] for a in after], delay_s=step.wait_s,
+                                                      if_dependency_failed="fail"))
+                steps.append(RunStep(name=name, kind="step", job=job, after=after))
+                ids[name], previous = job, [name]
+            before_teardown = list(ids.values())
+            for i, step in enumerate(exp.teardown_steps()):
+                name = experiment.step_name(step, i, "teardown")
+                # final, not succeeded: a teardown runs whatever became of the steps before it
+                job = self._submit_step(self._step_ops(ns, step), f"{exp.name}: {name}",
+                                        SubmitOptions(after_final=before_teardown, delay_s=step.wait_s))
+                steps.append(RunStep(name=name, kind="teardown", job=job, after=list(ids)))
+                ids[name] = job
+                before_teardown = [*before_teardown, job]
+        except VmorchError:
+            for s in steps:
+                self.cancel(s.job)
+            raise
+        run_id = self.runs.save(name=exp.name, namespace=ns, source=source, text=text, by=self.actor, steps=steps)
+        return self.experiment_run(run_id)
+
+    def _step_ops(self, ns: str, step: experiment.Step) -> list[Operation]:
+        names = targets.resolve(self, ns, step.target, step.tag)
+        return [Operation.build(step.op, ns, n, **step.params) for n in names]
+
+    def _submit_step(self, ops: list[Operation], label: str, options: SubmitOptions | None = None) -> int:
+        opts = (options or SubmitOptions()).model_copy(update={"parent": True, "label": label})
+        parent = self.submit(ops, opts)[0].parent
+        assert parent is not None
+        return parent
+
+    def experiment_run(self, run_id: int) -> ExperimentRun:
+        run = self.runs.get(run_id)
+        jobs = self.store.get_jobs(s.job for s in run.steps)
+        by_id = {j.id: j for j in jobs}
+        return run.model_copy(update={"jobs": {s.name: by_id[s.job] for s in run.steps if s.job in by_id},
+                                      "state": derive_state(jobs)})
+
+    def experiment_runs(self, namespace: str, *, limit: int = 20) -> list[ExperimentRun]:
+        return [self.experiment_run(i) for i in self.runs.ids(namespace, limit)]
+

@@ -1,0 +1,316 @@
+"""Schedules: an experiment or a ``vm`` command run by cron, every N, or once at a time.
+
+A schedule is ours in Redis (``P:schedule:<ns>:<name>``: what, when, history) plus its
+celery-redbeat entry (``P:redbeat:<ns>/<name>``), which celery beat (``vmorch scheduler``)
+reads to know when to fire. RedBeat's lock makes one scheduler active cluster-wide; a standby
+takes over within ``scheduler_lock_timeout`` of the active one dying.
+
+A firing is a Celery task on ``vmorch.schedules``, run by a scheduler process: under the lock
+``schedule:<ns>:<name>`` it claims the *slot* (the scheduled time it stands for; a slot already
+claimed is a duplicate from an overlapping scheduler and does nothing), then, with no lock held
+(submitting takes the higher ``cmd`` locks), creates the jobs as the CLI would, then records them.
+A scheduler dying between claim and jobs loses that slot (at most once, never twice).
+
+Missed slots (no scheduler running at the time): RedBeat fires a late entry once, not once per
+missed slot. ``missed="once"`` (default) runs that late firing; ``missed="skip"`` drops a firing
+more than ``GRACE`` seconds after its slot and waits for the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+from croniter import croniter
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from orchestrator.control.locks import LockName, other_lock
+from orchestrator.model import experiment
+from orchestrator.model.errors import AlreadyExists, InvalidInput, NotFound
+from orchestrator.model.names import Name, Namespace
+from orchestrator.model.records import _Record, ts
+from orchestrator.store import keys
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from orchestrator.control.connection import Connection
+    from orchestrator.model.settings import Settings
+
+FIRE_TASK = "vmorch.fire_schedule"
+#: seconds after its slot past which a ``missed="skip"`` firing is dropped
+GRACE = 60.0
+HISTORY = 100
+#: the ``vm`` commands a schedule may run (they make jobs; list/show only read)
+VM_COMMANDS = frozenset({"launch", "start", "stop", "kill", "pause", "resume", "reboot", "delete", "set",
+                         "snapshot", "revert", "tag", "move"})
+
+
+def every_seconds(value: str) -> int:
+    try:
+        return experiment.duration_seconds(value)
+    except InvalidInput:
+        raise InvalidInput(f"bad interval {value!r}",
+                           hint="write --every as a number and a unit: 30s, 10m, 1h, 1d") from None
+
+
+class ScheduleSpec(BaseModel):
+    """What ``schedule add`` asks for (plain JSON, as the HTTP API takes it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: Name
+    namespace: Namespace
+    #: exactly one of cron (5 fields, UTC), every ("10m") and at (one firing)
+    cron: str | None = None
+    every: str | None = None
+    at: datetime | None = None
+    #: exactly one of: an experiment file's text, or a vm command (["vm", "snapshot", "web[1-3]", "s1"])
+    experiment: str | None = None
+    #: where the experiment came from, for people
+    source: str = ""
+    command: list[str] | None = None
+    missed: Literal["once", "skip"] = "once"
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> ScheduleSpec:
+        if sum(x is not None for x in (self.cron, self.every, self.at)) != 1:
+            raise ValueError("give exactly one of --cron, --every and --at")
+        if (self.experiment is None) == (self.command is None):
+            raise ValueError("give either --experiment FILE or a vm command after --")
+        return self
+
+
+def check(spec: ScheduleSpec, now: datetime) -> None:
+    """Refuse a schedule that could never fire as meant (before anything is written)."""
+    if spec.cron is not None and (len(spec.cron.split()) != 5 or not croniter.is_valid(spec.cron)):
+        raise InvalidInput(f"bad cron expression {spec.cron!r}",
+                           hint='five fields, minute hour day-of-month month day-of-week, in UTC: "0 2 * * *"')
+    if spec.every is not None:
+        every_seconds(spec.every)
+    if spec.at is not None and _aware(spec.at) <= now:
+        raise InvalidInput(f"{spec.at.isoformat()} is in the past", hint="give a future time (UTC unless stated)")
+    if spec.experiment is not None:
+        experiment.load(spec.experiment)
+    if spec.command is not None and (len(spec.command) < 2 or spec.command[0] != "vm"
+                                     or spec.command[1] not in VM_COMMANDS):
+        raise InvalidInput(f"can't schedule {' '.join(spec.command) or 'nothing'!r}",
+                           hint=f"schedule a vm command ({', '.join(sorted(VM_COMMANDS))}) or --experiment FILE")
+    if spec.command is not None and any(a in ("--wait", "-w", "--json") for a in spec.command):
+        raise InvalidInput("a scheduled command doesn't take --wait or --json", hint="drop them")
+
+
+class Firing(BaseModel):
+    slot: datetime
+    fired_at: datetime
+    state: Literal["fired", "skipped", "failed"]
+    by: str = ""
+    #: the experiment run it started
+    run: int | None = None
+    #: the jobs it created (for a run: its steps' parent jobs)
+    jobs: list[int] = Field(default_factory=list)
+    error: str | None = None
+
+
+class Schedule(_Record):
+    name: str
+    namespace: str
+    #: "cron 0 2 * * *", "every 10m" or "at 2026-12-01T09:00:00Z"
+    when: str
+    #: "experiment <source>" or the vm command
+    what: str
+    paused: bool
+    missed: str
+    created_at: datetime | None
+    by: str
+    #: the next firing, as RedBeat will do it; None when paused or done
+    next_at: datetime | None
+    #: the last slot claimed (fired or skipped)
+    last_slot: datetime | None
+    history: list[Firing] = Field(default_factory=list)
+
+
+def lock(namespace: str, name: str) -> LockName:
+    return other_lock(f"schedule:{namespace}:{name}")
+
+
+def redbeat_app(settings: Settings) -> Celery:
+    """The Celery app with RedBeat's settings, for the scheduler and for editing entries."""
+    from orchestrator.control.queue import make_app
+
+    app = make_app(settings)
+    app.conf.update(
+        redbeat_redis_url=settings.resolved_redis_url(),
+        redbeat_redis_options={},
+        redbeat_key_prefix=keys.REDBEAT_PREFIX,
+        redbeat_lock_timeout=settings.scheduler_lock_timeout,
+        beat_max_interval=settings.scheduler_tick,
+    )
+    return app
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def beat_schedule(h: dict[str, str]) -> Any:
+    """The celery schedule of a stored schedule. Interval and one-off schedules are rrules anchored
+    at their creation (or time), so their slots don't drift with the scheduler's latency."""
+    from celery.schedules import crontab
+    from redbeat.schedules import rrule
+
+    kind, spec = h["kind"], h["spec"]
+    if kind == "cron":
+        minute, hour, dom, month, dow = spec.split()
+        return crontab(minute=minute, hour=hour, day_of_month=dom, month_of_year=month, day_of_week=dow)
+    if kind == "every":
+        n = every_seconds(spec)
+        return rrule("SECONDLY", dtstart=_anchor(h) + timedelta(seconds=n), interval=n)
+    return rrule("SECONDLY", dtstart=datetime.fromtimestamp(float(spec), UTC), count=1)
+
+
+def _anchor(h: dict[str, str]) -> datetime:
+    return datetime.fromtimestamp(math.floor(float(h["created_at"])), UTC)
+
+
+def current_slot(h: dict[str, str], now: float) -> float | None:
+    """The scheduled time a firing at ``now`` stands for (a little early counts: beat's clock)."""
+    kind, spec = h["kind"], h["spec"]
+    if kind == "cron":
+        it = croniter(spec, datetime.fromtimestamp(now + 1, UTC))
+        return float(it.get_prev(float))
+    if kind == "every":
+        n = every_seconds(spec)
+        anchor = _anchor(h).timestamp()
+        k = math.floor((now + 0.5 - anchor) / n)
+        return anchor + k * n if k >= 1 else None
+    at = float(spec)
+    return at if now + 1 >= at else None
+
+
+def next_slot(h: dict[str, str], now: float) -> float | None:
+    if h.get("paused") == "1":
+        return None
+    kind, spec = h["kind"], h["spec"]
+    if kind == "cron":
+        return float(croniter(spec, datetime.fromtimestamp(now, UTC)).get_next(float))
+    if kind == "every":
+        n = every_seconds(spec)
+        anchor = _anchor(h).timestamp()
+        return anchor + max(1, math.floor((now - anchor) / n) + 1) * n
+    at = float(spec)
+    return at if at > float(h.get("last_slot") or 0) else None
+
+
+class ScheduleStore:
+    """Our records and the RedBeat entries. # LOCK: writers hold ``lock(namespace, name)``."""
+
+    def __init__(self, client: Connection) -> None:
+        self.client = client
+        self.redis = client.redis
+        self._app: Celery | None = None
+
+    @property
+    def app(self) -> Celery:
+        if self._app is None:
+            self._app = redbeat_app(self.client.settings)
+            # RedBeat's client is our client: no second connection pool to leak
+            self._app.redbeat_redis = self.redis
+        return self._app
+
+    def raw(self, namespace: str, name: str) -> dict[str, str]:
+        h = cast(dict[str, str], self.redis.hgetall(keys.schedule(namespace, name)))
+        if not h:
+            raise NotFound(f"no schedule {name!r} in namespace {namespace!r}", hint="see 'vmorch schedule list'")
+        return h
+
+    def add(self, spec: ScheduleSpec, by: str) -> None:
+        now = self.client.store.redis_time()
+        check(spec, datetime.fromtimestamp(now, UTC))
+        key = keys.schedule(spec.namespace, spec.name)
+        if self.redis.exists(key):
+            raise AlreadyExists(f"schedule {spec.name!r} already exists in namespace {spec.namespace!r}",
+                                hint="remove it first ('vmorch schedule remove NAME'), or pick another name")
+        kind, when = (("cron", spec.cron) if spec.cron is not None else ("every", spec.every)
+                      if spec.every is not None else ("at", f"{_aware(spec.at).timestamp():.6f}" if spec.at else ""))
+        assert when is not None
+        target = {"experiment": spec.experiment, "source": spec.source} if spec.experiment is not None \
+            else {"command": spec.command}
+        h = {"name": spec.name, "namespace": spec.namespace, "kind": kind, "spec": when, "target": json.dumps(target),
+             "paused": "", "missed": spec.missed, "created_at": f"{now:.6f}", "by": by, "last_slot": ""}
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping=cast(Any, h))
+        pipe.sadd(keys.schedules(spec.namespace), spec.name)
+        pipe.execute()
+        self._save_entry(h, enabled=True, last_run_at=datetime.fromtimestamp(now, UTC))
+
+    def _entry(self, h: dict[str, str], enabled: bool) -> Any:
+        from redbeat import RedBeatSchedulerEntry
+
+        return RedBeatSchedulerEntry(name=f"{h['namespace']}/{h['name']}", task=FIRE_TASK, schedule=beat_schedule(h),
+                                     args=[h["namespace"], h["name"]], options={"queue": keys.SCHEDULE_QUEUE},
+                                     enabled=enabled, app=self.app)
+
+    def _save_entry(self, h: dict[str, str], *, enabled: bool, last_run_at: datetime | None = None) -> None:
+        entry = self._entry(h, enabled)
+        if last_run_at is not None:
+            # Otherwise RedBeat counts a new entry as never run, hence due at once.
+            entry.last_run_at = last_run_at
+        entry.save()
+
+    def set_paused(self, namespace: str, name: str, paused: bool) -> None:
+        h = self.raw(namespace, name)
+        self.redis.hset(keys.schedule(namespace, name), "paused", "1" if paused else "")
+        self._save_entry(h, enabled=not paused)
+
+    def remove(self, namespace: str, name: str) -> None:
+        h = self.raw(namespace, name)
+        self._entry(h, True).delete()
+        self.redis.delete(keys.schedule(namespace, name), keys.schedule_history(namespace, name))
+        self.redis.srem(keys.schedules(namespace), name)
+
+    def names(self, namespace: str) -> list[str]:
+        return sorted(cast(set[str], self.redis.smembers(keys.schedules(namespace))))
+
+    def get(self, namespace: str, name: str, *, history: int = 10) -> Schedule:
+        h = self.raw(namespace, name)
+        now = self.client.store.redis_time()
+        target = json.loads(h["target"])
+        what = f"experiment {target.get('source') or '(inline)'}" if "experiment" in target \
+            else "vmorch " + " ".join(target["command"])
+        when = f"at {datetime.fromtimestamp(float(h['spec']), UTC).isoformat()}" if h["kind"] == "at" \
+            else f"{h['kind']} {h['spec']}"
+        nxt = next_slot(h, now)
+        raw = cast(list[str], self.redis.lrange(keys.schedule_history(namespace, name), 0, history - 1))
+        return Schedule(name=h["name"], namespace=h["namespace"], when=when, what=what, paused=h["paused"] == "1",
+                        missed=h["missed"], created_at=ts(h["created_at"]), by=h.get("by", ""),
+                        next_at=ts(f"{nxt:.6f}") if nxt is not None else None,
+                        last_slot=ts(h.get("last_slot")), history=[Firing(**json.loads(f)) for f in raw])
+
+    # -- firing (the scheduler process) -------------------------------------------------
+
+    def claim(self, namespace: str, name: str, now: float) -> tuple[dict[str, str], float, bool] | None:
+        """Claim the slot of a firing at ``now``: (schedule, slot, skip) or None if there is none to run.
+
+        # LOCK: the caller holds lock(namespace, name).
+        """
+        try:
+            h = self.raw(namespace, name)
+        except NotFound:
+            return None  # removed after beat sent the firing
+        slot = current_slot(h, now)
+        if h["paused"] == "1" or slot is None or slot <= float(h.get("last_slot") or 0):
+            return None  # paused, not due, or a duplicate: another scheduler fired this slot
+        self.redis.hset(keys.schedule(namespace, name), "last_slot", f"{slot:.6f}")
+        return h, slot, h["missed"] == "skip" and now - slot > GRACE
+
+    def record(self, namespace: str, name: str, firing: Firing) -> None:
+        """# LOCK: the caller holds lock(namespace, name)."""
+        key = keys.schedule_history(namespace, name)
+        if not self.redis.exists(keys.schedule(namespace, name)):
+            return  # removed meanwhile: its history went with it
+        pipe = self.redis.pipeline()
+        pipe.lpush(key, firing.model_dump_json())
+        pipe.ltrim(key, 0, HISTORY - 1)
+        pipe.execute()
