@@ -1,5 +1,5 @@
-# Entry points; scripts/install.sh prepares a fresh Debian 12 machine (run as root) and is
-# cheap to re-run, so every target that needs the .venv depends on it.
+# Thin aliases for the bash entry points (make is optional: a bare Debian 12 has none).
+# scripts/demo.sh and scripts/test.sh run scripts/install.sh first, which is cheap to re-run.
 VENV := .venv
 
 .PHONY: install demo test lint
@@ -7,11 +7,11 @@ VENV := .venv
 install:
 	bash scripts/install.sh
 
-demo: install
+demo:
 	bash scripts/demo.sh
 
-test: install
-	$(VENV)/bin/pytest
+test:
+	bash scripts/test.sh
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 
+from . import harness
 from .harness import environment
 from .suite import FULL, QUICK, Row, Sizes, markdown, show
 
@@ -23,6 +24,7 @@ BENCHMARKS = {
     "B5": "bench.b5_scale",
     "B6": "bench.b6_qemu",
     "CLI": "bench.cli_startup",
+    "D1": "bench.d1_durability",
 }
 
 
@@ -50,15 +52,20 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
     parser.add_argument("--quick", action="store_true", help="small sizes (about a minute or two)")
     parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    parser.add_argument("--appendfsync", choices=("always", "everysec", "no"), default=harness.APPENDFSYNC,
+                        help="when the benchmarks' Redis fsyncs its AOF (default: %(default)s; 'vmorch up' "
+                             "runs always; D1 compares the two whatever this says)")
     args = parser.parse_args(argv)
     ids = [i.upper() for i in args.ids] or list(BENCHMARKS)
     unknown = [i for i in ids if i not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark {unknown[0]} (known: {', '.join(BENCHMARKS)})")
     sizes = QUICK if args.quick else FULL
+    harness.APPENDFSYNC = args.appendfsync
     started = time.monotonic()
     rows = run(ids, sizes)
-    show(rows, f"vmorch benchmarks ({'quick' if args.quick else 'full'} sizes, {time.monotonic() - started:.0f} s)")
+    show(rows, f"vmorch benchmarks ({'quick' if args.quick else 'full'} sizes, appendfsync {args.appendfsync}, "
+               f"{time.monotonic() - started:.0f} s)")
     if args.markdown:
         print(markdown(rows))
     return 0 if all(r.passed is not False for r in rows) else 1

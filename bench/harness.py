@@ -22,6 +22,9 @@ from orchestrator.model.settings import Settings
 from orchestrator.store.jobstore import Store
 
 ROOT = Path(__file__).resolve().parent.parent
+#: when the benchmarks' Redis fsyncs its AOF (``python -m bench --appendfsync``). everysec, as the
+#: figures in docs/benchmarks.md were measured, though 'vmorch up' now runs always: D1 measures both.
+APPENDFSYNC = "everysec"
 
 
 def free_port() -> int:
@@ -78,13 +81,17 @@ class Env:
 
 
 @contextmanager
-def environment() -> Iterator[Env]:
-    """A fresh Redis (AOF on, as the local cluster runs it) in a temporary home; everything stopped after."""
+def environment(appendfsync: str | None = None) -> Iterator[Env]:
+    """A fresh Redis (AOF on) in a temporary home; everything stopped after.
+
+    ``appendfsync``: when Redis fsyncs the AOF (default ``APPENDFSYNC``; ``set_appendfsync``
+    changes it on the fly).
+    """
     home = Path(tempfile.mkdtemp(prefix="vmorch-bench-"))
     port = free_port()
     redis_proc = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(home), "--appendonly", "yes",
-         "--appendfsync", "everysec", "--save", "", "--logfile", str(home / "redis.log")],
+         "--appendfsync", appendfsync or APPENDFSYNC, "--save", "", "--logfile", str(home / "redis.log")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     client = Redis.from_url(url)
@@ -114,6 +121,15 @@ def environment() -> Iterator[Env]:
             print(f"logs kept in {home}", file=sys.stderr)
         else:
             shutil.rmtree(home, ignore_errors=True)
+
+
+def set_appendfsync(url: str, value: str) -> None:
+    """Change when Redis fsyncs its AOF (always / everysec / no), from the next write on."""
+    client = Redis.from_url(url)
+    try:
+        client.config_set("appendfsync", value)
+    finally:
+        client.close()
 
 
 def percentile(values: list[float], p: float) -> float:

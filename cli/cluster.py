@@ -78,6 +78,9 @@ def worker(
         help="serve Prometheus metrics on this port (0: off)")] = 0,
     task_events: Annotated[bool, typer.Option(
         "--task-events", help="send Celery task events from the start (Flower turns them on by itself)")] = False,
+    share: Annotated[int, typer.Option(
+        "--share", min=1, max=1024, show_default=False,
+        help="this host is one of N sharing one machine: offer 1/N of its memory and CPUs to placement")] = 1,
 ) -> None:
     """Run the worker of one host (consumes the queue host.<name>)."""
     from orchestrator.model import logs
@@ -86,4 +89,4 @@ def worker(
     logs.setup(log_format, loglevel)
     run(state(ctx).settings, check_name(host, "host name"), libvirt_uri, concurrency=concurrency,
         storage_dir=storage_dir, loglevel=loglevel.upper(), labels=parse_tags(label), migrate_uri=migrate_uri,
-        shared_storage=shared_storage, metrics_port=metrics_port, task_events=task_events)
+        shared_storage=shared_storage, metrics_port=metrics_port, task_events=task_events, share=share)

@@ -10,7 +10,8 @@ from . import render
 from .context import state
 
 #: by the value of orchestrator.edge.doctor.Status: that module imports redis, which "--help" must not (start-up time)
-MARK = {"ok": "[green]ok  [/green]", "warn": "[yellow]warn[/yellow]", "fail": "[red]FAIL[/red]"}
+MARK = {"ok": "[green]ok  [/green]", "pending": "[cyan]wait[/cyan]", "warn": "[yellow]warn[/yellow]",
+        "fail": "[red]FAIL[/red]"}
 
 
 def doctor(
@@ -36,7 +37,7 @@ def doctor(
         width = max(len(c.name) for c in found)
         for c in found:
             render.out.print(f"{MARK[c.status]}  {c.name:<{width}}  {render.escape(c.message)}", markup=True)
-            if c.fix and c.status is not checks.Status.OK:
+            if c.fix and c.status not in (checks.Status.OK, checks.Status.PENDING):
                 render.out.print(f"      {'':<{width}}  fix: {c.fix}", markup=False)
         warned = sum(c.status is checks.Status.WARN for c in found)
         render.out.print(f"{len(failed)} problem(s), {warned} warning(s)" if failed or warned else "all good")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from orchestrator.model.errors import NotFound
+from orchestrator.model.names import check_host_name
 
 from . import completion, render
 from .context import state
+
+if TYPE_CHECKING:
+    from orchestrator.services.client import Client
 
 HostName = Annotated[str, typer.Argument(help="host name", autocompletion=completion.host_names)]
 
@@ -26,15 +30,29 @@ def list_(ctx: typer.Context) -> None:
 
 @app.command()
 def show(ctx: typer.Context, name: HostName) -> None:
-    """Show one host: state, capacity and what is committed, labels, its VMs."""
+    """Show one host: its whole record (capacity and what is committed, libvirt and its probe,
+    clock, version, labels) and its VMs by namespace."""
+    check_host_name(name)
     st = state(ctx)
     host = next((h for h in st.client.hosts() if h.name == name), None)
     if host is None:
         raise NotFound(f"unknown host {name!r}", hint="see 'vmorch host list'")
+    vms = vms_by_namespace(st.client, name)
     if st.json:
-        render.dump_json(host)
+        render.dump_json({**host.model_dump(mode="json"), "vms_by_namespace": vms})
     else:
-        render.out.print(render.hosts_table([host]))
+        render.out.print(render.host_detail(host, vms))
+
+
+def vms_by_namespace(client: Client, host: str) -> dict[str, list[str]]:
+    """The names of the VMs on ``host``, by namespace: of the namespaces the client can see."""
+    found: dict[str, list[str]] = {}
+    for ns in client.namespaces():
+        if ns.vms:
+            names = sorted(vm.name for vm in client.vms(ns.name) if vm.host == host)
+            if names:
+                found[ns.name] = names
+    return found
 
 
 @app.command()
@@ -50,6 +68,7 @@ def undrain(ctx: typer.Context, name: HostName) -> None:
 
 
 def _set_draining(ctx: typer.Context, name: str, draining: bool) -> None:
+    check_host_name(name)
     st = state(ctx)
     host = st.client.drain(name, draining)
     if st.json:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from orchestrator.model.errors import VmorchError
-from orchestrator.model.records import Event, Host, Job, JobState, Namespace, Vm
+from orchestrator.model.records import Event, Host, Job, JobState, Namespace, Vm, VmState
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -28,7 +28,7 @@ err: Console
 STATE_STYLE = {
     "succeeded": "green", "failed": "red", "canceled": "yellow", "running": "cyan", "waiting": "magenta",
     "queued": "dim", "paused": "yellow", "shutoff": "dim", "crashed": "red", "missing": "red",
-    "unknown": "red", "up": "green", "down": "red", "draining": "yellow",
+    "unknown": "red", "up": "green", "down": "red", "draining": "yellow", "launching": "cyan",
 }
 
 
@@ -42,11 +42,31 @@ def __getattr__(name: str) -> Console:
 
 @cache
 def _console(*, stderr: bool) -> Console:
-    from rich.console import Console
-
     # Piped output keeps whole lines (rich would cut tables at 80 columns) so scripts can grep them.
     width = None if stderr or sys.stdout.isatty() else 200
-    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
+    return _console_class()(stderr=stderr, highlight=False, soft_wrap=True, width=width)
+
+
+@cache
+def _console_class() -> type[Console]:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    class Stripped(Console):
+        """A console that prints tables without the spaces rich pads their last cells with:
+        no line of any command's output ends in whitespace."""
+
+        def print(self, *objects: Any, **kwargs: Any) -> None:
+            if len(objects) == 1 and isinstance(objects[0], Table):
+                lines = self.render_lines(objects[0], self.options, pad=False)
+                texts = [Text.assemble(*((s.text, s.style or "") for s in line if not s.control)) for line in lines]
+                for text in texts:
+                    text.rstrip()
+                objects = (Text("\n").join(texts),)
+            super().print(*objects, **kwargs)
+
+    return Stripped
 
 
 def new_table(*, show_header: bool = True) -> Table:
@@ -153,9 +173,20 @@ def jobs_table(jobs: Sequence[Job]) -> Table:
     for j in jobs:
         error = escape(f"{j.error.code}: {j.error.message}") if j.error else ""
         vm = escape(f"({j.params.get('label', '')})") if j.is_parent else j.vm
-        table.add_row(str(j.id), j.op.value, vm, str(j.seq), j.host, styled(j.state.value), when(j.submitted_at),
-                      when(j.started_at), when(j.finished_at), str(j.attempts), error)
+        table.add_row(str(j.id), j.op.value, vm, seq(j), j.host or "-", styled(j.state.value), when(j.submitted_at),
+                      when(j.started_at), when(j.finished_at), tries(j), error)
     return table
+
+
+def seq(job: Job) -> str:
+    """A job's place in its VM's order; '-' for a parent (it has no VM) or a held job (no place yet).
+    The JSON keeps 0 there: ``seq`` is an integer in the job's contract."""
+    return "-" if job.is_parent or job.seq == 0 else str(job.seq)
+
+
+def tries(job: Job) -> str:
+    """How many times a worker started the job; '-' for a parent, which no worker runs."""
+    return "-" if job.is_parent else str(job.attempts)
 
 
 def job_detail(job: Job) -> Table:
@@ -163,10 +194,12 @@ def job_detail(job: Job) -> Table:
     table.add_column(style="bold")
     table.add_column()
     rows: list[tuple[str, str]] = [
-        ("id", str(job.id)), ("op", job.op.value), ("vm", f"{job.namespace}/{job.vm}"), ("host", job.host),
-        ("state", styled(job.state.value)), ("seq", str(job.seq)), ("submitted", _iso(job.submitted_at)),
-        ("started", _iso(job.started_at)), ("finished", _iso(job.finished_at)), ("took", took(job)),
-        ("attempts", str(job.attempts)), ("params", escape(json.dumps(job.params))),
+        ("id", str(job.id)), ("op", job.op.value),
+        ("vm", f"{job.namespace}/({escape(str(job.params.get('label', '')))})" if job.is_parent
+         else f"{job.namespace}/{job.vm}"),
+        ("host", job.host or "-"), ("state", styled(job.state.value)), ("seq", seq(job)),
+        ("submitted", _iso(job.submitted_at)), ("started", _iso(job.started_at)), ("finished", _iso(job.finished_at)),
+        ("took", took(job)), ("attempts", tries(job)), ("params", escape(json.dumps(job.params))),
     ]
     links = [("parent", job.parent), ("retry of", job.retry_of)]
     rows += [(k, str(v)) for k, v in links if v is not None]
@@ -188,8 +221,36 @@ def events_table(events: Sequence[Event]) -> Table:
     for col in ("AT", "WHAT", "JOB", "OP", "STATE", "BY", "DETAIL"):
         table.add_column(col, no_wrap=col != "DETAIL")
     for e in events:
-        table.add_row(when(e.at), e.kind, str(e.job or ""), e.op, styled(e.state), escape(e.by), escape(e.detail))
+        table.add_row(when(e.at), e.kind, str(e.job or ""), e.op, styled(event_state(e)), escape(e.by),
+                      escape(e.detail))
     return table
+
+
+#: the note a launch gives the VM record it registers (submit_batch.lua), until its job runs
+LAUNCH_QUEUED = "launch queued"
+
+
+def event_state(event: Event) -> str:
+    """An event's state as people read it. A launch registers its VM record in state ``missing``
+    (libvirt has no domain yet) before its job runs: that VM is launching, not lost."""
+    if event.kind == "vm" and event.op == "launch" and event.state == "missing":
+        return "launching"
+    return event.state
+
+
+def vm_state(vm: Vm) -> str:
+    """A VM's state as people read it: ``launching`` while its launch has not run (the record says
+    ``missing``: libvirt has no domain yet), else the record's state. The JSON keeps the record's."""
+    if vm.state is VmState.MISSING and vm.note == LAUNCH_QUEUED:
+        return "launching"
+    return vm.state.value
+
+
+def vm_note(vm: Vm) -> str:
+    """The note beside a VM's state: one about the VM that still holds (a change that applies at
+    the next boot, a queued launch, a move). A no-op's answer ("already running") is never written
+    on the VM record (``worker/handlers.py``): it is in that job's result."""
+    return vm.note or ""
 
 
 def vms_table(vms: Sequence[Vm]) -> Table:
@@ -198,8 +259,8 @@ def vms_table(vms: Sequence[Vm]) -> Table:
         table.add_column(col, no_wrap=col not in ("TAGS", "NOTE"))
     for v in vms:
         tags = escape(",".join(f"{k}={val}" for k, val in sorted(v.tags.items())))
-        table.add_row(v.name, v.host, styled(v.state.value), f"{v.memory_mib} MiB", str(v.vcpus), tags,
-                      escape(v.note or ""))
+        table.add_row(v.name, v.host, styled(vm_state(v)), f"{v.memory_mib} MiB", str(v.vcpus), tags,
+                      escape(vm_note(v)))
     return table
 
 
@@ -207,13 +268,13 @@ def vm_detail(vm: Vm) -> Table:
     table = new_table(show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    for k, v in [("name", vm.name), ("namespace", vm.namespace), ("host", vm.host), ("state", styled(vm.state.value)),
+    for k, v in [("name", vm.name), ("namespace", vm.namespace), ("host", vm.host), ("state", styled(vm_state(vm))),
                  ("memory", f"{vm.memory_mib} MiB"), ("vcpus", str(vm.vcpus)),
                  ("disk", f"{vm.disk_gib} GiB" if vm.disk_gib else "none"), ("image", escape(vm.image or "-")),
                  ("tags", escape(", ".join(f"{k}={val}" for k, val in sorted(vm.tags.items())) or "-")),
                  ("snapshots", escape(", ".join(vm.snapshots) or "-")), ("domain", vm.domain),
                  ("created", _iso(vm.created_at)), ("updated", _iso(vm.updated_at)),
-                 ("note", escape(vm.note or "-"))]:
+                 ("note", escape(vm_note(vm) or "-"))]:
         table.add_row(k, v)
     return table
 
@@ -229,6 +290,43 @@ def hosts_table(hosts: Sequence[Host]) -> Table:
         table.add_row(h.name, styled(h.state.value), when(h.heartbeat_at), str(h.pid or "-"), libvirt,
                       f"{h.committed_mib}/{h.memory_mib} MiB", f"{h.committed_vcpus}/{h.cpus}", str(h.vms), labels)
     return table
+
+
+def host_detail(h: Host, vms: dict[str, list[str]]) -> Table:
+    """The whole host record, and its VMs by namespace (``vms``: those the caller can see)."""
+    table = new_table(show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    if h.libvirt_ok is None:
+        probe = "not probed yet"
+    elif h.libvirt_ok:
+        probe = "answers"
+    else:
+        probe = f"[red]not answering[/red]: {escape(h.libvirt_error or '?')}"
+    rows = [
+        ("name", h.name), ("state", styled(h.state.value) + (" (its worker was stopped)" if h.stopped else "")),
+        ("hostname", escape(h.hostname or "-")), ("pid", str(h.pid or "-")), ("version", escape(h.version or "-")),
+        ("started", _iso(h.started_at)), ("heartbeat", _iso(h.heartbeat_at)),
+        ("clock offset", "not measured yet" if h.clock_offset is None else f"{h.clock_offset * 1000:+.1f} ms"),
+        ("libvirt", escape(h.libvirt_uri or "-")), ("libvirt probe", probe),
+        ("migrate uri", escape(h.migrate_uri) if h.migrate_uri else "- (no live moves to this host)"),
+        ("storage", "shared (every host sees its disks at the same path)" if h.shared_storage else "local"),
+        ("memory", f"{h.committed_mib}/{h.memory_mib} MiB committed{_share(h.committed_mib, h.memory_mib)}"),
+        ("vcpus", f"{h.committed_vcpus}/{h.cpus} committed{_share(h.committed_vcpus, h.cpus)}"),
+        ("labels", escape(", ".join(f"{k}={v}" for k, v in sorted(h.labels.items())) or "-")),
+        ("vms", str(h.vms)),
+    ]
+    rows += [(f"  {escape(ns)}", escape(", ".join(names))) for ns, names in sorted(vms.items())]
+    hidden = h.vms - sum(map(len, vms.values()))
+    if hidden > 0:
+        rows.append(("  (others)", f"{hidden} in namespaces not listed here"))
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+def _share(used: int, total: int) -> str:
+    return f" ({used / total:.0%})" if total else ""
 
 
 def namespaces_table(namespaces: Sequence[Namespace]) -> Table:

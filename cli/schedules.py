@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from typer.main import get_command
 
 from orchestrator.model.errors import InvalidInput
+from orchestrator.model.operation import COMMANDS, TargetedOp, invalid_input
 
 from . import render, vms
 from .context import LogFormat, state
@@ -41,19 +42,20 @@ def add(
                                         "late, once; 'skip' waits for the next")] = "once",
 ) -> None:
     """Add a schedule: `vmorch schedule add nightly --cron "0 2 * * *" -e exp.yaml`, or
-    `vmorch schedule add snap --every 1h -- vm snapshot web[1-3] hourly`."""
+    `vmorch schedule add snap --every 1h -- vm snapshot web[1-3] hourly`.
+
+    The vm command is parsed now, into the operation it makes (its VMs are resolved at each firing)."""
     from orchestrator.services.schedules import ScheduleSpec  # imported here: croniter and YAML (start-up time)
 
     st = state(ctx)
-    if command:
-        check_vm_command(command)
+    operation = parse_vm_command(command) if command else None
     if missed not in ("once", "skip"):
         raise InvalidInput(f"bad --missed {missed!r}", hint="give --missed once or --missed skip")
     try:
         spec = ScheduleSpec(name=name, namespace=st.namespace, cron=cron, every=every, at=at,
                             experiment=read(experiment) if experiment else None,
-                            source=str(experiment) if experiment else "", command=command or None,
-                            missed=missed)  # type: ignore[arg-type]
+                            source=str(experiment) if experiment else "",
+                            operations=[operation] if operation else None, missed=missed)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
@@ -62,21 +64,50 @@ def add(
     show_schedule(st.client.add_schedule(spec), as_json=st.json)
 
 
-def check_vm_command(command: list[str]) -> None:
-    """Parse the command as 'vmorch' would (without running it), so a typo is refused now, not at 2 am."""
+#: options of a vm command that are not its operation's params
+_NOT_PARAMS = frozenset({"target", "select", "after", "wait", "dry_run"})
+#: a vm command's option -> its operation's param (the rest have the same name)
+_RENAMED = {"memory": "memory_mib", "disk": "disk_gib", "timeout": "timeout_s", "host_label": "host_labels",
+            "tag": "tags", "pairs": "set"}
+#: params given as key=value pairs
+_PAIRS = frozenset({"host_labels", "tags", "set"})
+_REFUSED = {"wait": "--wait", "dry_run": "--dry-run", "after": "--after"}
+
+
+def parse_vm_command(command: list[str]) -> TargetedOp:
+    """The operation a vm command makes, parsed as 'vmorch' parses it (without running it), so that
+    a typo is refused now, not at 2 am. Its VMs (target, --tag) are resolved when it fires."""
+    ops = {word: op for op, word in COMMANDS.items()}
     if len(command) < 2 or command[0] != "vm":
         raise InvalidInput(f"can't schedule {' '.join(command)!r}", hint="give a vm command: -- vm snapshot web1 s1")
     group: Any = get_command(vms.app)  # typer's own (vendored) click group
     sub = group.get_command(typer.Context(group), command[1])
     if sub is None:
         raise InvalidInput(f"no vm command {command[1]!r}", hint="see 'vmorch vm --help'")
+    if command[1] not in ops:
+        raise InvalidInput(f"can't schedule 'vm {command[1]}': it makes no job",
+                           hint=f"schedule one of: vm {', '.join(sorted(ops))}; or --experiment FILE")
     try:
-        sub.make_context(command[1], list(command[2:]), resilient_parsing=False)
+        parsed: dict[str, Any] = sub.make_context(command[1], list(command[2:]), resilient_parsing=False).params
     except Exception as exc:
         if not hasattr(exc, "format_message"):
             raise
         raise InvalidInput(f"vm {command[1]}: {exc.format_message()}", hint=f"see 'vmorch vm {command[1]} --help'") \
             from None
+    given = [flag for key, flag in _REFUSED.items() if parsed.get(key)]
+    if given:
+        raise InvalidInput(f"a scheduled command doesn't take {given[0]}", hint="drop it")
+    params = {}
+    for key, value in parsed.items():
+        if key not in _NOT_PARAMS and value is not None:
+            param = _RENAMED.get(key, key)
+            params[param] = vms.parse_tags(value) if param in _PAIRS else value
+    target = parsed.get("target")
+    try:
+        return TargetedOp.model_validate({"op": ops[command[1]], "target": None if target == "-" else target,
+                                          "tag": vms.parse_tags(parsed.get("select")), "params": params})
+    except ValidationError as exc:
+        raise invalid_input(exc) from None
 
 
 @app.command(name="list")

@@ -8,7 +8,7 @@ import typer
 
 from orchestrator.control.targets import resolve
 from orchestrator.model.errors import InvalidInput, NotFound
-from orchestrator.model.names import check_name, check_tag, expand_target
+from orchestrator.model.names import check_name, check_tag, check_text, expand_target
 from orchestrator.model.operation import Op, Operation, SubmitOptions
 from orchestrator.model.records import HostState, Job
 
@@ -63,7 +63,7 @@ def parse_ids(value: str | None) -> list[int]:
     for part in (value or "").split(","):
         if not part.strip():
             continue
-        if not part.strip().isdigit():
+        if not (part.strip().isascii() and part.strip().isdigit()):  # "²".isdigit(), yet int("²") fails
             raise InvalidInput(f"bad job id {part!r} in --after", hint="write --after ID[,ID...], e.g. --after 12,13")
         ids.append(int(part))
     return ids
@@ -103,6 +103,8 @@ def launch(
     wait: Wait = False,
 ) -> None:
     """Define and start new VMs, placed on the up host with the least committed memory that fits."""
+    if image is not None:
+        check_text(image, "--image")  # an undecodable byte of argv arrives as a lone surrogate
     params: dict[str, Any] = dict(memory_mib=memory, vcpus=vcpus, disk_gib=disk, image=image, host=host,
                                   host_labels=parse_tags(host_label), colocate=colocate, spread=spread,
                                   tags=parse_tags(tag))

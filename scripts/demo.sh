@@ -3,12 +3,14 @@
 # the race libvirt leaves undefined -- one process changes a VM's memory while another
 # kills it, at the same moment -- and how vmorch turns it into a defined order.
 # Everything lives in a fresh temporary VMORCH_HOME that is deleted at the end, always.
+# It runs scripts/install.sh first: on a fresh Debian 12, as root, 'bash scripts/demo.sh' is all it takes.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/install.sh  # everything the demo needs (cheap when already done)
 VMORCH="$PWD/.venv/bin/vmorch"
 PY="$PWD/.venv/bin/python"
-[ -x "$VMORCH" ] || { echo "demo.sh: $VMORCH not found; run scripts/install.sh first (or: make demo)" >&2; exit 1; }
+[ -x "$VMORCH" ] || { echo "demo.sh: $VMORCH not found after scripts/install.sh" >&2; exit 1; }
 
 # The demo's own cluster, whatever this shell points at.
 unset VMORCH_REDIS_URL VMORCH_NAMESPACE

@@ -219,12 +219,13 @@ def redis(redis_server: RedisServer) -> Iterator[Redis]:
 @pytest.fixture
 def client(settings: Settings, redis: Redis) -> Iterator[RedisClient]:
     """A client in the test's namespace; at the end, the namespace is cleaned and its keyspace asserted."""
+    before = set(redis.scan_iter("*"))
     c = RedisClient(settings)
     yield c
-    cleanup_namespace(c, redis, settings.namespace)
+    cleanup_namespace(c, redis, settings.namespace, before=before)
 
 
-def cleanup_namespace(c: RedisClient, redis: Redis, namespace: str) -> None:
+def cleanup_namespace(c: RedisClient, redis: Redis, namespace: str, *, before: set[str] | None = None) -> None:
     ids = [int(i) for i in redis.zrange(keys.jobs(namespace), 0, -1)]
     if ids:
         leftover = [j for j in c.wait(ids, timeout=60) if not j.state.final]
@@ -235,6 +236,8 @@ def cleanup_namespace(c: RedisClient, redis: Redis, namespace: str) -> None:
         done = c.wait([j.id for j in jobs], timeout=60)
         assert all(j.state.final for j in done), done
     assert_keyspace_clean(redis, namespace)
+    if before is not None:
+        assert_no_stray_keys(redis, namespace, before)
     for key in redis.scan_iter(f"*{namespace}*"):
         redis.delete(key)
 
@@ -266,6 +269,40 @@ def assert_keyspace_clean(redis: Redis, namespace: str) -> None:
         if key.startswith("lock-signal:"):  # python-redis-lock's wake-up list; expires within 1 s
             continue
         raise AssertionError(f"unexpected key left behind: {key} ({redis.type(key)})")
+
+
+#: keys any test may leave outside its namespace, and why they stay
+_SHARED_KEYS = (
+    keys.JOB_NEXT, keys.RUN_NEXT, keys.NAMESPACES,  # counters and the namespace set: cluster-wide by design
+    keys.HOSTS, keys.LAYOUT,  # the hosts that ever registered, the layout version
+    "_kombu.binding", "unacked", "host.", "vmorch.schedules",  # Celery's broker keys (its own)
+    keys.REDBEAT_PREFIX + ":",  # RedBeat's due-time index and its scheduler lock (its own)
+)
+
+
+def assert_no_stray_keys(redis: Redis, namespace: str, before: set[str]) -> None:
+    """Every key the test created, in the whole database, is accounted for: the namespace's own
+    (checked by ``assert_keyspace_clean``), its jobs' records, fencing counters (they must only
+    grow), a host's registration, or a shared key above."""
+    own_jobs = {int(i) for i in redis.zrange(keys.jobs(namespace), 0, -1)}
+    own = {keys.run(int(i)) for i in redis.zrange(keys.runs(namespace), 0, -1)}
+    stray = []
+    for key in set(redis.scan_iter("*")) - before:
+        if namespace in key or key in own or key.startswith(_SHARED_KEYS) or key.startswith(keys.fence("")):
+            continue
+        if key.startswith(keys.JOB_PREFIX):
+            job_id = key[len(keys.JOB_PREFIX):].split(":")[0]
+            if job_id.isdigit() and int(job_id) in own_jobs:
+                continue
+        if key.startswith(keys.HOST_PREFIX) and redis.sismember(keys.HOSTS, key[len(keys.HOST_PREFIX):].split(":")[0]):
+            continue
+        if key.startswith("lock-signal:"):  # python-redis-lock's wake-up list; expires within 1 s
+            continue
+        if key.startswith(keys.token("")) and str(redis.hget(key, "name") or "").startswith(namespace):
+            continue  # the test's own API tokens (named after its namespace): the API fixture revokes them
+        kind = redis.type(key)
+        stray.append(f"{key} ({kind}: {redis.hgetall(key) if kind == 'hash' else '...'})")
+    assert not stray, f"keys the test left outside its namespace: {sorted(stray)}"
 
 
 def accept(client: RedisClient, op: Operation) -> Submitted:

@@ -21,7 +21,7 @@ from orchestrator.store import keys
 from worker import domxml
 
 from .apiserver import ApiServer, running
-from .conftest import ops
+from .conftest import ops, wait_until
 
 HOSTILE = "a<b>&c\"d'e]]>f<![CDATA[g]]></vmorch:tag><vmorch:fence>999</vmorch:fence>&amp;"
 
@@ -283,7 +283,9 @@ def test_server_sent_events_carry_job_changes_of_the_token_namespaces_only(
     threads = [threading.Thread(target=listen, args=(n, s, until)) for n, s in (("mine", mine), ("other", other))]
     for t in threads:
         t.start()
-    time.sleep(0.5)  # both subscribed
+    # both listeners subscribed (the API subscribes each stream to the updates channel)
+    wait_until(lambda: client.redis.pubsub_numsub(keys.UPDATES)[0][1] >= 2, timeout=10,
+               what="both SSE subscriptions")
     [pause] = client.submit(ops(Op.PAUSE, ns, "s1"))
     client.wait([pause.id])
     for t in threads:

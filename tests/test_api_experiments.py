@@ -15,6 +15,8 @@ from orchestrator.store import keys
 from .apiserver import ApiServer
 from .conftest import ROOT, WorkerProc, run_cli
 
+START_X = {"op": "start", "target": "x"}
+
 
 def _over_http(settings: Settings, api: ApiServer, token: str | None = None) -> Settings:
     return settings.model_copy(update={"api_url": api.url, "token": token or api.admin_token})
@@ -68,6 +70,7 @@ def test_experiments_and_schedules_over_http(cluster: list[WorkerProc], api_serv
 
     added = _json(http, "schedule", "add", "nightly", "--cron", "0 2 * * *", "--", "vm", "snapshot", "web1", "s1")
     assert isinstance(added, dict) and added["next_at"] is not None and not added["paused"]
+    assert added["what"] == "vm snapshot web1 name=s1"  # parsed by the CLI, stored as an operation
     assert _json(http, "schedule", "pause", "nightly")["paused"] is True  # type: ignore[index]
     assert _json(http, "schedule", "resume", "nightly")["paused"] is False  # type: ignore[index]
     listed = _json(http, "schedule", "list")
@@ -101,7 +104,7 @@ def test_tokens_reach_no_further_through_experiments_and_dependencies(
             assert op.post(f"/api/v1/jobs/{other_job}/retry").status_code == 404
             assert op.get(f"/api/v1/jobs/{other_job}/children").status_code == 404
             assert read.post(f"/api/v1/namespaces/{ns}/experiments", json={"text": "name: e\n"}).status_code == 403
-            start_a = {"name": "s", "every": "1h", "command": ["vm", "start", "a"]}
+            start_a = {"name": "s", "every": "1h", "operations": [{"op": "start", "target": "a"}]}
             assert read.post(f"/api/v1/namespaces/{ns}/schedules", json=start_a).status_code == 403
             assert read.get(f"/api/v1/namespaces/{ns}/schedules").status_code == 200
             bad = op.post(f"/api/v1/namespaces/{ns}/schedules", json={**start_a, "every": "soon"})
@@ -120,8 +123,8 @@ def test_a_schedule_the_body_schema_lets_through_but_the_spec_refuses_is_a_422(
     ns = settings.namespace
     before = sorted(redis.scan_iter(f"*schedule*{ns}*"))
     with api_server.http(api_server.admin_token) as http:
-        for body, field in (({"name": "s1", "at": "\U000a1338 not a time", "command": ["vm", "start", "x"]}, "at"),
-                            ({"name": "s1", "cron": "0 2 * * *", "every": "10m", "command": ["vm", "start", "x"]},
+        for body, field in (({"name": "s1", "at": "\U000a1338 not a time", "operations": [START_X]}, "at"),
+                            ({"name": "s1", "cron": "0 2 * * *", "every": "10m", "operations": [START_X]},
                              None)):
             r = http.post(f"/api/v1/namespaces/{ns}/schedules", json=body)
             assert r.status_code == 422, r.text
@@ -129,4 +132,11 @@ def test_a_schedule_the_body_schema_lets_through_but_the_spec_refuses_is_a_422(
             assert error["code"] == "invalid_input" and error["message"], error
             if field:
                 assert error["field"].endswith(field), error
+        bad_op = {"name": "s1", "every": "1h", "operations": [{"op": "set", "target": "x", "params": {}}]}
+        r = http.post(f"/api/v1/namespaces/{ns}/schedules", json=bad_op)
+        assert r.status_code == 422 and "give --memory and/or --vcpus" in r.json()["error"]["message"], r.text
+        schema = http.get("/openapi.json").json()["components"]["schemas"]
+        body = schema["ScheduleIn"]["properties"]
+        assert "operations" in body and "command" not in body
+        assert set(schema["ScheduledOpIn"]["properties"]) == {"op", "target", "tag", "params"}
     assert sorted(redis.scan_iter(f"*schedule*{ns}*")) == before  # nothing written

@@ -7,7 +7,9 @@ Every test runs twice: the CLI talking to Redis directly, and the CLI talking to
 from __future__ import annotations
 
 import json
+import subprocess
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from redis import Redis
@@ -16,7 +18,7 @@ from orchestrator.model.settings import Settings
 from orchestrator.services.client import RedisClient
 from orchestrator.store import keys
 
-from .conftest import WorkerProc, run_cli
+from .conftest import PYTHON, ROOT, WorkerProc, run_cli, settings_env
 
 JOB_FIELDS = {"id", "op", "namespace", "vm", "host", "state", "seq", "submitted_at", "started_at", "finished_at",
               "attempts", "error", "result"}
@@ -125,3 +127,98 @@ def test_unreachable_redis_or_api_is_a_clear_error(settings: Settings) -> None:
         expected = "cannot reach Redis"
     assert proc.returncode == 1
     assert expected in proc.stderr and "hint:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_no_cluster_configured_is_said_and_nothing_guessed(settings: Settings, tmp_path: Path) -> None:
+    """No --redis-url, no VMORCH_REDIS_URL, no local cluster: say so (exit 1), never fall back to a
+    Redis that happens to listen on the default port, and write nothing anywhere."""
+    env = {k: v for k, v in settings_env(settings).items() if k not in ("VMORCH_REDIS_URL", "VMORCH_API_URL")}
+    env["VMORCH_HOME"] = str(tmp_path)
+    for args in (["vm", "list"], ["vm", "launch", "x1"], ["host", "list"]):
+        proc = subprocess.run([PYTHON, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 1, proc
+        assert "no cluster" in proc.stderr and "vmorch up" in proc.stderr and "6379" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) <= 2 and "Traceback" not in proc.stderr
+
+
+def no_trailing_space(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    """The lines of a command's output (stdout and stderr) that end in whitespace."""
+    assert proc.returncode == 0, proc.stderr
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line != line.rstrip()]
+
+
+def test_host_show_is_the_whole_record_and_its_vms(cluster: list[WorkerProc], client: RedisClient,
+                                                   settings: Settings) -> None:
+    cli_json(settings, "vm", "launch", "hs1", "--memory", "32", "--host", "t1", "--wait")
+    shown = cli_json(settings, "host", "show", "t1")
+    assert isinstance(shown, dict) and set(shown) >= HOST_FIELDS | {
+        "labels", "committed_mib", "committed_vcpus", "hostname", "migrate_uri", "shared_storage", "version",
+        "clock_offset", "libvirt_ok", "started_at"}
+    assert "hs1" in shown["vms_by_namespace"][settings.namespace]
+    human = run_cli(settings, "host", "show", "t1")
+    assert human.returncode == 0, human.stderr
+    rows = {line.split(maxsplit=1)[0]: line for line in human.stdout.splitlines() if line.strip()}
+    for row in ("hostname", "pid", "version", "heartbeat", "clock", "libvirt", "migrate", "storage", "memory",
+                "vcpus", "labels", "vms"):
+        assert row in rows, human.stdout
+    assert "answers" in human.stdout and "test:///default" in human.stdout
+    assert f"{shown['committed_mib']}/{shown['memory_mib']} MiB" in rows["memory"]
+    assert settings.namespace in human.stdout and "hs1" in human.stdout
+    assert run_cli(settings, "host", "show", "atlantis").returncode == 3
+
+
+def test_no_line_of_output_ends_in_a_space(cluster: list[WorkerProc], client: RedisClient,
+                                           settings: Settings) -> None:
+    job = cli_json(settings, "vm", "launch", "ws1", "--memory", "32", "--wait")
+    assert isinstance(job, dict)
+    cli_json(settings, "vm", "launch", "wsr[1-2]", "--memory", "32", "--wait")
+    for args in (["vm", "show", "ws1"], ["vm", "list"], ["vm", "history", "ws1"], ["job", "show", str(job["id"])],
+                 ["job", "list"], ["host", "list"], ["host", "show", "t1"], ["ns", "list"],
+                 ["vm", "start", "ws1", "--wait"], ["job", "wait", str(job["id"])]):
+        assert no_trailing_space(run_cli(settings, *args)) == [], args
+
+
+def test_a_parent_job_lists_no_seq_and_no_tries(cluster: list[WorkerProc], client: RedisClient,
+                                                settings: Settings) -> None:
+    jobs = cli_json(settings, "vm", "launch", "pj[1-2]", "--memory", "32", "--wait")
+    assert isinstance(jobs, list)
+    parent_id = jobs[0]["parent"]
+    listed = run_cli(settings, "job", "list")
+    header, *rows = listed.stdout.splitlines()
+    assert header.split()[3] == "SEQ" and header.split()[9] == "TRIES"
+    [parent] = [r.split() for r in rows if r.split()[0] == str(parent_id)]
+    assert parent[1] == "bulk" and parent[3] == "-" and parent[9] == "-", parent
+    children = [r.split() for r in rows if r.split()[0] in {str(j["id"]) for j in jobs}]
+    assert [c[3] for c in children] == ["1", "1"] and [c[9] for c in children] == ["1", "1"]
+    # the JSON contract: seq is an integer, 0 for a parent (it has no place in any VM's order)
+    as_json = cli_json(settings, "job", "list")
+    assert isinstance(as_json, list)
+    assert [j["seq"] for j in as_json if j["id"] == parent_id] == [0]
+
+
+@pytest.mark.parametrize("args", [
+    ["host", "show", "bad name!"],
+    ["host", "drain", "bad name!"],
+    ["host", "undrain", "bad name!"],
+    ["vm", "launch", "hn1", "--host", "x y"],
+    ["vm", "move", "hn1", "--to", "x y"],
+])
+def test_a_bad_host_name_is_called_a_host_name(cluster: list[WorkerProc], client: RedisClient, settings: Settings,
+                                               args: list[str]) -> None:
+    proc = run_cli(settings, *args)
+    assert proc.returncode == 2, proc.stderr
+    assert "invalid host name" in proc.stderr and "VM name" not in proc.stderr, proc.stderr
+    assert "hint:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_readme_says_where_the_token_is_and_what_down_stops(tmp_path: Path) -> None:
+    from orchestrator.localcluster.home import Paths
+
+    readme = (ROOT / "README.md").read_text()
+    assert Paths(tmp_path).token == tmp_path / "token"
+    assert "~/.vmorch" not in readme and readme.count("$VMORCH_HOME/token") >= 2
+    assert "stops workers, QEMU domains and Redis" not in readme  # it doesn't stop a system libvirtd's
+    down = readme[readme.index("- **`vmorch down`**"):]
+    down = down[:down.index("\n- ")]
+    assert "qemu:///system" in down and "left running" in down and "vmorch vm delete" in down

@@ -57,7 +57,7 @@ def launched(client: RedisClient, ns: str, target: str, **params: object) -> dic
     return {j.vm: j.host for j in jobs}
 
 
-def test_placement_fills_the_emptiest_host_and_follows_labels_colocation_and_spread(
+def test_placement_fills_the_least_committed_host_and_follows_labels_colocation_and_spread(
         limited: str, client: RedisClient, settings: Settings) -> None:
     ns = limited
     first = launched(client, ns, "p1", memory_mib=512)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator.edge import doctor as d
 from orchestrator.model.settings import Settings
 
 from .conftest import RedisServer, free_port, run_cli, running_hosts, start_worker, wait_until
@@ -40,8 +41,8 @@ def check(report: dict[str, Any], name: str) -> dict[str, Any]:
 
 @pytest.fixture
 def fresh(tmp_path: Path) -> Iterator[Settings]:
-    """Settings for a Redis of this test's own (AOF on, noeviction: as vmorch wants it)."""
-    server = RedisServer(free_port(), tmp_path / "redis")
+    """Settings for a Redis of this test's own (AOF on, appendfsync always, noeviction: as vmorch wants it)."""
+    server = RedisServer(free_port(), tmp_path / "redis", extra=("--appendfsync", "always"))
     server.start()
     (tmp_path / "home").mkdir()
     yield Settings(redis_url=server.url, home=tmp_path / "home", namespace="doc", lock_expire=4,
@@ -52,6 +53,9 @@ def fresh(tmp_path: Path) -> Iterator[Settings]:
 def test_healthy_cluster_then_a_dead_worker(fresh: Settings) -> None:
     worker = start_worker(fresh, "doc1")
     with running_hosts(fresh, worker):
+        # The host registers before its first heartbeat has measured its clock: "pending" till then.
+        wait_until(lambda: check(doctor(fresh)[1], "clock")["status"] != "pending", timeout=15,
+                   what="the first heartbeat's clock offset")
         code, report, text = doctor(fresh)
         assert code == 0, text
         assert report["ok"] is True
@@ -119,6 +123,22 @@ def test_doctor_catches_an_evicting_redis_without_aof(tmp_path: Path) -> None:
         assert "maxmemory-policy is allkeys-lru" in text
     finally:
         server.stop()
+
+
+def test_doctor_warns_of_appendfsync_everysec_and_fails_no_on_a_real_redis(fresh: Settings) -> None:
+    from redis import Redis
+
+    assert check(doctor(fresh)[1], "persistence")["status"] == "ok"
+    with Redis.from_url(fresh.resolved_redis_url()) as redis:
+        redis.config_set("appendfsync", "everysec")
+        code, report, text = doctor(fresh)
+        persistence = check(report, "persistence")
+        assert persistence["status"] == "warn" and code == 0
+        assert "a power loss can lose up to 1 s of accepted jobs" in persistence["message"]
+        assert "CONFIG SET appendfsync always" in persistence["fix"] and "1 s of accepted jobs" in text
+        redis.config_set("appendfsync", "no")
+        code, report, _ = doctor(fresh)
+        assert check(report, "persistence")["status"] == "fail" and code == 1
 
 
 def test_doctor_without_redis_says_so(tmp_path: Path) -> None:
@@ -207,9 +227,36 @@ def _host(name: str, **fields: str) -> Any:
     return Host.from_hash(record, now=1000.5, down_after=6, vms=0)
 
 
-def test_clock_skew_between_hosts_is_judged_by_the_spread() -> None:
-    from orchestrator.edge import doctor as d
+def test_a_host_whose_clock_is_not_measured_yet_shows_the_check_pending() -> None:
+    pending = d._clock_checks([_host("h0", clock_offset="0.001"), _host("h1", clock_offset="")])
+    assert [(c.name, c.status) for c in pending] == [("clock", d.Status.PENDING)]
+    assert "h1" in pending[0].message
 
+
+def test_no_cluster_to_talk_to_is_one_failed_check_not_a_default_address(tmp_path: Path) -> None:
+    [only] = d.examine(Settings(home=tmp_path))
+    assert only.status is d.Status.FAIL and "vmorch up" in only.fix and "6379" not in only.message
+
+
+def test_persistence_is_judged_by_aof_and_appendfsync() -> None:
+    aof = {"aof_enabled": 1, "aof_last_write_status": "ok"}
+    always = d._persistence(aof, "always")
+    assert always.status is d.Status.OK and "appendfsync always" in always.message
+    everysec = d._persistence(aof, "everysec")
+    assert everysec.status is d.Status.WARN
+    assert "a power loss can lose up to 1 s of accepted jobs" in everysec.message
+    assert "CONFIG SET appendfsync always" in everysec.fix and "VMORCH_REDIS_APPENDFSYNC" in everysec.fix
+    never = d._persistence(aof, "no")
+    assert never.status is d.Status.FAIL and "CONFIG SET appendfsync always" in never.fix
+    unknown = d._persistence(aof, None)  # CONFIG refused (renamed, or an ACL without it)
+    assert unknown.status is d.Status.WARN and "appendfsync always" in unknown.fix
+    off = d._persistence({"aof_enabled": 0}, "always")
+    assert off.status is d.Status.FAIL and "CONFIG SET appendonly yes" in off.fix
+    broken = d._persistence({**aof, "aof_last_write_status": "err"}, "always")
+    assert broken.status is d.Status.FAIL and "disk is full" in broken.fix
+
+
+def test_clock_skew_between_hosts_is_judged_by_the_spread() -> None:
     def clock(*offsets: str) -> Any:
         return d._clock_checks([_host(f"h{i}", clock_offset=o) for i, o in enumerate(offsets)])[0]
 
@@ -220,8 +267,6 @@ def test_clock_skew_between_hosts_is_judged_by_the_spread() -> None:
 
 
 def test_versions_and_an_unprobed_libvirt_are_warnings() -> None:
-    from orchestrator.edge import doctor as d
-
     versions = d._versions({"redis_version": "7.0.15"}, [_host("h1"), _host("h2", version="0.0.9")])
     assert versions.status is d.Status.WARN and "h2 0.0.9" in versions.message
     assert _host("h3").libvirt_ok is True

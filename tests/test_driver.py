@@ -35,6 +35,7 @@ from orchestrator.model.records import VmState
 from worker import domxml
 from worker.driver import DomainSpec, Driver
 from worker.eventloop import ensure_event_loop
+from worker.results import Launched
 
 HOSTILE = "<&\"']]></vmorch:tag><vmorch:fence>999</vmorch:fence>"
 HAVE_QEMU_IMG = shutil.which("qemu-img") is not None
@@ -76,7 +77,7 @@ def test_event_loop_is_started_once() -> None:
 def test_launch_status_and_redelivered_launch(drv: Driver, vmns: str, tmp_path: Path) -> None:
     s = spec(vmns, tags={"role": "db", "evil": HOSTILE}, job_id=11, fence=4, memory_mib=96, vcpus=2)
     result = drv.launch(s)
-    assert result["state"] == "running" and result["changed"] is True
+    assert (result.state, result.changed) == (VmState.RUNNING, True)
 
     status = drv.status(s.domain)
     assert (status.state, status.memory_mib, status.vcpus, status.snapshots) == (VmState.RUNNING, 96, 2, [])
@@ -87,11 +88,14 @@ def test_launch_status_and_redelivered_launch(drv: Driver, vmns: str, tmp_path: 
     if HAVE_QEMU_IMG:
         assert Path(disk).is_file()
 
+    # the job's result, as users see it: the same JSON as when the driver returned dicts
+    assert result.to_json() == {"state": "running", "changed": True, "domain": s.domain, "disk": disk}
+
     again = drv.launch(s)  # the same job, redelivered after a worker crash
-    assert again == {**again, "state": "running", "changed": False, "note": "already launched"}
+    assert again == Launched(VmState.RUNNING, False, "already launched", domain=s.domain, disk=disk)
     drv.kill(s.domain)
     again = drv.launch(s)
-    assert (again["state"], again["changed"]) == ("running", True)
+    assert (again.state, again.changed) == ("running", True)
 
 
 def test_launch_over_a_foreign_domain_is_refused(drv: Driver, vmns: str) -> None:
@@ -115,24 +119,24 @@ def test_list_domains_ignores_the_builtin_test_domain(drv: Driver, vmns: str) ->
 def test_start_pause_resume_are_idempotent_and_conflicts_are_named(drv: Driver, vmns: str) -> None:
     d = spec(vmns).domain
     drv.launch(spec(vmns))
-    assert drv.start(d) == {"state": "running", "changed": False, "note": "already running"}
-    assert drv.resume(d)["note"] == "already running"
-    assert drv.pause(d) == {"state": "paused", "changed": True}
-    assert drv.pause(d) == {"state": "paused", "changed": False, "note": "already paused"}
+    assert drv.start(d).to_json() == {"state": "running", "changed": False, "note": "already running"}
+    assert drv.resume(d).note == "already running"
+    assert drv.pause(d).to_json() == {"state": "paused", "changed": True}
+    assert drv.pause(d).to_json() == {"state": "paused", "changed": False, "note": "already paused"}
     with pytest.raises(InvalidState, match="it is paused; use resume"):
         drv.start(d)
     with pytest.raises(InvalidState, match=r"cannot reboot .*: it is paused"):
         drv.reboot(d)
-    assert drv.resume(d) == {"state": "running", "changed": True}
-    assert drv.reboot(d)["state"] == "running"
+    assert drv.resume(d).to_json() == {"state": "running", "changed": True}
+    assert drv.reboot(d).state == "running"
 
-    assert drv.kill(d) == {"state": "shutoff", "changed": True}
-    assert drv.kill(d)["changed"] is False
+    assert drv.kill(d).to_json() == {"state": "shutoff", "changed": True}
+    assert drv.kill(d).changed is False
     for op, verb in [(drv.pause, "pause"), (drv.resume, "resume"), (drv.reboot, "reboot")]:
         with pytest.raises(InvalidState) as err:
             op(d)
         assert err.value.message == f"cannot {verb} {d}: it is shut off"
-    assert drv.start(d) == {"state": "running", "changed": True}
+    assert drv.start(d).to_json() == {"state": "running", "changed": True}
 
 
 def test_missing_domain(drv: Driver, vmns: str) -> None:
@@ -145,8 +149,8 @@ def test_missing_domain(drv: Driver, vmns: str) -> None:
         drv.stop(d, timeout_s=1, force=True, check=_noop)
     with pytest.raises(VmGone):
         drv.set_metadata(d, tags={})
-    assert drv.kill(d) == {"state": "missing", "changed": False, "note": "no such domain"}
-    assert drv.delete(d)["changed"] is False
+    assert drv.kill(d).to_json() == {"state": "missing", "changed": False, "note": "no such domain"}
+    assert drv.delete(d).changed is False
 
 
 def test_delete_is_idempotent_and_removes_the_disk(drv: Driver, vmns: str, tmp_path: Path) -> None:
@@ -155,13 +159,14 @@ def test_delete_is_idempotent_and_removes_the_disk(drv: Driver, vmns: str, tmp_p
     drv.snapshot(s.domain, "s1", job_id=1)
     disk = tmp_path / "disks" / f"{s.domain}.qcow2"
     result = drv.delete(s.domain)
-    assert (result["state"], result["changed"]) == ("missing", True)
+    assert (result.state, result.changed) == ("missing", True)
     assert not disk.exists()
     assert drv.status(s.domain).state == VmState.MISSING
-    assert drv.delete(s.domain) == {"state": "missing", "changed": False, "note": "no such domain", "disks_removed": []}
+    gone = drv.delete(s.domain)
+    assert gone.to_json() == {"state": "missing", "changed": False, "disks_removed": [], "note": "no such domain"}
 
     disk.write_bytes(b"left over by a crash between delete's undefine and unlink")
-    assert drv.delete(s.domain)["disks_removed"] == [str(disk)]
+    assert drv.delete(s.domain).disks_removed == (str(disk),)
 
 
 def test_stop(drv: Driver, vmns: str) -> None:
@@ -169,9 +174,9 @@ def test_stop(drv: Driver, vmns: str) -> None:
     drv.launch(spec(vmns))
     calls: list[float] = []
     result = drv.stop(d, timeout_s=5, force=True, check=lambda: calls.append(time.monotonic()))
-    assert (result["state"], result["changed"]) == ("shutoff", True)
+    assert (result.state, result.changed) == ("shutoff", True)
     assert calls, "check() must be called while polling"
-    assert drv.stop(d, timeout_s=5, force=False, check=_noop)["changed"] is False
+    assert drv.stop(d, timeout_s=5, force=False, check=_noop).changed is False
 
     drv.start(d)
 
@@ -185,7 +190,7 @@ def test_stop(drv: Driver, vmns: str) -> None:
     drv.pause(d)
     with pytest.raises(InvalidState, match="gracefully: it is paused"):
         drv.stop(d, timeout_s=1, force=False, check=_noop)
-    assert drv.stop(d, timeout_s=1, force=True, check=_noop)["state"] == "shutoff"
+    assert drv.stop(d, timeout_s=1, force=True, check=_noop).state == "shutoff"
 
 
 def test_set_resources_running(drv: Driver, vmns: str) -> None:
@@ -193,17 +198,17 @@ def test_set_resources_running(drv: Driver, vmns: str) -> None:
     drv.launch(spec(vmns, memory_mib=128, vcpus=1))
 
     result = drv.set_resources(d, memory_mib=96, vcpus=None)  # below the live maximum: balloon
-    assert result == {"state": "running", "changed": True, "memory_mib": 96, "vcpus": 1, "live": True}
+    assert result.to_json() == {"state": "running", "changed": True, "memory_mib": 96, "vcpus": 1, "live": True}
 
     result = drv.set_resources(d, memory_mib=256, vcpus=2)
-    assert (result["memory_mib"], result["vcpus"], result["live"]) == (256, 2, False)
-    assert "memory applies at the next boot" in result["note"]
-    assert "vcpus applies at the next boot" in result["note"]
+    assert (result.memory_mib, result.vcpus, result.live) == (256, 2, False)
+    assert "memory applies at the next boot" in result.note
+    assert "vcpus applies at the next boot" in result.note
     status = drv.status(d)
     assert (status.memory_mib, status.vcpus) == (256, 2)
 
     again = drv.set_resources(d, memory_mib=256, vcpus=2)  # redelivered: nothing more to change
-    assert (again["changed"], again["live"], again["note"]) == (False, False, result["note"])
+    assert (again.changed, again.live, again.note) == (False, False, result.note)
 
     drv.kill(d)
     drv.start(d)
@@ -215,18 +220,18 @@ def test_set_resources_shut_off(drv: Driver, vmns: str) -> None:
     drv.launch(spec(vmns, memory_mib=128, vcpus=2))
     drv.kill(d)
     result = drv.set_resources(d, memory_mib=64, vcpus=1)
-    assert result == {"state": "shutoff", "changed": True, "memory_mib": 64, "vcpus": 1, "live": False}
+    assert result.to_json() == {"state": "shutoff", "changed": True, "memory_mib": 64, "vcpus": 1, "live": False}
     assert domxml.parse_resources(drv.conn.lookupByName(d).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) == (64, 64, 1, 1)
     result = drv.set_resources(d, memory_mib=512, vcpus=4)
-    assert (result["memory_mib"], result["vcpus"], result["changed"]) == (512, 4, True)
-    assert drv.set_resources(d, memory_mib=512, vcpus=None)["changed"] is False
+    assert (result.memory_mib, result.vcpus, result.changed) == (512, 4, True)
+    assert drv.set_resources(d, memory_mib=512, vcpus=None).changed is False
 
 
 def test_snapshot_and_revert(drv: Driver, vmns: str) -> None:
     d = spec(vmns).domain
     drv.launch(spec(vmns, memory_mib=64))
-    assert drv.snapshot(d, "s1", job_id=7) == {"state": "running", "changed": True, "snapshot": "s1"}
-    assert drv.snapshot(d, "s1", job_id=7)["changed"] is False  # redelivered
+    assert drv.snapshot(d, "s1", job_id=7).to_json() == {"state": "running", "changed": True, "snapshot": "s1"}
+    assert drv.snapshot(d, "s1", job_id=7).changed is False  # redelivered
     with pytest.raises(AlreadyExists, match="already has a snapshot named 's1'"):
         drv.snapshot(d, "s1", job_id=8)
     with pytest.raises(NotFound, match="no snapshot named 'nope'"):
@@ -238,7 +243,7 @@ def test_snapshot_and_revert(drv: Driver, vmns: str) -> None:
     assert drv.status(d).snapshots == ["s1"]
 
     result = drv.revert(d, "s1")
-    assert result == {"state": "running", "changed": True, "snapshot": "s1", "memory_mib": 64, "vcpus": 1}
+    assert result.to_json() == {"state": "running", "changed": True, "snapshot": "s1", "memory_mib": 64, "vcpus": 1}
     # The VM goes back; vmorch's own bookkeeping (tags, fence) does not.
     meta = drv.status(d).metadata
     assert (meta["tags"], meta["fence"]) == ({"after": "snapshot"}, 9)
@@ -278,7 +283,7 @@ def test_threads_share_one_driver(drv: Driver, vmns: str) -> None:
     names = [f"vm{i}" for i in range(12)]
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(lambda n: drv.launch(spec(vmns, n, disk_gib=0)), names))
-        assert all(r["changed"] for r in results)
+        assert all(r.changed for r in results)
         list(pool.map(lambda n: drv.pause(f"{vmns}.{n}"), names))
     states = {s.domain: s.state for s in drv.list_domains() if s.domain.startswith(vmns)}
     assert states == {f"{vmns}.{n}": VmState.PAUSED for n in names}
@@ -332,21 +337,21 @@ def test_qemu_lifecycle(qdrv: Driver) -> None:
     s = DomainSpec(namespace="q", vm="life", memory_mib=64, vcpus=1, disk_gib=1, job_id=1)
     d = s.domain
     try:
-        assert qdrv.launch(s)["state"] == "running"
-        assert qdrv.launch(s)["note"] == "already launched"
-        assert qdrv.pause(d)["state"] == "paused"
-        assert qdrv.resume(d)["state"] == "running"
-        assert qdrv.snapshot(d, "s1", job_id=2) == {"state": "running", "changed": True, "snapshot": "s1"}
-        assert qdrv.set_resources(d, memory_mib=48, vcpus=None)["live"] is True  # virtio balloon
-        assert qdrv.kill(d)["state"] == "shutoff"
-        assert qdrv.kill(d)["changed"] is False
+        assert qdrv.launch(s).state == "running"
+        assert qdrv.launch(s).note == "already launched"
+        assert qdrv.pause(d).state == "paused"
+        assert qdrv.resume(d).state == "running"
+        assert qdrv.snapshot(d, "s1", job_id=2).to_json() == {"state": "running", "changed": True, "snapshot": "s1"}
+        assert qdrv.set_resources(d, memory_mib=48, vcpus=None).live is True  # virtio balloon
+        assert qdrv.kill(d).state == "shutoff"
+        assert qdrv.kill(d).changed is False
         result = qdrv.revert(d, "s1")
-        assert (result["state"], result["memory_mib"]) == ("running", 64)
+        assert (result.state, result.memory_mib) == ("running", 64)
         assert qdrv.status(d).snapshots == ["s1"]
     finally:
         disk = Path(qdrv.status(d).metadata.get("disk") or "/nonexistent")
         result = qdrv.delete(d)
-    assert result["changed"] is True and result["disks_removed"] == [str(disk)]
+    assert result.changed is True and result.disks_removed == (str(disk),)
     assert not disk.exists()
     assert qdrv.status(d).state == VmState.MISSING
 
@@ -367,7 +372,7 @@ def test_qemu_stop_timeout(qdrv: Driver) -> None:
         assert qdrv.status(s.domain).state == VmState.RUNNING
 
         result = qdrv.stop(s.domain, timeout_s=1, force=True, check=_noop)
-        assert result == {"state": "shutoff", "changed": True, "note": "forced off after 1s"}
+        assert result.to_json() == {"state": "shutoff", "changed": True, "note": "forced off after 1s"}
     finally:
         qdrv.delete(s.domain)
 

@@ -37,3 +37,17 @@ def test_vm_history_and_job_timeline(cluster: list[WorkerProc], client: RedisCli
     human = run_cli(settings, "vm", "history", "hist")
     assert human.returncode == 0 and "invalid_state" in human.stdout and "registered on host" in human.stdout
     assert run_cli(settings, "vm", "history", "nohist").returncode == 3
+
+
+def test_history_shows_a_launch_registering_its_vm_as_launching(cluster: list[WorkerProc], client: RedisClient,
+                                                                 settings: Settings) -> None:
+    """A launch registers its VM record (libvirt has no domain yet: state ``missing``) before its job runs."""
+    [launch] = client.submit(ops(Op.LAUNCH, settings.namespace, "fresh", memory_mib=32))
+    client.wait([launch.id])
+    human = run_cli(settings, "vm", "history", "fresh")
+    assert human.returncode == 0, human.stderr
+    [registered] = [line for line in human.stdout.splitlines() if "registered on host" in line]
+    assert "launching" in registered and "missing" not in registered, registered
+    assert "missing" not in human.stdout
+    as_json = json.loads(run_cli(settings, "--json", "vm", "history", "fresh").stdout)
+    assert next(e["state"] for e in as_json if e["kind"] == "vm") == "missing"  # the JSON keeps the record's

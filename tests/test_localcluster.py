@@ -122,6 +122,8 @@ def test_up_detached_starts_redis_and_every_host(running: ClusterInfo, home: Pat
     assert all(h.libvirt_uri == TEST_URI for h in running.hosts)
     assert _hosts_up(running) == {h.name: h.pid for h in running.hosts}
     assert _recorded(home)["redis_url"] == running.redis_url
+    with connect(running.redis_url, retries=0) as client:  # an accepted job survives a power loss
+        assert client.config_get("appendfsync") == {"appendfsync": "always"}
     # Every other vmorch command with this home finds the cluster through cluster.json.
     assert Settings(home=home).resolved_redis_url() == running.redis_url
     assert localcluster.status(_settings(home)) == running
@@ -215,7 +217,8 @@ def test_down_after_the_supervisor_was_killed_stops_what_it_left(running: Cluste
 
 
 def test_foreground_up_stops_everything_on_ctrl_c(home: Path, tmp_path: Path) -> None:
-    code = ("import sys; from orchestrator import localcluster as lc; from orchestrator.settings import Settings; "
+    code = ("import sys; from orchestrator import localcluster as lc; "
+            "from orchestrator.model.settings import Settings; "
             "lc.up(Settings(home=sys.argv[1], heartbeat_interval=0.5, host_down_after=3.0), hosts=1, "
             "libvirt_uri='test:///default')")
     with (tmp_path / "foreground.log").open("wb") as out:
@@ -288,6 +291,18 @@ def test_missing_redis_server_is_reported_with_the_fix(home: Path, tmp_path: Pat
     assert caught.value.message == "redis-server not found"
     assert caught.value.hint == "install it: apt-get install redis-server (or run scripts/install.sh)"
     assert not (home / "cluster.json").exists()
+
+
+def test_redis_appendfsync_is_always_unless_relaxed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.localcluster.supervisor import redis_appendfsync
+
+    monkeypatch.delenv("VMORCH_REDIS_APPENDFSYNC", raising=False)
+    assert redis_appendfsync() == "always"
+    monkeypatch.setenv("VMORCH_REDIS_APPENDFSYNC", "everysec")
+    assert redis_appendfsync() == "everysec"
+    monkeypatch.setenv("VMORCH_REDIS_APPENDFSYNC", "sometimes")
+    with pytest.raises(InvalidInput, match="VMORCH_REDIS_APPENDFSYNC='sometimes'"):
+        redis_appendfsync()
 
 
 def test_purge_refuses_a_directory_vmorch_did_not_create(tmp_path: Path) -> None:

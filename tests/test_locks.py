@@ -14,10 +14,27 @@ from typing import TypeVar
 import pytest
 from redis import Redis
 
-from orchestrator.control.locks import LockManager, cmd_lock, held, host_lock, other_lock, require, vm_lock, vms_lock
+from orchestrator.control.locks import (
+    Level,
+    LockManager,
+    cmd_lock,
+    declared_names,
+    held,
+    host_lock,
+    other_lock,
+    require,
+    vm_lock,
+    vms_lock,
+)
 from orchestrator.model.errors import FencedOut, LockLost, LockOrderError, LockTimeout
+from orchestrator.model.operation import PARAMS, Op, Operation, TargetedOp
+from orchestrator.model.records import Job
+from orchestrator.services.client import RedisClient
+from orchestrator.services.schedules import ScheduleSpec
 from orchestrator.store import keys
 from orchestrator.store.jobstore import Store
+from worker import runner
+from worker.handlers import HANDLERS, operation_of
 
 from .conftest import RedisServer, wait_until
 
@@ -46,7 +63,9 @@ def test_locks_are_taken_in_hierarchy_order_and_released_in_reverse(manager: Loc
     with manager.hold(*wanted, timeout=5) as holding:
         assert held() == (cmd_lock("ns"), vms_lock("ns"), vm_lock("ns", "a"), vm_lock("ns", "b"), host_lock("h1"))
         assert all(redis.exists(keys.lock_key(n.name)) for n in wanted)
-        assert len({holding.fence(n).token for n in wanted}) >= 1
+        for n in wanted:  # each lock's token is the newest its fencing counter handed out
+            fence = holding.fence(n)
+            assert fence.key == keys.fence(n.name) and fence.token == int(redis.get(fence.key) or 0) > 0
     assert held() == ()
     assert not list(redis.scan_iter("lock:*"))
 
@@ -175,3 +194,67 @@ def test_fencing_tokens_only_go_up(manager: LockManager) -> None:
         with manager.hold(other_lock("test:fence"), timeout=5) as holding:
             tokens.append(holding.fence(other_lock("test:fence")).token)
     assert tokens == sorted(tokens) and len(set(tokens)) == 5
+
+
+# -- locks declared once per handler; require() at the # LOCK: sites -----------------------
+
+
+def test_declared_locks_are_taken_level_by_level_and_held_ones_are_not_taken_again(manager: LockManager) -> None:
+    declared = {Level.OTHER: [host_lock("h2"), host_lock("h1")], Level.VM: [vm_lock("ns", "a")]}
+    assert declared_names(declared) == [vm_lock("ns", "a"), host_lock("h1"), host_lock("h2")]
+    with manager.hold(vm_lock("ns", "a"), timeout=5):  # the runner's: held for the whole mailbox
+        with manager.hold_declared(declared, timeout=5) as extra:
+            assert [h.name for h in extra.locks] == [host_lock("h1"), host_lock("h2")]
+            assert held() == (vm_lock("ns", "a"), host_lock("h1"), host_lock("h2"))
+        assert held() == (vm_lock("ns", "a"),)
+    with pytest.raises(LockOrderError, match="declared at vm"):
+        declared_names({Level.VM: [host_lock("h1")]})
+
+
+def test_every_handler_declares_its_vm_lock_and_takes_its_ops_params() -> None:
+    for op, handler in HANDLERS.items():
+        assert handler.params is PARAMS[op], op
+        params: dict[str, object] = {"to": "h2", "source": "h2", "name": "s", "set": {"k": "v"}, "memory_mib": 64}
+        operation = Operation.build(op, "ns", "web1", **{k: v for k, v in params.items()
+                                                         if k in PARAMS[op].model_fields})
+        job = Job.model_validate({"id": 5, "op": op, "namespace": "ns", "vm": "web1", "host": "h1", "state": "running",
+                                  "seq": 1, "submitted_at": None, "started_at": None, "finished_at": None,
+                                  "attempts": 1, "error": None, "result": None,
+                                  "params": operation.params.model_dump(mode="json")})
+        ctx = handler.context(job, operation_of(job), None, None, lambda: None)  # type: ignore[arg-type]
+        assert ctx.params == operation.params and type(ctx.params) is PARAMS[op]
+        declared = handler.locks(ctx)
+        assert declared[Level.VM] == [vm_lock("ns", "web1")], op
+        if op in (Op.MOVE_OUT, Op.MOVE_IN):
+            assert sorted(declared[Level.OTHER]) == [host_lock("h1"), host_lock("h2")]
+        else:
+            assert set(declared) == {Level.VM}, op
+
+
+def test_a_function_that_relies_on_a_lock_raises_when_called_without_it(client: RedisClient) -> None:
+    """The ``# LOCK:`` sites check what the calling thread holds: a caller that forgot the lock is
+    stopped before it reads or writes anything."""
+    ns = client.settings.namespace
+    job = Job.model_validate({"id": 7, "op": "pause", "namespace": ns, "vm": "web1", "host": "h1",
+                              "state": "queued", "seq": 1, "submitted_at": None, "started_at": None,
+                              "finished_at": None, "attempts": 0, "error": None, "result": None, "params": {}})
+    # the runner: running a job of the mailbox, and reading its VM, assume the VM's lock
+    with pytest.raises(LockOrderError, match=f"vmorch:vm:{ns}:web1 must be held"):
+        runner._run_one(None, None, None, job)  # type: ignore[arg-type]
+    with pytest.raises(LockOrderError, match="must be held"):
+        runner._load_vm(None, None, job, None)  # type: ignore[arg-type]
+    # the submit path: placement assumes cmd, vms and the candidate hosts' locks
+    with pytest.raises(LockOrderError, match=f"vmorch:cmd:{ns} must be held"):
+        client._plan(ns, [], locked=set())
+    # schedules: every write assumes the schedule's lock
+    store = client._schedules
+    with pytest.raises(LockOrderError, match=f"schedule:{ns}:s1 must be held"):
+        store.claim(ns, "s1", 0.0)
+    with pytest.raises(LockOrderError, match="must be held"):
+        store.remove(ns, "s1")
+    with pytest.raises(LockOrderError, match="must be held"):
+        client._schedules.add(ScheduleSpec(name="s1", namespace=ns, every="1h", operations=[
+            TargetedOp(op=Op.PAUSE, target="web1")]), "test")
+    with store.locked(ns, "s1"):
+        assert store.claim(ns, "s1", 0.0) is None  # held: it runs (and finds no such schedule)
+    assert client.schedules(ns) == []

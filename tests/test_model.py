@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import time
+import tracemalloc
+
 import pytest
+from pydantic import ValidationError
 
 from orchestrator.model.errors import (
     AlreadyExists,
@@ -13,7 +17,15 @@ from orchestrator.model.errors import (
     NotFound,
     VmorchError,
 )
-from orchestrator.model.names import expand_target
+from orchestrator.model.names import (
+    MAX_TARGETS,
+    check_name,
+    check_namespace,
+    check_tag,
+    expand_target,
+    refuse_bad_text,
+    target_size,
+)
 from orchestrator.model.operation import PARAMS, LaunchParams, Op, Operation
 from worker.handlers import HANDLERS
 
@@ -45,6 +57,9 @@ def test_operation_is_frozen() -> None:
     (Op.LAUNCH, "web1", {"vcpus": 0}, "vcpus"),
     (Op.LAUNCH, "web1", {"image": "relative.qcow2"}, "image"),
     (Op.LAUNCH, "web1", {"tags": {"bad key": "v"}}, "tags"),
+    (Op.LAUNCH, "web1", {"tags": {"role": "\ud800"}}, "tags"),
+    (Op.TAG, "web1", {"set": {"role": "a\x00b"}}, "tag"),
+    (Op.PAUSE, "web1\n", {}, "vm"),
     (Op.PAUSE, "a.b", {}, "vm"),
     (Op.PAUSE, "-x", {}, "vm"),
     (Op.PAUSE, "x" * 64, {}, "vm"),
@@ -76,10 +91,82 @@ def test_targets(target: str, names: list[str]) -> None:
     assert expand_target(target) == names
 
 
-@pytest.mark.parametrize("target", ["web[3-1]", "web[1-]", "web[a-b]", "web[1-3", "we]b", "web[1-20000]", "a.b[1-2]"])
+@pytest.mark.parametrize("target", ["web[3-1]", "web[1-]", "web[a-b]", "web[1-3", "we]b", "web[1-20000]", "a.b[1-2]",
+                                    "web[1-2-3]", "web[-3]", "web[\u0663]", "web1\n", "a,,b", "x[1-2][3-4]"])
 def test_bad_targets(target: str) -> None:
     with pytest.raises(InvalidInput):
         expand_target(target)
+
+
+@pytest.mark.parametrize(("target", "size"), [
+    ("web1", 1), ("web[1-3]", 3), ("web[1,3,5-7]", 5), ("a,b,web[1-2]", 4), ("x[1-20000000]", 20_000_000),
+    ("x[0-9999999999999999999999]", 10**22), ("x[1-5000],y[1-5001]", 10_001),
+])
+def test_a_target_is_counted_without_expanding_it(target: str, size: int) -> None:
+    assert target_size(target) == size
+
+
+@pytest.mark.parametrize("target", [
+    "x[0-9999999999999999999999]",  # range() of it was an OverflowError
+    "x[1-20000000]",  # expanded, ~700 MB, before the limit refused it
+    "x[1-5000],y[1-5001]",
+    ",".join(["a"] * (MAX_TARGETS + 1)),
+    "x[1-10000,1-10000]",  # a name given twice counts twice, as it always did
+])
+def test_too_many_targets_are_refused_before_any_is_made(target: str) -> None:
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(InvalidInput, match=f"names more than {MAX_TARGETS} VMs") as info:
+            expand_target(target)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - started < 0.5
+    assert peak < 2 * 1024 * 1024, peak  # (expanding x[1-20000000] took ~700 MB)
+    assert info.value.hint == "split it" and "\n" not in info.value.message and len(info.value.message) < 200
+
+
+def test_a_bound_is_at_most_as_long_as_a_name() -> None:
+    with pytest.raises(InvalidInput, match="a bound of more than 63 digits"):
+        expand_target("x[" + "9" * 5000 + "]")  # int() of it is a ValueError (and quadratic)
+    assert expand_target("x[" + "9" * 18 + "]") == ["x" + "9" * 18]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("role", "\ud800", "invalid value for tag 'role': not valid UTF-8: lone surrogate '\\ud800' at character 0"),
+    ("role", "web\udcff", "lone surrogate '\\udcff' at character 3"),
+    ("ro\ud800", "web", "invalid tag key 'ro\\ud800'"),
+    ("role", "a\nb", "invalid value for tag 'role': control character '\\n' at character 1"),
+    ("role", "a\x7f", "control character '\\x7f'"),
+    ("role", "\x85", "control character '\\x85'"),
+    ("role\n", "web", "invalid tag key 'role\\n'"),  # "$" of a regex matches before a final newline
+    ("role", "x" * 257, "longer than 256 characters"),
+])
+def test_tags_that_cannot_be_stored_are_refused(key: str, value: str, message: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        check_tag(key, value)
+    assert message in info.value.message and info.value.hint
+    info.value.message.encode()  # the message itself can be printed and stored
+
+
+def test_names_refuse_a_final_newline() -> None:
+    for check in (check_name, check_namespace):
+        with pytest.raises(InvalidInput, match="\\\\n"):
+            check("web1\n")
+    assert check_tag("role", "web, db: \u00e9\U0001f600") == ("role", "web, db: \u00e9\U0001f600")
+
+
+def test_a_request_body_is_refused_at_its_first_string_that_cannot_be_stored() -> None:
+    body = {"operations": [{"vm": "ok", "params": {"tags": {"role": "\ud800"}}}], "options": {"label": "ok"}}
+    with pytest.raises(ValidationError) as info:
+        refuse_bad_text(body)
+    [error] = info.value.errors()
+    assert error["loc"] == ("operations", 0, "params", "tags", "role") and "lone surrogate" in error["msg"]
+    with pytest.raises(ValidationError) as info:
+        refuse_bad_text({"params": {"\udc80": 1}})
+    assert info.value.errors()[0]["loc"] == ("params",) and "key '\\udc80'" in info.value.errors()[0]["msg"]
+    assert refuse_bad_text(body | {"operations": []}) is not None
 
 
 @pytest.mark.parametrize("cls", [InvalidInput, NotFound, AlreadyExists, InvalidState, FencedOut, LockOrderError])

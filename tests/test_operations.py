@@ -50,6 +50,8 @@ def test_lifecycle(cluster: list[WorkerProc], client: RedisClient) -> None:
 
     again = ok(client, Op.START, "life")
     assert again.result is not None and again.result["changed"] is False and "already running" in again.result["note"]
+    # the no-op's answer is the job's, not news about the VM: the VM's note stays what it was
+    assert "already" not in (client.vm(client.settings.namespace, "life").note or "")
 
     ok(client, Op.PAUSE, "life")
     assert state(client, "life") is VmState.PAUSED

@@ -47,3 +47,22 @@ def test_when_no_up_host_reaches_its_libvirt_the_refusal_says_why_for_each() -> 
     assert refused.value.message == ("no host that is up can reach its libvirt "
                                           "(h1: connection reset; h2: no answer)")
     assert "vmorch doctor" in (refused.value.hint or "")
+
+
+def test_equal_vms_spread_evenly_over_equal_hosts_even_when_their_sizes_differ_a_little() -> None:
+    # The local cluster's hosts are shares of one machine; workers read its size at different moments.
+    hosts = [host("h1", memory_mib="12003"), host("h2", memory_mib="11990"), host("h3", memory_mib="12001")]
+    chosen = placement.plan([request(f"web{i}") for i in range(1, 7)], hosts)
+    assert sorted(chosen.values()) == ["h1", "h1", "h2", "h2", "h3", "h3"]
+
+
+def test_the_least_loaded_host_by_share_gets_the_next_vm_and_a_bigger_host_takes_more() -> None:
+    small = host("small", memory_mib="4096", committed_mib="2048")  # half full
+    big = host("big", memory_mib="16384", committed_mib="4096")  # a quarter full, more free memory too
+    assert placement.plan([request("a")], [small, big]) == {"a": "big"}
+    busy_big = host("big", memory_mib="16384", committed_mib="12288")  # three quarters full, still more MiB free
+    assert placement.plan([request("b")], [small, busy_big]) == {"b": "small"}
+    # 8 GiB of 512 MiB VMs over a 4 GiB and a 12 GiB empty host: about 1 to 3
+    chosen = placement.plan([request(f"v{i}") for i in range(16)],
+                            [host("s", memory_mib="4096"), host("l", memory_mib="12288")])
+    assert list(chosen.values()).count("l") == 12

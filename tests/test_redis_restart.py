@@ -14,7 +14,7 @@ from orchestrator.model.records import Job, JobState
 from orchestrator.model.settings import Settings
 from orchestrator.services.client import RedisClient
 
-from .conftest import RedisServer, WorkerProc, free_port, ops, start_worker, wait_hosts_up
+from .conftest import RedisServer, WorkerProc, free_port, ops, start_worker, wait_hosts_up, wait_until
 from .test_ordering import assert_serialized_in_order
 
 
@@ -35,6 +35,10 @@ def own_cluster(tmp_path: Path) -> Iterator[tuple[RedisServer, Settings, list[Wo
         server.stop()
 
 
+#: how long Redis stays down in each restart (the fault's length, not a wait for anything)
+OUTAGE_S = 1.0
+
+
 def test_a_redis_restart_loses_no_job(own_cluster: tuple[RedisServer, Settings, list[WorkerProc]]) -> None:
     server, settings, workers = own_cluster
     client = RedisClient(settings)
@@ -43,10 +47,15 @@ def test_a_redis_restart_loses_no_job(own_cluster: tuple[RedisServer, Settings, 
     assert all(j.state is JobState.SUCCEEDED for j in launched), [(j.vm, j.host, j.error) for j in launched]
     accepted = [j.id for j in client.submit([o for _ in range(15) for o in ops(Op.PAUSE, "rr", "rs[1-6]")
                                              + ops(Op.RESUME, "rr", "rs[1-6]")])]
-    for _ in range(2):  # twice: kombu's reconnection has its own failure modes; the worker must outlive them
-        time.sleep(0.3)  # some run, some are queued
+    for round_ in range(2):  # twice: kombu's reconnection has its own failure modes; the worker must outlive them
+        def finished() -> int:
+            return sum(j.state.final for j in client.store.get_jobs(accepted))
+
+        # some run, some are still queued, when Redis goes
+        before = finished()
+        wait_until(lambda b=before: finished() > b, timeout=30, what=f"jobs running before restart {round_ + 1}")
         server.stop()   # SIGTERM: Redis writes its AOF and exits, as in an upgrade
-        time.sleep(1.0)
+        time.sleep(OUTAGE_S)  # the fault itself: Redis stays down this long
         server.start()  # same port, same directory
     before_second_batch = len(accepted)
     accepted += [j.id for j in client.submit(ops(Op.PAUSE, "rr", "rs[1-6]"))]  # the client reconnects

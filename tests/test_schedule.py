@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import signal
 import subprocess
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.model.errors import AlreadyExists, InvalidInput, NotFound
-from orchestrator.model.operation import Op
+from orchestrator.model.operation import Op, StopParams, TagParams, TargetedOp
 from orchestrator.model.records import JobState
 from orchestrator.model.settings import Settings
 from orchestrator.services import firing, schedules
@@ -56,6 +57,14 @@ def scheduler(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]
                 proc.wait()
 
 
+def pause(target: str) -> TargetedOp:
+    return TargetedOp(op=Op.PAUSE, target=target)
+
+
+def tag(target: str, **tags: str) -> TargetedOp:
+    return TargetedOp(op=Op.TAG, target=target, params=TagParams(set=tags))
+
+
 def fired(client: RedisClient, name: str) -> list[schedules.Firing]:
     return client.schedule(client.settings.namespace, name, history=100).history[::-1]  # oldest first
 
@@ -87,7 +96,7 @@ def test_a_slot_fires_once_even_when_two_firings_race(cluster: list[WorkerProc],
     try:
         assert sched.next_at is not None and sched.what == "experiment inline" and sched.when == "every 1s"
         with pytest.raises(AlreadyExists):
-            client.add_schedule(ScheduleSpec(name="exp", namespace=ns, every="1s", command=["vm", "pause", "x"]))
+            client.add_schedule(ScheduleSpec(name="exp", namespace=ns, every="1s", operations=[pause("x")]))
         raw = client._schedules.raw(ns, "exp")
         wait_until(lambda: schedules.current_slot(raw, client.store.redis_time()) is not None, what="the first slot")
         first = firing.fire(client, ns, "exp", by="a")
@@ -138,7 +147,7 @@ def test_a_standby_scheduler_takes_over_after_a_sigkill_and_no_slot_runs_twice(
         cluster: list[WorkerProc], client: RedisClient, settings: Settings, tmp_path: Path) -> None:
     ns = settings.namespace
     client.wait([j.id for j in client.submit(ops(Op.LAUNCH, ns, "fo1", memory_mib=32, disk_gib=0))], timeout=30)
-    client.add_schedule(ScheduleSpec(name="fo", namespace=ns, every="1s", command=["vm", "tag", "fo1", "k=v"]))
+    client.add_schedule(ScheduleSpec(name="fo", namespace=ns, every="1s", operations=[tag("fo1", k="v")]))
     try:
         with scheduler(settings, tmp_path / "a.log") as a:
             wait_until(lambda: len(fired(client, "fo")) >= 1, timeout=15, what="a's first firing")
@@ -168,7 +177,7 @@ def test_a_standby_scheduler_takes_over_after_a_sigkill_and_no_slot_runs_twice(
 def test_a_late_firing_runs_once_or_is_skipped_as_asked(client: RedisClient, missed: str) -> None:
     """After downtime RedBeat fires a late schedule once; the slot it stands for is the last one due."""
     ns = client.settings.namespace
-    client.add_schedule(ScheduleSpec(name="late", namespace=ns, every="1h", command=["vm", "pause", "x"],
+    client.add_schedule(ScheduleSpec(name="late", namespace=ns, every="1h", operations=[pause("x")],
                                      missed=missed))  # type: ignore[arg-type]
     try:
         store = client._schedules
@@ -189,9 +198,9 @@ def test_cron_and_one_off_schedules_say_when_they_fire_next(client: RedisClient)
     ns = client.settings.namespace
     at = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=2)
     try:
-        cron = client.add_schedule(ScheduleSpec(name="nightly", namespace=ns, cron="0 2 * * *",
-                                                command=["vm", "stop", "x", "--force"]))
-        assert cron.when == "cron 0 2 * * *" and cron.next_at is not None
+        stop = TargetedOp(op=Op.STOP, target="x", params=StopParams(force=True))
+        cron = client.add_schedule(ScheduleSpec(name="nightly", namespace=ns, cron="0 2 * * *", operations=[stop]))
+        assert cron.when == "cron 0 2 * * *" and cron.what == "vm stop x force=true" and cron.next_at is not None
         assert (cron.next_at.hour, cron.next_at.minute) == (2, 0) and cron.next_at > datetime.now(UTC)
         once = client.add_schedule(ScheduleSpec(name="once", namespace=ns, at=at, experiment=EXPERIMENT))
         assert once.next_at == at and once.what == "experiment (inline)"
@@ -220,9 +229,98 @@ def test_a_scheduler_whose_lock_was_lost_exits_to_be_restarted(client: RedisClie
 def test_a_namespace_with_schedules_is_not_deleted(client: RedisClient) -> None:
     ns = client.settings.namespace
     client.create_namespace(ns, None)
-    client.add_schedule(ScheduleSpec(name="keep", namespace=ns, every="1h", command=["vm", "pause", "x"]))
+    client.add_schedule(ScheduleSpec(name="keep", namespace=ns, every="1h", operations=[pause("x")]))
     with pytest.raises(InvalidInput, match="has schedules: keep"):
         client.delete_namespace(ns, force=True)
     client.remove_schedule(ns, "keep")
     assert client.delete_namespace(ns, force=True) == []
     client.finish_namespace_delete(ns)
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    (["vm", "launch", "w[1-2]", "-m", "64", "--disk", "0", "--host-label", "rack=a", "-t", "role=web"],
+     {"op": "launch", "target": "w[1-2]", "tag": {}, "params": {
+         "memory_mib": 64, "vcpus": 1, "disk_gib": 0, "image": None, "host": None, "host_labels": {"rack": "a"},
+         "colocate": None, "spread": False, "tags": {"role": "web"}}}),
+    (["vm", "start", "web1"], {"op": "start", "target": "web1", "tag": {}, "params": {}}),
+    (["vm", "kill", "--tag", "role=web"], {"op": "kill", "target": None, "tag": {"role": "web"}, "params": {}}),
+    (["vm", "pause", "a,b"], {"op": "pause", "target": "a,b", "tag": {}, "params": {}}),
+    (["vm", "resume", "web[1-3]", "-t", "k=v"], {"op": "resume", "target": "web[1-3]", "tag": {"k": "v"},
+                                                 "params": {}}),
+    (["vm", "reboot", "x"], {"op": "reboot", "target": "x", "tag": {}, "params": {}}),
+    (["vm", "delete", "x"], {"op": "delete", "target": "x", "tag": {}, "params": {}}),
+    (["vm", "stop", "x", "--force", "--timeout", "5"],
+     {"op": "stop", "target": "x", "tag": {}, "params": {"force": True, "timeout_s": 5.0}}),
+    (["vm", "set", "x", "-m", "256"],
+     {"op": "set", "target": "x", "tag": {}, "params": {"memory_mib": 256, "vcpus": None}}),
+    (["vm", "snapshot", "web[1-3]", "hourly"],
+     {"op": "snapshot", "target": "web[1-3]", "tag": {}, "params": {"name": "hourly"}}),
+    (["vm", "revert", "-", "s1", "--tag", "role=db"],
+     {"op": "revert", "target": None, "tag": {"role": "db"}, "params": {"name": "s1"}}),
+    (["vm", "tag", "s1", "k=v", "--remove", "old"],
+     {"op": "tag", "target": "s1", "tag": {}, "params": {"set": {"k": "v"}, "remove": ["old"]}}),
+    (["vm", "move", "x", "--to", "h2"], {"op": "move-out", "target": "x", "tag": {}, "params": {"to": "h2",
+                                                                                               "live": False}}),
+])
+def test_a_vm_command_is_parsed_into_the_operation_it_makes(command: list[str], expected: dict[str, object]) -> None:
+    """Parsed once, when the schedule is added; what is stored is the operation, never the command line."""
+    from cli.schedules import parse_vm_command
+
+    op = parse_vm_command(command)
+    assert op.model_dump(mode="json") == expected
+    assert TargetedOp.model_validate(expected) == op  # as the schedule stores and reads it back
+
+
+def test_every_vm_command_that_makes_jobs_can_be_scheduled() -> None:
+    from cli.schedules import parse_vm_command
+    from orchestrator.model.operation import COMMANDS
+
+    args = {"snapshot": ["s"], "revert": ["s"], "tag": ["k=v"], "set": ["-m", "64"], "move": ["--to", "h"]}
+    for op, word in COMMANDS.items():
+        assert parse_vm_command(["vm", word, "x", *args.get(word, [])]).op is op
+
+
+@pytest.mark.parametrize(("command", "message"), [
+    (["vm", "pause", "x", "--wait"], "doesn't take --wait"),
+    (["vm", "pause", "x", "--after", "3"], "doesn't take --after"),
+    (["vm", "launch", "x", "--dry-run"], "doesn't take --dry-run"),
+    (["vm", "list"], "can't schedule 'vm list'"),
+    (["job", "list"], "can't schedule"),
+    (["vm", "pause"], "give a target"),
+    (["vm", "set", "x"], "give --memory and/or --vcpus"),
+    (["vm", "pause", "web[1-"], "invalid target"),
+    (["vm", "launch", "x", "-m", "1"], "memory_mib"),
+])
+def test_a_bad_vm_command_is_refused_when_the_schedule_is_added(command: list[str], message: str) -> None:
+    from cli.schedules import parse_vm_command
+
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        parse_vm_command(command)
+
+
+def test_a_firing_submits_its_operations_in_process(cluster: list[WorkerProc], client: RedisClient,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """No subprocess, so no command line carrying the Redis URL (and its password)."""
+    ns = client.settings.namespace
+    client.wait([j.id for j in client.submit(ops(Op.LAUNCH, ns, "ip[1-2]", memory_mib=32, disk_gib=0))], timeout=30)
+
+    def no_subprocess(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a firing started a process: {args}")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", no_subprocess)
+    sched = client.add_schedule(ScheduleSpec(name="ip", namespace=ns, every="1s", operations=[tag("ip[1-2]", k="v")]))
+    assert sched.what == 'vm tag ip[1-2] set={"k": "v"}'
+    assert json.loads(client.redis.hget(keys.schedule(ns, "ip"), "target")) == {  # type: ignore[arg-type]
+        "operations": [{"op": "tag", "target": "ip[1-2]", "tag": {}, "params": {"set": {"k": "v"}, "remove": []}}]}
+    try:
+        raw = client._schedules.raw(ns, "ip")
+        wait_until(lambda: schedules.current_slot(raw, client.store.redis_time()) is not None, what="the first slot")
+        done = firing.fire(client, ns, "ip", by="test")
+        assert done is not None and done.state == "fired", done
+        parent, *children = client.wait(done.jobs, timeout=30)
+        assert parent.is_parent and parent.state is JobState.SUCCEEDED
+        assert [(j.op, j.vm, j.params["set"]) for j in children] == [(Op.TAG, "ip1", {"k": "v"}),
+                                                                     (Op.TAG, "ip2", {"k": "v"})]
+        assert client.vm(ns, "ip2").tags == {"k": "v"}
+    finally:
+        client.remove_schedule(ns, "ip")

@@ -88,5 +88,5 @@ def test_a_command_builds_only_the_validators_it_uses(client: RedisClient, setti
 
 
 def test_the_doctor_marks_every_status() -> None:
-    """The CLI's marks are keyed by value, to keep orchestrator.doctor (and redis) out of '--help'."""
+    """The CLI's marks are keyed by value, to keep orchestrator.edge.doctor (and redis) out of '--help'."""
     assert set(doctor_cli.MARK) == {s.value for s in doctor.Status}

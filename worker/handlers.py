@@ -1,26 +1,33 @@
 """One handler per operation, and the dispatch table (a test asserts it is complete).
 
-A handler runs with the VM's lock held (``# LOCK: vm:<ns>:<vm>``) and calls
-``ctx.check()`` before every side effect, so a lost lock or a cancel request stops it
-before it touches libvirt again. It returns an ``Outcome``: the job's result and what
+A handler is data beside its function (Ganeti's logical units): the params model it takes, the
+locks it needs by level (``locks``, taken by ``orchestrator.control.locks`` and nowhere else), and
+what a failure gives back. It runs with its locks held (the VM's for the whole operation), gets
+the job's ``Operation`` with its typed params (``ctx.op``, ``ctx.params``: the model the CLI
+built), and calls ``ctx.check()`` before every side effect, so a lost lock or a cancel request
+stops it before it touches libvirt again. It returns an ``Outcome``: the typed result and what
 changes in the VM record. The runner writes both in one fenced step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
 
 from redis import Redis
 
-from orchestrator.control.locks import LockName, host_lock
-from orchestrator.model.errors import ExecError, VmGone
+from orchestrator.control import locks
+from orchestrator.control.locks import Declared, Level, host_lock, vm_lock
+from orchestrator.model.errors import ExecError, InvalidInput, VmGone
 from orchestrator.model.operation import (
     LaunchParams,
     MoveInParams,
     MoveOutParams,
+    NoParams,
     Op,
+    Operation,
+    Params,
     SetParams,
     SnapshotParams,
     StopParams,
@@ -30,21 +37,28 @@ from orchestrator.model.records import Job, JobState, Vm, VmState
 from orchestrator.store import keys, transfer
 from orchestrator.store.jobstore import Store
 
-from .driver import DomainSpec, Driver
+from .driver import DomainSpec, Driver, DriverResult
+from .results import HandedOver, Tagged
+
+P = TypeVar("P", bound=Params)
+#: reservations to change: (host, MiB, vCPUs)
+Adjust = tuple[tuple[str, int, int], ...]
 
 
 @dataclass(frozen=True)
 class Outcome:
-    result: dict[str, Any]
+    result: DriverResult
     vm_update: Mapping[str, Any] | None = None
     delete_vm: bool = False
-    #: reservations to change: (host, MiB, vCPUs)
-    adjust: tuple[tuple[str, int, int], ...] = ()
+    adjust: Adjust = ()
 
 
 @dataclass
-class Context:
+class Context(Generic[P]):
     job: Job
+    #: the job's operation, rebuilt once from its record; ``params`` is its params, typed
+    op: Operation
+    params: P
     vm: Vm
     driver: Driver
     #: raises LockLost / Canceled; call before every side effect
@@ -56,30 +70,68 @@ class Context:
     move_max_mib: int = 4096
 
 
+def operation_of(job: Job) -> Operation:
+    """A job's operation, rebuilt from its record with its op's params model."""
+    if not isinstance(job.op, Op):
+        raise ExecError(f"job {job.id} is a {job.op.value} job: it runs no operation of its own")
+    try:
+        return Operation.build(job.op, job.namespace, job.vm, **job.params)
+    except InvalidInput as exc:
+        raise ExecError(f"job {job.id}'s operation can't be read: {exc.message}",
+                        hint="it was stored by another version of vmorch; submit it again") from None
+
+
+def vm_only(ctx: Context[Any]) -> Declared:
+    """The locks of most operations: the VM's, for the whole operation."""
+    return {Level.VM: [vm_lock(ctx.op.namespace, ctx.op.vm)]}
+
+
+def _nothing(ctx: Context[Any]) -> Adjust:
+    return ()
+
+
 @dataclass(frozen=True)
-class Handler:
-    run: Callable[[Context], Outcome]
-    #: locks this operation needs besides the VM's (all of level ``other``: the VM's is held)
-    extra_locks: Callable[[Job], tuple[LockName, ...]] = field(default=lambda job: ())
+class Handler(Generic[P]):
+    #: the params model of its operation (``orchestrator.model.operation.PARAMS``)
+    params: type[P]
+    run: Callable[[Context[P]], Outcome]
+    #: every lock it needs, by level (Ganeti's ``needed_locks``); the VM's lock is among them
+    locks: Callable[[Context[P]], Declared] = vm_only
     #: whether the domain is still on this host afterwards, to record the fencing token in
     leaves_domain_here: bool = True
+    #: a failed launch was rolled back by the driver: its name goes back too
+    failure_deletes_vm: bool = False
+    #: the reservations a failure gives back
+    failure_adjust: Callable[[Context[P]], Adjust] = _nothing
+
+    def context(self, job: Job, op: Operation, vm: Vm, driver: Driver, check: Callable[[], None], *,
+                fence_token: int = 0, store: Store | None = None, blobs: Redis | None = None,
+                move_max_mib: int = 4096) -> Context[P]:
+        if not isinstance(op.params, self.params):
+            raise TypeError(f"{op.op.value} takes {self.params.__name__}, not {type(op.params).__name__}")
+        return Context(job, op, op.params, vm, driver, check, fence_token, store, blobs, move_max_mib)
 
 
-def _state_update(result: Mapping[str, Any], **more: Any) -> dict[str, Any]:
-    return {"state": result["state"], "note": result.get("note", ""), **more}
+def _state_update(result: DriverResult, **more: Any) -> dict[str, Any]:
+    """What a job writes on the VM record. A no-op's answer ("already running") is this job's
+    result, not news about the VM: it leaves the VM's note (a change pending at next boot, say) as it was."""
+    update = {"state": result.state.value, **more}
+    if result.changed:
+        update["note"] = result.note or ""
+    return update
 
 
-def _simple(method: Callable[[Driver, str], dict[str, Any]]) -> Handler:
-    def run(ctx: Context) -> Outcome:
+def _simple(method: Callable[[Driver, str], DriverResult]) -> Handler[NoParams]:
+    def run(ctx: Context[NoParams]) -> Outcome:
         ctx.check()
         result = method(ctx.driver, ctx.vm.domain)
         return Outcome(result, _state_update(result))
 
-    return Handler(run)
+    return Handler(NoParams, run)
 
 
-def _launch(ctx: Context) -> Outcome:
-    p = LaunchParams.model_validate(ctx.job.params)
+def _launch(ctx: Context[LaunchParams]) -> Outcome:
+    p = ctx.params
     spec = DomainSpec(namespace=ctx.vm.namespace, vm=ctx.vm.name, memory_mib=p.memory_mib, vcpus=p.vcpus,
                       disk_gib=p.disk_gib, image=p.image, tags=dict(p.tags), job_id=ctx.job.id,
                       fence=ctx.fence_token)
@@ -88,59 +140,59 @@ def _launch(ctx: Context) -> Outcome:
     return Outcome(result, _state_update(result))
 
 
-def _stop(ctx: Context) -> Outcome:
-    p = StopParams.model_validate(ctx.job.params)
+def _stop(ctx: Context[StopParams]) -> Outcome:
     ctx.check()
-    result = ctx.driver.stop(ctx.vm.domain, timeout_s=p.timeout_s, force=p.force, check=ctx.check)
+    result = ctx.driver.stop(ctx.vm.domain, timeout_s=ctx.params.timeout_s, force=ctx.params.force, check=ctx.check)
     return Outcome(result, _state_update(result))
 
 
-def _delete(ctx: Context) -> Outcome:
+def _delete(ctx: Context[NoParams]) -> Outcome:
     ctx.check()
-    result = ctx.driver.delete(ctx.vm.domain)
-    return Outcome(result, delete_vm=True)
+    return Outcome(ctx.driver.delete(ctx.vm.domain), delete_vm=True)
 
 
-def _set(ctx: Context) -> Outcome:
-    p = SetParams.model_validate(ctx.job.params)
+def _set(ctx: Context[SetParams]) -> Outcome:
     ctx.check()
-    result = ctx.driver.set_resources(ctx.vm.domain, memory_mib=p.memory_mib, vcpus=p.vcpus)
+    result = ctx.driver.set_resources(ctx.vm.domain, memory_mib=ctx.params.memory_mib, vcpus=ctx.params.vcpus)
     # The record shows what was set (the persistent definition), not what a guest ballooned to.
-    return Outcome(result, _state_update(result, memory_mib=result["memory_mib"], vcpus=result["vcpus"]))
+    return Outcome(result, _state_update(result, memory_mib=result.memory_mib, vcpus=result.vcpus))
 
 
-def _snapshot(ctx: Context) -> Outcome:
-    p = SnapshotParams.model_validate(ctx.job.params)
+def _snapshot(ctx: Context[SnapshotParams]) -> Outcome:
     ctx.check()
-    result = ctx.driver.snapshot(ctx.vm.domain, p.name, job_id=ctx.job.id)
+    result = ctx.driver.snapshot(ctx.vm.domain, ctx.params.name, job_id=ctx.job.id)
     snapshots = ctx.driver.status(ctx.vm.domain).snapshots
     return Outcome(result, _state_update(result, snapshots=snapshots))
 
 
-def _revert(ctx: Context) -> Outcome:
-    p = SnapshotParams.model_validate(ctx.job.params)
+def _revert(ctx: Context[SnapshotParams]) -> Outcome:
     ctx.check()
-    result = ctx.driver.revert(ctx.vm.domain, p.name)
+    result = ctx.driver.revert(ctx.vm.domain, ctx.params.name)
     # A revert restores the definition of the snapshot's time, memory and vCPUs included.
-    return Outcome(result, _state_update(result, memory_mib=result["memory_mib"], vcpus=result["vcpus"]))
+    return Outcome(result, _state_update(result, memory_mib=result.memory_mib, vcpus=result.vcpus))
 
 
-def _tag(ctx: Context) -> Outcome:
-    p = TagParams.model_validate(ctx.job.params)
+def _tag(ctx: Context[TagParams]) -> Outcome:
+    p = ctx.params
     tags = {k: v for k, v in {**ctx.vm.tags, **p.set}.items() if k not in p.remove}
     ctx.check()
     ctx.driver.set_metadata(ctx.vm.domain, tags=tags)
     status = ctx.driver.status(ctx.vm.domain)
-    changed = tags != ctx.vm.tags
-    return Outcome({"state": status.state.value, "changed": changed, "tags": tags}, {"tags": tags})
+    return Outcome(Tagged(status.state, tags != ctx.vm.tags, tags=tags), {"tags": tags})
 
 
-def _move_out(ctx: Context) -> Outcome:
+def _both_hosts(ctx: Context[Any], other: str) -> Declared:
+    """A move's locks: the VM's, and both hosts' for the hand-over (their reservations change)."""
+    return {**vm_only(ctx), Level.OTHER: [host_lock(ctx.job.host), host_lock(other)]}
+
+
+def _move_out(ctx: Context[MoveOutParams]) -> Outcome:
     """On the source host: hand the definition and disk over through Redis, then forget the VM here."""
-    p = MoveOutParams.model_validate(ctx.job.params)
+    p = ctx.params
     assert ctx.blobs is not None
     ctx.check()
     in_job = ctx.job.id + 1  # the move-in job: both were created in one atomic step
+    gives_back = ((ctx.vm.host, -ctx.vm.memory_mib, -ctx.vm.vcpus),)
     if p.live:
         assert ctx.store is not None
         target = ctx.store.host(p.to)
@@ -149,10 +201,10 @@ def _move_out(ctx: Context) -> Outcome:
             result = ctx.driver.migrate_live(ctx.vm.domain, target.migrate_uri,
                                              shared_storage=source.shared_storage and target.shared_storage)
         except VmGone:
-            result = {"state": VmState.RUNNING.value, "changed": False}  # a re-run: it left already
-        return Outcome({**result, "note": f"live-migrated to {p.to}"},
-                       {"host": p.to, "state": result["state"], "note": f"moving live from {ctx.vm.host} to {p.to}"},
-                       adjust=((ctx.vm.host, -ctx.vm.memory_mib, -ctx.vm.vcpus),))
+            result = DriverResult(VmState.RUNNING, False)  # a re-run: it left already
+        return Outcome(replace(result, note=f"live-migrated to {p.to}"),
+                       {"host": p.to, "state": result.state.value, "note": f"moving live from {ctx.vm.host} to {p.to}"},
+                       adjust=gives_back)
     try:
         xml, disk = ctx.driver.export(ctx.vm.domain)
     except VmGone:
@@ -160,17 +212,18 @@ def _move_out(ctx: Context) -> Outcome:
             raise
         size = 0  # a re-run after a crash between handing over and finishing: already done
     else:
+        locks.require(*locks.declared_names(_both_hosts(ctx, p.to)))  # LOCK: vm, both hosts: the hand-over
         size = transfer.put(ctx.blobs, in_job, xml, disk, max_mib=ctx.move_max_mib)
         ctx.check()
         ctx.driver.delete(ctx.vm.domain)
-    return Outcome({"state": VmState.SHUTOFF.value, "changed": True, "bytes": size, "note": f"handed over to {p.to}"},
+    return Outcome(HandedOver(VmState.SHUTOFF, True, f"handed over to {p.to}", bytes=size),
                    {"host": p.to, "state": VmState.SHUTOFF.value, "note": f"moving from {ctx.vm.host} to {p.to}"},
-                   adjust=((ctx.vm.host, -ctx.vm.memory_mib, -ctx.vm.vcpus),))
+                   adjust=gives_back)
 
 
-def _move_in(ctx: Context) -> Outcome:
+def _move_in(ctx: Context[MoveInParams]) -> Outcome:
     """On the target host: define the VM from what the move-out handed over."""
-    p = MoveInParams.model_validate(ctx.job.params)
+    p = ctx.params
     assert ctx.store is not None and ctx.blobs is not None
     out = ctx.store.get_job(ctx.job.id - 1)
     if out.op is not Op.MOVE_OUT or out.vm != ctx.job.vm or out.state is not JobState.SUCCEEDED:
@@ -179,42 +232,39 @@ def _move_in(ctx: Context) -> Outcome:
     ctx.check()
     here = ctx.driver.status(ctx.vm.domain).state
     if here is VmState.MISSING:
-        if MoveOutParams.model_validate(out.params).live:
+        moved_out = operation_of(out).params
+        if isinstance(moved_out, MoveOutParams) and moved_out.live:
             raise ExecError(f"{ctx.vm.domain} did not arrive on this host", hint="see the move-out job's result")
         disk = ctx.driver.disk_path(ctx.vm.domain)
         xml, has_disk = transfer.get(ctx.blobs, ctx.job.id, disk)
         result = ctx.driver.import_domain(ctx.vm.domain, xml, disk if has_disk else None)
     else:
-        result = {"state": here.value, "changed": False}  # a re-run: it arrived already
+        result = DriverResult(here, False)  # a re-run: it arrived already
+    locks.require(*locks.declared_names(_both_hosts(ctx, p.source)))  # LOCK: vm, both hosts: the hand-over
     transfer.drop(ctx.blobs, ctx.job.id)
-    return Outcome({**result, "note": f"moved from {p.source}"},
-                   {"state": result["state"], "note": f"moved from {p.source}"})
+    return Outcome(replace(result, note=f"moved from {p.source}"),
+                   {"state": result.state.value, "note": f"moved from {p.source}"})
 
 
-def failure_adjust(job: Job, vm: Vm) -> tuple[tuple[str, int, int], ...]:
-    """Reservations a failed job gives back: a move-out that failed frees the room held on its target."""
-    if job.op is Op.MOVE_OUT:
-        return ((MoveOutParams.model_validate(job.params).to, -vm.memory_mib, -vm.vcpus),)
-    return ()
+def _move_out_gives_back(ctx: Context[MoveOutParams]) -> Adjust:
+    """A move-out that failed frees the room held on its target."""
+    return ((ctx.params.to, -ctx.vm.memory_mib, -ctx.vm.vcpus),)
 
 
-HANDLERS: dict[Op, Handler] = {
-    Op.LAUNCH: Handler(_launch),
+HANDLERS: dict[Op, Handler[Any]] = {
+    Op.LAUNCH: Handler(LaunchParams, _launch, failure_deletes_vm=True),
     Op.START: _simple(Driver.start),
-    Op.STOP: Handler(_stop),
+    Op.STOP: Handler(StopParams, _stop),
     Op.KILL: _simple(Driver.kill),
     Op.PAUSE: _simple(Driver.pause),
     Op.RESUME: _simple(Driver.resume),
     Op.REBOOT: _simple(Driver.reboot),
-    Op.DELETE: Handler(_delete, leaves_domain_here=False),
-    Op.SET: Handler(_set),
-    Op.SNAPSHOT: Handler(_snapshot),
-    Op.REVERT: Handler(_revert),
-    Op.TAG: Handler(_tag),
-    # both host locks, in the hierarchy's order, for the hand-over (the VM's lock is held already)
-    Op.MOVE_OUT: Handler(_move_out, lambda job: tuple(sorted(
-        {host_lock(job.host), host_lock(MoveOutParams.model_validate(job.params).to)})), leaves_domain_here=False),
-    Op.MOVE_IN: Handler(_move_in, lambda job: tuple(sorted(
-        {host_lock(job.host), host_lock(MoveInParams.model_validate(job.params).source)}))),
+    Op.DELETE: Handler(NoParams, _delete, leaves_domain_here=False),
+    Op.SET: Handler(SetParams, _set),
+    Op.SNAPSHOT: Handler(SnapshotParams, _snapshot),
+    Op.REVERT: Handler(SnapshotParams, _revert),
+    Op.TAG: Handler(TagParams, _tag),
+    Op.MOVE_OUT: Handler(MoveOutParams, _move_out, lambda ctx: _both_hosts(ctx, ctx.params.to),
+                         leaves_domain_here=False, failure_adjust=_move_out_gives_back),
+    Op.MOVE_IN: Handler(MoveInParams, _move_in, lambda ctx: _both_hosts(ctx, ctx.params.source)),
 }
-

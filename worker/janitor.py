@@ -12,7 +12,7 @@ import threading
 
 from redis.exceptions import RedisError
 
-from orchestrator.control import deps
+from orchestrator.control import deps, locks
 from orchestrator.control.locks import vm_lock
 from orchestrator.model.errors import HostDown, LockError
 from orchestrator.model.operation import Op
@@ -40,7 +40,8 @@ def sweep(w: Worker) -> int:
                 error = HostDown(f"host {host.name} is down",
                                  hint=f"it stopped heartbeating at {host.heartbeat_at:%Y-%m-%d %H:%M:%S}Z; "
                                       "restart its worker, then retry the job")
-                for job in w.store.get_jobs(i for i, _ in w.store.mailbox(namespace, name)):  # LOCK: vm
+                locks.require(lock)  # LOCK: vm -- the mailbox can't change under it
+                for job in w.store.get_jobs(i for i, _ in w.store.mailbox(namespace, name)):
                     # a launch that never ran gives its name and reservation back
                     finished = w.store.finish(job, holding.fence(lock), JobState.FAILED, error=error,
                                               delete_vm=job.op is Op.LAUNCH, by=f"janitor@{w.name}")

@@ -14,7 +14,7 @@ from orchestrator.control.locks import LockManager
 from orchestrator.control.queue import enqueue, make_app
 from orchestrator.model import logs, metrics
 from orchestrator.model.settings import Settings
-from orchestrator.store import keys
+from orchestrator.store import keys, layout
 from orchestrator.store.jobstore import Store
 from orchestrator.store.redisconn import connect
 
@@ -36,13 +36,15 @@ def default_storage(settings: Settings, host: str) -> Path:
 
 def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4,
         storage_dir: Path | None = None, loglevel: str = "INFO", labels: dict[str, str] | None = None,
-        migrate_uri: str = "", shared_storage: bool = False, metrics_port: int = 0, task_events: bool = False) -> None:
+        migrate_uri: str = "", shared_storage: bool = False, metrics_port: int = 0, task_events: bool = False,
+        share: int = 1) -> None:
     """Run until SIGTERM/SIGINT. ``test:///default`` keeps its state in this process: never fork."""
     logs.bind_process(host=host)
     metrics.enable()
     url = settings.resolved_redis_url()
-    driver = Driver(libvirt_uri, storage_dir or default_storage(settings, host))
     store = Store(connect(url), host_down_after=settings.host_down_after)
+    layout.check(store.redis)  # before libvirt and before the host registers: LayoutMismatch stops here
+    driver = Driver(libvirt_uri, storage_dir or default_storage(settings, host))
     # The machine's name in the owner id makes the pids in this host's lock ids checkable here.
     locks = LockManager(url, owner=f"{host}@{socket.gethostname()}", expire=settings.lock_expire)
     watchdog = Watchdog(store, f"{host}:{os.getpid()}", settings.job_hard_time_limit)
@@ -51,6 +53,9 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
     app.conf.worker_send_task_events = task_events
     register(app, worker)
     cpus, memory_mib = driver.capacity()
+    # Hosts that share one machine (the local cluster) offer equal parts of it, so placement
+    # sees equal hosts and spreads equal VMs evenly.
+    cpus, memory_mib = max(1, cpus // share), max(1, memory_mib // share)
     probe = LibvirtProbe(driver, interval=max(1.0, settings.heartbeat_interval))
     heartbeat = Heartbeat(store, host, libvirt_uri=libvirt_uri, cpus=cpus, memory_mib=memory_mib,
                           interval=settings.heartbeat_interval, labels=labels, migrate_uri=migrate_uri,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from orchestrator.control import locks
 from orchestrator.control.locks import vm_lock
 from orchestrator.model.errors import NotFound, VmorchError
 
@@ -26,8 +27,9 @@ def reconcile(w: Worker) -> dict[str, tuple[str, str]]:
             continue
         lock = vm_lock(namespace, name)
         with w.locks.hold(lock, timeout=w.settings.lock_expire + 2) as holding:
+            locks.require(lock)  # LOCK: vm -- no job changes the VM between this read and the update below
             try:
-                vm = w.store.get_vm(namespace, name, as_stored=True)  # LOCK: vm
+                vm = w.store.get_vm(namespace, name, as_stored=True)
             except NotFound:
                 continue
             try:

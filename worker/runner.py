@@ -20,13 +20,15 @@ import logging
 import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from celery import Celery
 from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from orchestrator.control import deps
+from orchestrator.control import deps, locks
 from orchestrator.control.locks import Holding, LockManager, vm_lock
 from orchestrator.control.queue import enqueue
 from orchestrator.model import logs, metrics
@@ -37,7 +39,7 @@ from orchestrator.model.settings import Settings
 from orchestrator.store.jobstore import Fence, Finished, Store
 
 from .driver import Driver
-from .handlers import HANDLERS, Context, Outcome, failure_adjust
+from .handlers import HANDLERS, Adjust, Context, Outcome, operation_of
 from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ def run_message(w: Worker, namespace: str, vm: str, job_id: int) -> None:
         running = job_id
         try:
             # LOCK: vm -- the mailbox read here can only grow behind job_id's seq, never before it.
+            locks.require(lock)
             turn = w.store.turn(namespace, vm, job_id)
             vm_now: Vm | NotFound | None = turn.vm
             for earlier_id, _seq in turn.pending:
@@ -114,6 +117,7 @@ def _fail_crashed(w: Worker, fence: Fence, job_id: int, exc: Exception) -> None:
     """
     log.error("job %s crashed in the worker:\n%s", job_id, traceback.format_exc())
     job = w.store.get_job(job_id)
+    locks.require(vm_lock(job.namespace, job.vm))
     if job.state.final:
         return
     error = _internal(exc)
@@ -130,6 +134,7 @@ def _load_vm(w: Worker, fence: Fence, job: Job, known: Vm | NotFound | None) -> 
 
     # LOCK: the caller holds vm:<ns>:<vm> (``fence``).
     """
+    locks.require(vm_lock(job.namespace, job.vm))
     vm: Vm | None = None
     if isinstance(known, Vm):
         vm = known
@@ -153,6 +158,7 @@ def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job, known_vm: Vm |
     """
     if job.state.final:
         return None
+    locks.require(vm_lock(job.namespace, job.vm))
     logs.bind(job=job.id, op=job.op.value)
     if job.cancel_requested_by:
         _wake(w, w.store.finish(job, fence, JobState.CANCELED,
@@ -189,18 +195,16 @@ def _run_one(w: Worker, holding: Holding, fence: Fence, job: Job, known_vm: Vm |
 
     w.watchdog.track(job, fence)
     try:
-        ctx = Context(job, vm, w.driver, check, fence.token, w.store, w.blobs, w.settings.move_max_disk_mib)
-        outcome, error = _execute(w, ctx)
-        if error is None:
-            assert outcome is not None
-            _wake(w, w.store.finish(job, fence, JobState.SUCCEEDED, result=outcome.result,
-                                    vm_update=outcome.vm_update, delete_vm=outcome.delete_vm,
-                                    adjust=outcome.adjust, by=w.name))
+        ran = _execute(w, job, vm, check, fence)
+        if isinstance(ran, Outcome):
+            error = None
+            _wake(w, w.store.finish(job, fence, JobState.SUCCEEDED, result=ran.result.to_json(),
+                                    vm_update=ran.vm_update, delete_vm=ran.delete_vm, adjust=ran.adjust, by=w.name))
         else:
+            error = ran.error
             state = JobState.CANCELED if isinstance(error, Canceled) else JobState.FAILED
-            # A launch that failed was rolled back by the driver: the name and the reservation go back too.
             _wake(w, w.store.finish(job, fence, state, error=error, vm_update=_observed(w, job, vm.domain, error),
-                                    delete_vm=job.op is Op.LAUNCH, adjust=failure_adjust(job, vm), by=w.name))
+                                    delete_vm=ran.delete_vm, adjust=ran.adjust, by=w.name))
     finally:
         w.watchdog.untrack(job)
     log.info("job %s %s %s/%s seq=%s: %s", job.id, job.op.value, job.namespace, job.vm, job.seq,
@@ -215,36 +219,48 @@ def _wake(w: Worker, finished: Finished) -> None:
         deps.wake(w.app, w.store, finished.released)
 
 
-def _execute(w: Worker, ctx: Context) -> tuple[Outcome | None, VmorchError | None]:
-    """Run the job's handler with the extra locks it declares; an error is returned, not raised.
+@dataclass(frozen=True)
+class Failed:
+    """A job's failure, and what it gives back: reservations, and the VM's name (a launch)."""
+
+    error: VmorchError
+    adjust: Adjust = ()
+    delete_vm: bool = False
+
+
+def _execute(w: Worker, job: Job, vm: Vm, check: Callable[[], None], fence: Fence) -> Outcome | Failed:
+    """Run the job's handler with the locks it declares; an error is returned, not raised.
 
     Lock errors are raised: nothing may be written without the lock, so the task retries
     and whoever holds the lock next re-runs the job.
+    # LOCK: the caller holds vm:<ns>:<vm> (``fence``).
     """
-    assert isinstance(ctx.job.op, Op)  # a parent job is never in a mailbox
-    handler = HANDLERS[ctx.job.op]
+    assert isinstance(job.op, Op)  # a parent job is never in a mailbox
+    handler = HANDLERS[job.op]
+    ctx: Context[Any] | None = None
     try:
-        with w.locks.hold(*handler.extra_locks(ctx.job), timeout=w.settings.lock_wait_timeout) as extra:
-            vm_check = ctx.check
-
+        # The operation is rebuilt once, here: the handler gets the params model the CLI built.
+        ctx = handler.context(job, operation_of(job), vm, w.driver, check, fence_token=fence.token,
+                              store=w.store, blobs=w.blobs, move_max_mib=w.settings.move_max_disk_mib)
+        with w.locks.hold_declared(handler.locks(ctx), timeout=w.settings.lock_wait_timeout) as extra:
             def check_all() -> None:
-                vm_check()
+                check()
                 extra.check()
 
             ctx.check = check_all
-            outcome = handler.run(ctx)
+            outcome: Outcome = handler.run(ctx)
             check_all()
-            if handler.leaves_domain_here and outcome.result.get("state") != VmState.MISSING.value:
+            if handler.leaves_domain_here and outcome.result.state is not VmState.MISSING:
                 # libvirt's own record says which lock generation last changed the domain
                 ctx.driver.set_metadata(ctx.vm.domain, fence=ctx.fence_token)
-            return outcome, None
+            return outcome
     except LockError:
         raise
-    except VmorchError as exc:
-        return None, exc
     except Exception as exc:
-        log.error("job %s crashed:\n%s", ctx.job.id, traceback.format_exc())
-        return None, _internal(exc)
+        if not isinstance(exc, VmorchError):
+            log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
+        return Failed(exc if isinstance(exc, VmorchError) else _internal(exc),
+                      handler.failure_adjust(ctx) if ctx is not None else (), handler.failure_deletes_vm)
 
 
 def _observed(w: Worker, job: Job, domain: str, error: VmorchError) -> dict[str, str]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Self
 
 from orchestrator.control.locks import LockManager
 from orchestrator.model.settings import Settings
+from orchestrator.store import layout
 from orchestrator.store.jobstore import Store
 from orchestrator.store.redisconn import connect, ping
 from orchestrator.store.runs import RunStore
@@ -30,6 +31,7 @@ class Connection:
         self.url = settings.resolved_redis_url()
         self.redis = connect(self.url, retries=2)
         ping(self.redis, self.url)
+        layout.check(self.redis)  # LayoutMismatch: this Redis holds another vmorch's keys
         self.store = Store(self.redis, host_down_after=settings.host_down_after)
         self.runs = RunStore(self.redis)
         self._locks: LockManager | None = None

@@ -3,7 +3,7 @@
 A job with unmet dependencies is stored ``queued`` but *held*: it has no sequence number and
 is not in its VM's mailbox, so no worker waits for it and the VM's other jobs run past it. When
 its last dependency becomes final, the Lua step that finished that dependency gives it its place
-in the VM's order (``scripts._SETTLE``); the process that ran that step sends the wake-up. If that
+in the VM's order (``store/lua/settle.lua``); the process that ran that step sends the wake-up. If that
 process dies in between, the job is still in ``P:released`` and a worker's janitor sends it.
 
 A job may also ask to wait some seconds once its dependencies are met (``delay_s``): it then

@@ -2,7 +2,10 @@
 
 After minimega's scheduler: among hosts that are up (not down, not draining), in the
 namespace's host set, matching the requested labels and whose libvirt answered the
-worker's last probe, the one with the least committed memory that still fits the VM; or
+worker's last probe, and that have room for the VM, the one with the smallest share of its
+memory committed (then the smallest share of its vCPUs, then the name), counting the VMs
+placed earlier in the same request; so equal VMs spread evenly over equal hosts, and a
+bigger host takes proportionally more. Or
 the host of another VM (``--colocate``); or round the hosts for a range (``--spread``).
 Every refusal names the resource that ran out. A worker that is up while its libvirtd is
 not would fail every launch sent to it, so such a host gets none, pinned or not. The
@@ -42,17 +45,27 @@ class _Room:
     host: Host
     memory_mib: int
     vcpus: int
+    #: what may be committed in all (size x allocation ratio)
+    memory_cap: int = 0
+    vcpus_cap: int = 0
 
     def fits(self, r: Request) -> bool:
         return self.memory_mib >= r.memory_mib and self.vcpus >= r.vcpus
+
+    def load(self) -> tuple[float, float, str]:
+        """How full the host is, as shares of what it may take: the least loaded gets the next VM."""
+        return (1 - self.memory_mib / self.memory_cap if self.memory_cap > 0 else 1.0,
+                1 - self.vcpus / self.vcpus_cap if self.vcpus_cap > 0 else 1.0, self.host.name)
 
 
 def plan(requests: Sequence[Request], hosts: Sequence[Host], *, allowed: set[str] | None = None,
          spread: bool = False, limits: Limits = Limits()) -> dict[str, str]:
     """Return {vm: host} for every request, or raise naming what is missing. Reserves as it goes."""
     by_name = {h.name: h for h in hosts}
-    rooms = {h.name: _Room(h, int(h.memory_mib * limits.memory_ratio) - h.committed_mib,
-                           int(h.cpus * limits.cpu_ratio) - h.committed_vcpus) for h in hosts}
+    rooms = {}
+    for h in hosts:
+        memory_cap, vcpus_cap = int(h.memory_mib * limits.memory_ratio), int(h.cpus * limits.cpu_ratio)
+        rooms[h.name] = _Room(h, memory_cap - h.committed_mib, vcpus_cap - h.committed_vcpus, memory_cap, vcpus_cap)
     placement: dict[str, str] = {}
     turn = 0
     for r in requests:
@@ -76,7 +89,7 @@ def plan(requests: Sequence[Request], hosts: Sequence[Host], *, allowed: set[str
                 chosen = ordered[turn % len(ordered)]
                 turn += 1
             else:
-                chosen = max(fitting, key=lambda room: (room.memory_mib, room.host.name))
+                chosen = min(fitting, key=_Room.load)
         chosen.memory_mib -= r.memory_mib
         chosen.vcpus -= r.vcpus
         placement[r.vm] = chosen.host.name

@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from orchestrator.control import deps, placement
+from orchestrator.control import deps, locks, placement
 from orchestrator.control.connection import Connection
 from orchestrator.control.locks import LockName, cmd_lock, host_lock, vms_lock
 from orchestrator.model.errors import AlreadyExists, ClusterUnavailable, InvalidInput, NotFound
@@ -57,7 +57,11 @@ class Submitting(Connection):
                     entries.append(BatchEntry(op, host=p.to, source=sources[(op.namespace, op.vm)], retry_of=again))
                 else:
                     entries.append(BatchEntry(op, retry_of=again))
-            _, submitted = self.store.submit_batch(entries, who=self.actor, parent=parent, after=after,  # LOCK: all
+            # LOCK: all -- a launch's name, reservation and host; a move's reservation on its target
+            locks.require(*(lock for o in launches for lock in (cmd_lock(o.namespace), vms_lock(o.namespace))),
+                          *(host_lock(h) for h in set(chosen.values()) | set(sources.values())),
+                          *(host_lock(e.host) for e in entries if e.op.op is Op.MOVE_OUT))
+            _, submitted = self.store.submit_batch(entries, who=self.actor, parent=parent, after=after,
                                                    delay_s=opts.delay_s,
                                                    fail_on_failed_dep=opts.if_dependency_failed == "fail")
         by_job = iter(submitted)
@@ -142,6 +146,7 @@ class Submitting(Connection):
         assert isinstance(p, MoveOutParams)
         ns = op.namespace
         vm = self.store.get_vm(ns, op.vm, as_stored=True)
+        locks.require(cmd_lock(ns), host_lock(vm.host), host_lock(p.to))
         info = self.store.namespace(ns)
         allowed = set(info.hosts) if info is not None and info.hosts else None
         limits = placement.Limits(self.settings.memory_allocation_ratio, self.settings.cpu_allocation_ratio)
@@ -205,7 +210,10 @@ class Submitting(Connection):
         return sorted(set(names) | pinned)
 
     def _plan(self, ns: str, batch: list[Operation], locked: set[str] | None = None) -> dict[str, str]:
-        """# LOCK: for a real launch the caller holds cmd:<ns>, vms:<ns> and the candidate hosts' locks."""
+        """# LOCK: for a real launch (``locked``) the caller holds cmd:<ns>, vms:<ns> and the candidate hosts'
+        locks."""
+        if locked is not None:
+            locks.require(cmd_lock(ns), vms_lock(ns), *(host_lock(h) for h in locked))
         info = self.store.namespace(ns)
         if info is not None and info.state == "deleting":
             raise InvalidInput(f"namespace {ns!r} is being deleted", hint="use another namespace, or wait")

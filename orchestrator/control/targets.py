@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from orchestrator.model.errors import InvalidInput, NotFound
-from orchestrator.model.names import expand_target
+from orchestrator.model.names import check_tag, expand_target
 
 if TYPE_CHECKING:
     from orchestrator.model.records import Vm
@@ -20,7 +20,12 @@ class Client(Protocol):
 
 def resolve(client: Client, namespace: str, target: str | None, tags: Mapping[str, str]) -> list[str]:
     """The VM names: those of ``target`` (all of them, checked at submit), narrowed to those that
-    carry every tag of ``tags``; with tags only, every VM of the namespace that carries them."""
+    carry every tag of ``tags``; with tags only, every VM of the namespace that carries them.
+
+    Everything is checked before the store is asked: a range's size before it is expanded, and the
+    tags (a lone surrogate or a control character is refused here, not by Redis)."""
+    for key, value in tags.items():
+        check_tag(key, value)
     names = expand_target(target) if target else None
     if not tags:
         if names is None:

@@ -102,7 +102,7 @@ def _queue_depth(store: Store, hosts: list[str]) -> Metric:
 
 # Counts the jobs not yet final, by host, op and state, inside Redis: one call instead of
 # two commands per VM from here (2,000 VMs: ~0.5 s of client round trips, ~2 ms in Lua).
-# Read-only; it derives keys from names as the scripts of orchestrator.scripts do (one Redis,
+# Read-only; it derives keys from names as the Lua scripts of orchestrator/store/lua do (one Redis,
 # not Redis Cluster). ARGV: the namespaces set, then each key template split around its names.
 _UNFINISHED = """
 local counts = {}

@@ -11,9 +11,11 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
+from redis import Redis
 from redis.exceptions import RedisError
 
 from orchestrator import __version__
+from orchestrator.model.errors import ClusterUnavailable
 from orchestrator.model.records import Host, HostState, JobState
 from orchestrator.model.settings import Settings
 from orchestrator.store.jobstore import Store
@@ -32,6 +34,8 @@ def _conf_fix(name: str, value: str) -> str:
 
 class Status(StrEnum):
     OK = "ok"
+    #: not known yet (a host that registered but whose first heartbeat has not come): neither good nor bad
+    PENDING = "pending"
     WARN = "warn"
     FAIL = "fail"
 
@@ -49,7 +53,10 @@ class Check:
 
 def examine(settings: Settings, *, stuck_after: float | None = None) -> list[Check]:
     """Run every check against the cluster of ``settings``; never raises for a sick cluster."""
-    url = settings.resolved_redis_url()
+    try:
+        url = settings.resolved_redis_url()
+    except ClusterUnavailable as exc:
+        return [Check("redis", Status.FAIL, exc.message, exc.hint or "")]
     redis = connect_quick(url, timeout=3.0)
     try:
         try:
@@ -58,12 +65,13 @@ def examine(settings: Settings, *, stuck_after: float | None = None) -> list[Che
             return [Check("redis", Status.FAIL, f"cannot reach Redis at {redact(url)}: {exc}",
                           "start Redis (or 'vmorch up --detach'), check --redis-url / VMORCH_REDIS_URL, "
                           "the password and the firewall")]
-        checks = [*_redis_checks(url, info)]
+        checks = [*_redis_checks(url, info, _appendfsync(redis))]
         store = Store(redis, host_down_after=settings.host_down_after)
         try:
             hosts = store.hosts()
             checks += _host_checks(hosts)
             checks += _clock_checks(hosts)
+            checks += _system_qemu_storage(settings, hosts)
             stuck = settings.doctor_stuck_after if stuck_after is None else stuck_after
             checks.append(_stuck_jobs(store, hosts, stuck))
             checks.append(_versions(info, hosts))
@@ -75,7 +83,15 @@ def examine(settings: Settings, *, stuck_after: float | None = None) -> list[Che
         redis.close()
 
 
-def _redis_checks(url: str, info: dict[str, Any]) -> list[Check]:
+def _appendfsync(redis: Redis) -> str | None:
+    """Redis's ``appendfsync`` (it is not in INFO); None where CONFIG is refused (renamed, an ACL)."""
+    try:
+        return str(redis.config_get("appendfsync").get("appendfsync") or "") or None
+    except RedisError:
+        return None
+
+
+def _redis_checks(url: str, info: dict[str, Any], appendfsync: str | None = None) -> list[Check]:
     version = str(info.get("redis_version", "?"))
     where = redact(url)
     if is_sentinel(url):
@@ -84,15 +100,7 @@ def _redis_checks(url: str, info: dict[str, Any]) -> list[Check]:
     checks = [Check("redis", Status.OK, f"Redis {version} at {where}") if parts >= MIN_REDIS else
               Check("redis", Status.FAIL, f"Redis {version} is too old: vmorch needs {'.'.join(map(str, MIN_REDIS))}+",
                     "upgrade Redis (Debian 12's redis-server is 7.0)")]
-    if int(info.get("aof_enabled", 0)) != 1:
-        checks.append(Check("persistence", Status.FAIL,
-                            "append-only file is off: a Redis restart loses the jobs accepted since the last "
-                            "snapshot", _conf_fix("appendonly", "yes")))
-    elif str(info.get("aof_last_write_status", "ok")) != "ok":
-        checks.append(Check("persistence", Status.FAIL, "Redis could not write its append-only file",
-                            "look at Redis's log: the disk is full or read-only"))
-    else:
-        checks.append(Check("persistence", Status.OK, "append-only file on"))
+    checks.append(_persistence(info, appendfsync))
     policy = str(info.get("maxmemory_policy", "?"))
     if policy != "noeviction":
         checks.append(Check("eviction", Status.FAIL,
@@ -102,6 +110,32 @@ def _redis_checks(url: str, info: dict[str, Any]) -> list[Check]:
     else:
         checks.append(_memory(info))
     return checks
+
+
+def _persistence(info: dict[str, Any], appendfsync: str | None) -> Check:
+    """Whether a job a client was told was accepted survives a crash of Redis, and of its machine."""
+    if int(info.get("aof_enabled", 0)) != 1:
+        return Check("persistence", Status.FAIL,
+                     "append-only file is off: a Redis restart loses the jobs accepted since the last snapshot",
+                     _conf_fix("appendonly", "yes"))
+    if str(info.get("aof_last_write_status", "ok")) != "ok":
+        return Check("persistence", Status.FAIL, "Redis could not write its append-only file",
+                     "look at Redis's log: the disk is full or read-only")
+    fix = _conf_fix("appendfsync", "always") + "; for 'vmorch up', unset VMORCH_REDIS_APPENDFSYNC"
+    if appendfsync == "always":
+        return Check("persistence", Status.OK, "append-only file on, fsynced before Redis answers (appendfsync always)")
+    if appendfsync == "everysec":
+        return Check("persistence", Status.WARN,
+                     "append-only file on, but appendfsync everysec: a power loss can lose up to 1 s of accepted "
+                     "jobs (a crash of Redis alone loses none)", fix)
+    if appendfsync == "no":
+        return Check("persistence", Status.FAIL,
+                     "append-only file on, but appendfsync no: Redis never fsyncs it, so a power loss can lose "
+                     "the last 30 s or so of accepted jobs (whatever the kernel has not written yet)", fix)
+    return Check("persistence", Status.WARN,
+                 f"append-only file on, but its appendfsync is unknown ({appendfsync or 'CONFIG GET refused'}): "
+                 "unless it is always, a power loss can lose accepted jobs",
+                 "check that redis.conf says 'appendfsync always'")
 
 
 def _memory(info: dict[str, Any]) -> Check:
@@ -147,7 +181,14 @@ def _host_check(h: Host) -> Check:
 
 
 def _clock_checks(hosts: list[Host]) -> list[Check]:
-    offsets = {h.name: h.clock_offset for h in hosts if h.state is not HostState.DOWN and h.clock_offset is not None}
+    live = [h for h in hosts if h.state is not HostState.DOWN]
+    offsets = {h.name: h.clock_offset for h in live if h.clock_offset is not None}
+    waiting = sorted(h.name for h in live if h.clock_offset is None)
+    if waiting:
+        # A worker registers before its first heartbeat measures the offset: say so rather than
+        # judge the others alone, or leave the check out as if there were nothing to check.
+        return [Check("clock", Status.PENDING, f"not measured yet on {', '.join(waiting)} (its first heartbeat "
+                      "brings it)", "run 'vmorch doctor' again in a few seconds")]
     if not offsets:
         return []
     spread = max(offsets.values()) - min(offsets.values())
@@ -195,3 +236,37 @@ def _stuck_jobs(store: Store, hosts: list[Host], stuck_after: float) -> Check:
                  f"job {job.id} ({job.op.value} {job.namespace}/{job.vm} on {job.host}, {age:.0f}s, {job.state.value})",
                  f"see 'vmorch job show {job.id}'; if its host's worker heartbeats but runs nothing, restart it: "
                  f"systemctl restart vmorch-worker@{job.host}")
+
+
+def _system_qemu_storage(settings: Settings, hosts: list[Host]) -> list[Check]:
+    """Each host of this machine whose worker uses the system libvirtd (``qemu:///system``): can that
+    libvirtd's QEMU user (``libvirt-qemu``) traverse every directory down to the host's disks? If
+    not, every launch fails "Permission denied" (VMORCH_HOME under /root, mode 0700, say).
+
+    Host records don't say which ``--storage-dir`` a worker was given: the default one,
+    ``$VMORCH_HOME/hosts/<host>/disks``, is judged, if it exists (the worker creates the one it uses).
+    """
+    import socket
+
+    from orchestrator.edge import qemuaccess
+
+    here = socket.gethostname()
+    mine = [h for h in hosts if h.hostname == here and qemuaccess.is_system_qemu(h.libvirt_uri)]
+    user = qemuaccess.qemu_user() if mine else None
+    checks = []
+    for h in mine:
+        disks = settings.home / "hosts" / h.name / "disks"
+        if user is None or not disks.is_dir():
+            continue
+        blocked = qemuaccess.untraversable(disks, user)
+        if not blocked:
+            checks.append(Check(f"storage {h.name}", Status.OK, f"{user.name} (QEMU of {h.libvirt_uri}) can reach "
+                                f"its disks in {disks}"))
+            continue
+        checks.append(Check(
+            f"storage {h.name}", Status.FAIL,
+            f"{user.name}, the user QEMU of {h.libvirt_uri} runs as, can't traverse {', '.join(map(str, blocked))} "
+            f"on the way to its disks in {disks}: every launch fails with 'Permission denied'",
+            "; ".join(qemuaccess.chmod_for(d, user) for d in blocked)
+            + "; or put VMORCH_HOME where QEMU can reach it (e.g. VMORCH_HOME=/var/lib/vmorch) and restart the worker"))
+    return checks

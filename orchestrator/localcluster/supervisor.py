@@ -26,11 +26,27 @@ from orchestrator.localcluster.readiness import hosts_up
 from orchestrator.localcluster.state import ClusterHost, ClusterInfo, State, write_state
 from orchestrator.localcluster.stopping import stop_all
 from orchestrator.localcluster.timeouts import BACKOFF_MAX, BACKOFF_MIN, POLL, REDIS_START_TIMEOUT, STABLE_AFTER
-from orchestrator.model.errors import ClusterUnavailable
+from orchestrator.model.errors import ClusterUnavailable, InvalidInput
 from orchestrator.model.settings import Settings
 from orchestrator.store.redisconn import connect, redact
 
 SCHEDULER_STOP_TIMEOUT = 15.0
+#: when Redis fsyncs its append-only file. "always": before it answers (the writes of one event-loop
+#: turn share one fsync), so a job a client was told was accepted survives a power loss of the machine;
+#: "everysec" is cheaper and can lose the last second of them. VMORCH_REDIS_APPENDFSYNC relaxes it.
+APPENDFSYNC_ENV = "VMORCH_REDIS_APPENDFSYNC"
+APPENDFSYNC_DEFAULT = "always"
+APPENDFSYNC_CHOICES = ("always", "everysec", "no")
+
+
+def redis_appendfsync() -> str:
+    """The local cluster's Redis ``appendfsync``: always, unless VMORCH_REDIS_APPENDFSYNC says otherwise."""
+    value = os.environ.get(APPENDFSYNC_ENV, "").strip().lower() or APPENDFSYNC_DEFAULT
+    if value not in APPENDFSYNC_CHOICES:
+        raise InvalidInput(f"{APPENDFSYNC_ENV}={value!r} is not an appendfsync setting",
+                           hint=f"use one of {', '.join(APPENDFSYNC_CHOICES)}, or unset it "
+                                f"(default: {APPENDFSYNC_DEFAULT})")
+    return value
 
 
 class Supervisor:
@@ -59,6 +75,7 @@ class Supervisor:
 
     def run(self) -> ClusterInfo:
         redis_server()
+        redis_appendfsync()
         prepare_home(self.paths)
         with HomeLock(self.paths):
             previous = self._trap_signals()
@@ -134,7 +151,7 @@ class Supervisor:
             port = _free_port()
             argv = [redis_server(), str(conf), "--bind", "127.0.0.1", "--port", str(port),
                     "--dir", str(self.paths.redis_dir),
-                    "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+                    "--appendonly", "yes", "--appendfsync", redis_appendfsync(), "--save", "", "--daemonize", "no",
                     "--logfile", str(log)]
             self.redis = Child("redis-server", argv, child_env(self.settings), log, self.paths.home)
             self.redis.start()

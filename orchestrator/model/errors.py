@@ -86,6 +86,13 @@ class ClusterUnavailable(RequestError):
     exit_code = 1
 
 
+class LayoutMismatch(ClusterUnavailable):
+    """The Redis holds vmorch's keys in another layout than this vmorch's (``orchestrator.store.layout``)."""
+
+    code = "layout_mismatch"
+    exit_code = 2
+
+
 # -- failed midway --------------------------------------------------------------------
 
 
@@ -125,6 +132,24 @@ class VmGone(ExecError):
     """The VM was deleted before this job's turn came."""
 
     code = "vm_gone"
+
+
+class DependencyFailed(ExecError):
+    """A job this one waited for (``--after``) did not succeed: this one never ran."""
+
+    code = "dependency_failed"
+
+
+class ChildrenFailed(ExecError):
+    """A parent job (a bulk command): some of its children failed."""
+
+    code = "children_failed"
+
+
+class EnqueueFailed(ExecError):
+    """The job was accepted but its message could not be sent to its host: it never ran."""
+
+    code = "enqueue_failed"
 
 
 # -- locks ----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Two kinds, as Prometheus expects them:
   this worker finished by op and final state, job latencies, lock wait and hold times by
   level, fencing rejections. A worker serves them on ``--metrics-port``; sum them over
   workers in PromQL (``sum by (op, state) (rate(vmorch_jobs_finished_total[5m]))``).
-* **Cluster metrics** are read from Redis at scrape time (``orchestrator.clustermetrics``):
+* **Cluster metrics** are read from Redis at scrape time (``orchestrator.edge.clustermetrics``):
   jobs not yet final by host, op and state, Celery messages waiting per host queue, hosts
   up or down, their libvirt connection and clock offset. The API serves them with its own
   process metrics at ``/metrics`` through ``orchestrator.edge.clustermetrics.asgi_app``: scrape

@@ -6,13 +6,14 @@ beside it (``orchestrator.job``) is its execution record.
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from orchestrator.model.errors import InvalidInput
-from orchestrator.model.names import Name, Namespace, check_name, check_tag
+from orchestrator.model.names import HostName, Name, Namespace, check_name, check_tag, expand_target
 
 MIB_MIN, MIB_MAX = 16, 4 * 1024 * 1024
 VCPUS_MAX = 256
@@ -53,7 +54,7 @@ class LaunchParams(Params):
     #: an existing disk image used as the backing file of the VM's disk
     image: str | None = Field(default=None, max_length=4096)
     #: pin to this host; None lets placement choose
-    host: Name | None = None
+    host: HostName | None = None
     #: placement only considers hosts with all these labels
     host_labels: dict[str, str] = Field(default_factory=dict)
     #: place on the host of this VM
@@ -119,12 +120,27 @@ class TagParams(Params):
 
 
 class MoveOutParams(Params):
-    to: Name
+    to: HostName
     live: bool = False
 
 
 class MoveInParams(Params):
-    source: Name
+    source: HostName
+
+
+def _typed_params(data: Any) -> Any:
+    """``params`` as the model of ``op`` (a dict is validated by it; another model is refused)."""
+    if isinstance(data, dict) and "op" in data:
+        try:
+            model = PARAMS[Op(data["op"])]
+        except ValueError:
+            return data  # the field validator reports the unknown op
+        raw = data.get("params")
+        if raw is None or isinstance(raw, dict):
+            data = {**data, "params": model.model_validate(raw or {})}
+        elif not isinstance(raw, model):
+            raise ValueError(f"params of {data['op']} must be {model.__name__}")
+    return data
 
 
 def _check_tag(key: str, value: str) -> None:
@@ -166,17 +182,7 @@ class Operation(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _typed_params(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "op" in data:
-            try:
-                model = PARAMS[Op(data["op"])]
-            except ValueError:
-                return data  # the field validator reports the unknown op
-            raw = data.get("params")
-            if raw is None or isinstance(raw, dict):
-                data = {**data, "params": model.model_validate(raw or {})}
-            elif not isinstance(raw, model):
-                raise ValueError(f"params of {data['op']} must be {model.__name__}")
-        return data
+        return _typed_params(data)
 
     @classmethod
     def build(cls, op: Op | str, namespace: str, vm: str, **params: Any) -> Operation:
@@ -194,6 +200,67 @@ class Operation(BaseModel):
         return cls.model_validate_json(data)
 
 
+#: the ``vmorch vm`` command of each operation a user can ask for (a move-in is made by ``vm move``)
+COMMANDS: dict[Op, str] = {**{o: o.value for o in Op if o not in (Op.MOVE_OUT, Op.MOVE_IN)}, Op.MOVE_OUT: "move"}
+
+
+class TargetedOp(BaseModel):
+    """One operation over a TARGET and/or tags, as ``vmorch vm OP TARGET --tag k=v`` asks for it.
+
+    What a schedule stores: its VMs are resolved, and its ``Operation``s built (one per VM, with these
+    very params), each time it fires, through the same submit path as the CLI.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+
+    op: Op
+    #: a name, a list a,b or a range web[1-10]; None: every VM with the tags of ``tag``
+    target: str | None = Field(default=None, min_length=1, max_length=1000)
+    #: only VMs with all these tags
+    tag: dict[str, str] = Field(default_factory=dict)
+    params: SerializeAsAny[Params] = Field(default_factory=NoParams)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_params(cls, data: Any) -> Any:
+        return _typed_params(data)
+
+    @model_validator(mode="after")
+    def _targets(self) -> TargetedOp:
+        if self.op is Op.MOVE_IN:
+            raise ValueError("move-in jobs are made by a move (op move-out)")
+        if self.target is None and not self.tag:
+            raise ValueError("give a target (web1, web[1-10], a,b) and/or tags")
+        if self.op is Op.LAUNCH and (self.target is None or self.tag):
+            raise ValueError("a launch names its new VMs in target, and selects none by tag")
+        for key, value in self.tag.items():
+            _check_tag(key, value)
+        if self.target is not None:
+            try:
+                expand_target(self.target)
+            except InvalidInput as exc:
+                raise ValueError(f"{exc.message} ({exc.hint})" if exc.hint else exc.message) from None
+        return self
+
+    def operations(self, namespace: str, names: list[str]) -> list[Operation]:
+        """The operations on ``names`` (what the target and tags resolved to), with these params."""
+        try:
+            return [Operation(op=self.op, namespace=namespace, vm=name, params=self.params) for name in names]
+        except ValidationError as exc:
+            raise invalid_input(exc) from None
+
+    @property
+    def label(self) -> str:
+        """What it covers, for people: the target and the tags."""
+        return " ".join([self.target or "", *(f"--tag {k}={v}" for k, v in self.tag.items())]).strip()
+
+    def describe(self) -> str:
+        """In words, as a command line: ``vm snapshot web[1-3] name=hourly``."""
+        given = self.params.model_dump(mode="json", exclude_defaults=True)
+        words = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in given.items()]
+        return " ".join(["vm", COMMANDS[self.op], self.label, *words])
+
+
 def invalid_input(exc: ValidationError) -> InvalidInput:
     """A pydantic error as one line a user can act on."""
     first = exc.errors()[0]
@@ -203,7 +270,7 @@ def invalid_input(exc: ValidationError) -> InvalidInput:
     return InvalidInput(f"{loc}: {msg}{more}", hint="see 'vmorch vm --help' for valid values")
 
 
-__all__ = ["PARAMS", "Op", "Operation", "Params", "check_name"]
+__all__ = ["COMMANDS", "PARAMS", "Op", "Operation", "Params", "TargetedOp", "check_name"]
 
 
 class SubmitOptions(BaseModel):

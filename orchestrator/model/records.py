@@ -177,7 +177,7 @@ def _vm_list() -> TypeAdapter[list[Vm]]:
 
 
 def vms_from_json(text: str | bytes) -> list[Vm]:
-    """VM records from the JSON array the store's VMS_JSON script builds (see scripts._VM_JSON).
+    """VM records from the JSON array the store's vms_json script builds (see store/lua/vm_json.lua).
 
     One call into pydantic's validator for the whole array: listing 10,000 VMs record by record
     in Python cost twice what Redis spends reading them.

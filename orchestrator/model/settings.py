@@ -9,7 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+from orchestrator.model.errors import ClusterUnavailable
+
 ENV_PREFIX = "VMORCH_"
 
 
@@ -27,7 +28,7 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore", validate_default=True)
 
-    #: None means: the local cluster under ``home`` if one is up, else DEFAULT_REDIS_URL.
+    #: None means: the local cluster under ``home`` ('vmorch up'); never a guessed default address.
     redis_url: str | None = None
     namespace: str = "default"
     home: Path = Field(default_factory=default_home)
@@ -93,12 +94,18 @@ class Settings(BaseModel):
             return None
 
     def resolved_redis_url(self) -> str:
-        """The Redis URL to use: explicit setting, else the local cluster's, else the default."""
+        """The Redis URL to use: the explicit setting, else the local cluster's.
+
+        Never a default address: a Redis that happens to listen on 6379 (Debian's package starts
+        one) is not a vmorch cluster, and writing into it, or naming an address the user never
+        set, would mislead."""
         if self.redis_url:
             return self.redis_url
         state = self.home / "cluster.json"
         try:
             url = json.loads(state.read_text())["redis_url"]
         except (OSError, ValueError, KeyError):
-            return DEFAULT_REDIS_URL
+            raise ClusterUnavailable(
+                f"no cluster: no --redis-url, no VMORCH_REDIS_URL, and no local cluster under {self.home}",
+                hint="start one with 'vmorch up --detach', or give --redis-url redis://HOST:PORT/0") from None
         return str(url)

@@ -32,7 +32,7 @@ def run(settings: Settings, *, loglevel: str = "INFO") -> None:
 
     @app.task(name=schedules.FIRE_TASK, acks_late=False)  # type: ignore[untyped-decorator]
     def fire(namespace: str, name: str) -> None:
-        # at most once: a firing lost with its scheduler is not sent again (see orchestrator.schedules)
+        # at most once: a firing lost with its scheduler is not sent again (see orchestrator.services.schedules)
         client = RedisClient(settings)
         firing = firing_.fire(client, namespace, name, by=me)
         if firing is not None:

@@ -1,4 +1,9 @@
-"""Schedules: an experiment or a ``vm`` command run by cron, every N, or once at a time.
+"""Schedules: an experiment or operations run by cron, every N, or once at a time.
+
+What a schedule runs is stored as data, never as a command line: either an experiment file's
+text, or operations (``TargetedOp``: op, target, tags and the op's typed params, as ``vmorch vm
+OP TARGET`` makes them). A firing resolves their VMs and submits their jobs in the scheduler's
+own process, through the same submit path as the CLI (``client.submit``).
 
 A schedule is ours in Redis (``P:schedule:<ns>:<name>``: what, when, history) plus its
 celery-redbeat entry (``P:redbeat:<ns>/<name>``), which celery beat (``vmorch scheduler``)
@@ -8,7 +13,7 @@ takes over within ``scheduler_lock_timeout`` of the active one dying.
 A firing is a Celery task on ``vmorch.schedules``, run by a scheduler process: under the lock
 ``schedule:<ns>:<name>`` it claims the *slot* (the scheduled time it stands for; a slot already
 claimed is a duplicate from an overlapping scheduler and does nothing), then, with no lock held
-(submitting takes the higher ``cmd`` locks), creates the jobs as the CLI would, then records them.
+(submitting takes the higher ``cmd`` locks), creates the jobs as the CLI does, then records them.
 A scheduler dying between claim and jobs loses that slot (at most once, never twice).
 
 Missed slots (no scheduler running at the time): RedBeat fires a late entry once, not once per
@@ -20,16 +25,19 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator.control.locks import LockName, other_lock
+from orchestrator.control import locks
+from orchestrator.control.locks import Holding, LockName, other_lock
 from orchestrator.model import experiment
 from orchestrator.model.errors import AlreadyExists, InvalidInput, NotFound
 from orchestrator.model.names import Name, Namespace
+from orchestrator.model.operation import TargetedOp
 from orchestrator.model.records import _Record, ts
 from orchestrator.store import keys
 
@@ -43,9 +51,8 @@ FIRE_TASK = "vmorch.fire_schedule"
 #: seconds after its slot past which a ``missed="skip"`` firing is dropped
 GRACE = 60.0
 HISTORY = 100
-#: the ``vm`` commands a schedule may run (they make jobs; list/show only read)
-VM_COMMANDS = frozenset({"launch", "start", "stop", "kill", "pause", "resume", "reboot", "delete", "set",
-                         "snapshot", "revert", "tag", "move"})
+#: operations one schedule may run
+MAX_OPERATIONS = 100
 
 
 def every_seconds(value: str) -> int:
@@ -66,18 +73,19 @@ class ScheduleSpec(BaseModel):
     cron: str | None = None
     every: str | None = None
     at: datetime | None = None
-    #: exactly one of: an experiment file's text, or a vm command (["vm", "snapshot", "web[1-3]", "s1"])
+    #: exactly one of: an experiment file's text, or operations (``vm snapshot web[1-3] s1``: one
+    #: ``TargetedOp(op="snapshot", target="web[1-3]", params=SnapshotParams(name="s1"))``)
     experiment: str | None = None
     #: where the experiment came from, for people
     source: str = ""
-    command: list[str] | None = None
+    operations: list[TargetedOp] | None = Field(default=None, min_length=1, max_length=MAX_OPERATIONS)
     missed: Literal["once", "skip"] = "once"
 
     @model_validator(mode="after")
     def _one_of_each(self) -> ScheduleSpec:
         if sum(x is not None for x in (self.cron, self.every, self.at)) != 1:
             raise ValueError("give exactly one of --cron, --every and --at")
-        if (self.experiment is None) == (self.command is None):
+        if (self.experiment is None) == (self.operations is None):
             raise ValueError("give either --experiment FILE or a vm command after --")
         return self
 
@@ -93,12 +101,7 @@ def check(spec: ScheduleSpec, now: datetime) -> None:
         raise InvalidInput(f"{spec.at.isoformat()} is in the past", hint="give a future time (UTC unless stated)")
     if spec.experiment is not None:
         experiment.load(spec.experiment)
-    if spec.command is not None and (len(spec.command) < 2 or spec.command[0] != "vm"
-                                     or spec.command[1] not in VM_COMMANDS):
-        raise InvalidInput(f"can't schedule {' '.join(spec.command) or 'nothing'!r}",
-                           hint=f"schedule a vm command ({', '.join(sorted(VM_COMMANDS))}) or --experiment FILE")
-    if spec.command is not None and any(a in ("--wait", "-w", "--json") for a in spec.command):
-        raise InvalidInput("a scheduled command doesn't take --wait or --json", hint="drop them")
+    # operations: each checked itself (``TargetedOp``), as the CLI's would be
 
 
 class Firing(BaseModel):
@@ -118,7 +121,7 @@ class Schedule(_Record):
     namespace: str
     #: "cron 0 2 * * *", "every 10m" or "at 2026-12-01T09:00:00Z"
     when: str
-    #: "experiment <source>" or the vm command
+    #: "experiment <source>", or the operations as vm commands ("vm snapshot web[1-3] name=s1")
     what: str
     paused: bool
     missed: str
@@ -132,7 +135,32 @@ class Schedule(_Record):
 
 
 def lock(namespace: str, name: str) -> LockName:
+    """The one lock of a schedule: its record, its RedBeat entry and its history are written under it."""
     return other_lock(f"schedule:{namespace}:{name}")
+
+
+def _target(h: dict[str, str]) -> dict[str, Any]:
+    return cast(dict[str, Any], json.loads(h["target"]))
+
+
+def operations(h: dict[str, str]) -> list[TargetedOp] | None:
+    """A stored schedule's operations (None: it runs an experiment)."""
+    target = _target(h)
+    if "command" in target:  # stored by a vmorch that ran a command line: never run as one
+        raise InvalidInput(f"schedule {h['name']!r} was stored by an older vmorch as a command line",
+                           hint="remove it and add it again")
+    raw = target.get("operations")
+    return None if raw is None else [TargetedOp.model_validate(o) for o in raw]
+
+
+def describe(h: dict[str, str]) -> str:
+    target = _target(h)
+    if "experiment" in target:
+        return f"experiment {target.get('source') or '(inline)'}"
+    if "command" in target:
+        return "vmorch " + " ".join(target["command"]) + " (stored by an older vmorch: add it again)"
+    ops = operations(h) or []
+    return "; ".join(o.describe() for o in ops)
 
 
 def redbeat_app(settings: Settings) -> Celery:
@@ -146,6 +174,9 @@ def redbeat_app(settings: Settings) -> Celery:
         redbeat_key_prefix=keys.REDBEAT_PREFIX,
         redbeat_lock_timeout=settings.scheduler_lock_timeout,
         beat_max_interval=settings.scheduler_tick,
+        # No result backend: without this, beat adds its daily "celery.backend_cleanup" entry, whose
+        # task goes to a queue nobody consumes (and its RedBeat key outlives every schedule).
+        result_expires=None,
     )
     return app
 
@@ -204,12 +235,16 @@ def next_slot(h: dict[str, str], now: float) -> float | None:
 
 
 class ScheduleStore:
-    """Our records and the RedBeat entries. # LOCK: writers hold ``lock(namespace, name)``."""
+    """Our records and the RedBeat entries. # LOCK: writers hold ``lock(namespace, name)`` (``locked``)."""
 
     def __init__(self, client: Connection) -> None:
         self.client = client
         self.redis = client.redis
         self._app: Celery | None = None
+
+    def locked(self, namespace: str, name: str) -> AbstractContextManager[Holding]:
+        """Hold the schedule's lock, for the writers below."""
+        return self.client.locks.hold(lock(namespace, name), timeout=self.client.settings.submit_lock_timeout)
 
     @property
     def app(self) -> Celery:
@@ -226,6 +261,7 @@ class ScheduleStore:
         return h
 
     def add(self, spec: ScheduleSpec, by: str) -> None:
+        locks.require(lock(spec.namespace, spec.name))  # LOCK: schedule
         now = self.client.store.redis_time()
         check(spec, datetime.fromtimestamp(now, UTC))
         key = keys.schedule(spec.namespace, spec.name)
@@ -236,7 +272,7 @@ class ScheduleStore:
                       if spec.every is not None else ("at", f"{_aware(spec.at).timestamp():.6f}" if spec.at else ""))
         assert when is not None
         target = {"experiment": spec.experiment, "source": spec.source} if spec.experiment is not None \
-            else {"command": spec.command}
+            else {"operations": [o.model_dump(mode="json") for o in spec.operations or []]}
         h = {"name": spec.name, "namespace": spec.namespace, "kind": kind, "spec": when, "target": json.dumps(target),
              "paused": "", "missed": spec.missed, "created_at": f"{now:.6f}", "by": by, "last_slot": ""}
         pipe = self.redis.pipeline()
@@ -260,11 +296,13 @@ class ScheduleStore:
         entry.save()
 
     def set_paused(self, namespace: str, name: str, paused: bool) -> None:
+        locks.require(lock(namespace, name))  # LOCK: schedule
         h = self.raw(namespace, name)
         self.redis.hset(keys.schedule(namespace, name), "paused", "1" if paused else "")
         self._save_entry(h, enabled=not paused)
 
     def remove(self, namespace: str, name: str) -> None:
+        locks.require(lock(namespace, name))  # LOCK: schedule
         h = self.raw(namespace, name)
         self._entry(h, True).delete()
         self.redis.delete(keys.schedule(namespace, name), keys.schedule_history(namespace, name))
@@ -276,9 +314,7 @@ class ScheduleStore:
     def get(self, namespace: str, name: str, *, history: int = 10) -> Schedule:
         h = self.raw(namespace, name)
         now = self.client.store.redis_time()
-        target = json.loads(h["target"])
-        what = f"experiment {target.get('source') or '(inline)'}" if "experiment" in target \
-            else "vmorch " + " ".join(target["command"])
+        what = describe(h)
         when = f"at {datetime.fromtimestamp(float(h['spec']), UTC).isoformat()}" if h["kind"] == "at" \
             else f"{h['kind']} {h['spec']}"
         nxt = next_slot(h, now)
@@ -295,6 +331,7 @@ class ScheduleStore:
 
         # LOCK: the caller holds lock(namespace, name).
         """
+        locks.require(lock(namespace, name))
         try:
             h = self.raw(namespace, name)
         except NotFound:
@@ -307,6 +344,7 @@ class ScheduleStore:
 
     def record(self, namespace: str, name: str, firing: Firing) -> None:
         """# LOCK: the caller holds lock(namespace, name)."""
+        locks.require(lock(namespace, name))
         key = keys.schedule_history(namespace, name)
         if not self.redis.exists(keys.schedule(namespace, name)):
             return  # removed meanwhile: its history went with it

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 from orchestrator.control.connection import Connection
-from orchestrator.control.locks import Holding
 
 if TYPE_CHECKING:
     from orchestrator.services.schedules import Schedule, ScheduleSpec, ScheduleStore
@@ -26,13 +24,8 @@ class Schedules(Connection):
             self._schedule_store = ScheduleStore(self)
         return self._schedule_store
 
-    def _schedule_lock(self, namespace: str, name: str) -> AbstractContextManager[Holding]:
-        from orchestrator.services.schedules import lock
-
-        return self.locks.hold(lock(namespace, name), timeout=self.settings.submit_lock_timeout)
-
     def add_schedule(self, spec: ScheduleSpec) -> Schedule:
-        with self._schedule_lock(spec.namespace, spec.name):
+        with self._schedules.locked(spec.namespace, spec.name):
             self._schedules.add(spec, self.actor)  # LOCK: schedule
         return self.schedule(spec.namespace, spec.name)
 
@@ -44,11 +37,10 @@ class Schedules(Connection):
         return [store.get(namespace, n, history=1) for n in store.names(namespace)]
 
     def pause_schedule(self, namespace: str, name: str, paused: bool) -> Schedule:
-        with self._schedule_lock(namespace, name):
+        with self._schedules.locked(namespace, name):
             self._schedules.set_paused(namespace, name, paused)  # LOCK: schedule
         return self.schedule(namespace, name)
 
     def remove_schedule(self, namespace: str, name: str) -> None:
-        with self._schedule_lock(namespace, name):
+        with self._schedules.locked(namespace, name):
             self._schedules.remove(namespace, name)  # LOCK: schedule
-

@@ -33,8 +33,8 @@ P:run:next                      string   the last experiment run id handed out (
 P:run:<id>                      hash     one experiment run: its file, its steps' parent jobs
 P:runs:<ns>                     zset     experiment run ids of a namespace, score = id
 P:schedules:<ns>                set      schedule names of a namespace
-P:schedule:<ns>:<name>          hash     a schedule: when, what (an experiment's text or a vm
-                                         command), paused, missed-slot policy, last slot fired
+P:schedule:<ns>:<name>          hash     a schedule: when, what (an experiment's text or its
+                                         operations), paused, missed-slot policy, last slot fired
 P:schedule:<ns>:<name>:history  list     its firings, newest first (JSON: slot, jobs, run, error)
 P:redbeat:<ns>/<name>           hash     celery-redbeat's entry of a schedule (RedBeat's own)
 P:redbeat::schedule, ::lock     zset,str RedBeat's due times, and the active scheduler's lock
@@ -45,18 +45,33 @@ P:token:<sha256 hex>            hash     one API token: name, role, namespaces (
                                          (the secret itself is never stored, only its SHA-256)
 P:tokens                        hash     token name -> its SHA-256 (for list and revoke)
 P:audit                         stream   cluster-wide requests (host drain, tokens), by whom
+P:layout                        string   the layout version of these keys (``LAYOUT_VERSION``): written
+                                         once (SET NX) by whoever connects first; a worker, the API
+                                         or a client finding another one refuses to start
+                                         (``orchestrator.store.layout``)
 lock:<lock name>                string   python-redis-lock's lock key (its own prefix)
 lock-signal:<lock name>         list     python-redis-lock's wake-up list
 ==============================  =======  ===================================================
 
-Lock names are themselves ``P:<level>:...`` (see ``orchestrator.locks``), so every key
+Lock names are themselves ``P:<level>:...`` (see ``orchestrator.control.locks``), so every key
 vmorch writes contains ``vmorch:``. Celery's broker keys (``host.<name>`` queues,
 ``unacked``, ``_kombu.*``) live in the same database and are Celery's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 PREFIX = "vmorch"
+
+#: The version of the key layout in this table. Bump it whenever a key's name, type or meaning
+#: changes, so hosts running different layouts refuse to share one Redis (``orchestrator.store.layout``).
+#: 1: every vmorch before the version existed (schedules held CLI arguments);
+#: 2: schedules hold operations (``{"operations": [...]}``).
+LAYOUT_VERSION = 2
+#: the layout of a Redis that has vmorch's keys but no version: what vmorch wrote before versions
+UNVERSIONED_LAYOUT = 1
+LAYOUT = f"{PREFIX}:layout"
 
 JOB_NEXT = f"{PREFIX}:job:next"
 NAMESPACES = f"{PREFIX}:ns"
@@ -172,9 +187,31 @@ def queue(host_name: str) -> str:
     return f"host.{host_name}"
 
 
-#: for Lua scripts that derive any key (``P:``): a batch touches keys it can only name once it runs
-KEY_PREFIX = f"{PREFIX}:"
-#: for Lua scripts that derive a host's key from its name
+#: a host's keys start with this (tests and the cluster metrics tell a host's keys apart by it)
 HOST_PREFIX = f"{PREFIX}:host:"
-#: for Lua scripts that derive a job's key from its id (vmorch targets a single Redis, not Redis Cluster)
+#: a job's keys start with this
 JOB_PREFIX = f"{PREFIX}:job:"
+
+
+def pattern(build: Callable[..., str], arity: int) -> list[str]:
+    """``build``'s key split around its ``arity`` names: ``vm`` gives ``["vmorch:vm:", ":", ""]``.
+
+    For the Lua scripts that can only name a key once they run (a dependent job's id, read from
+    a hash): they join these pieces with the names (``lua/key.lua``), so the layout stays here.
+    """
+    marks = [chr(i) for i in range(1, arity + 1)]  # characters no name may contain
+    pieces, rest = [], build(*marks)
+    for mark in marks:
+        head, found, rest = rest.partition(mark)
+        assert found, f"{build.__name__} does not use each of its names once"
+        pieces.append(head)
+    return [*pieces, rest]
+
+
+def lua_patterns() -> dict[str, list[str]]:
+    """The patterns of the keys the scripts derive at run time (vmorch targets a single Redis, not
+    Redis Cluster, so a script may touch keys it did not declare)."""
+    return {"job": pattern(job, 1), "job_children": pattern(job_children, 1),
+            "job_dependents": pattern(job_dependents, 1), "vm": pattern(vm, 2), "vm_seq": pattern(vm_seq, 2),
+            "vm_mailbox": pattern(vm_mailbox, 2), "events": pattern(events, 1), "host": pattern(host, 1),
+            "host_vms": pattern(host_vms, 1)}

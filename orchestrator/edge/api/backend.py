@@ -5,9 +5,13 @@ from __future__ import annotations
 import threading
 
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orchestrator.model.settings import Settings
 from orchestrator.services.client import RedisClient
+from orchestrator.store import layout
+from orchestrator.store.redisconn import connect_quick
 from orchestrator.store.tokens import TokenStore
 
 
@@ -19,6 +23,18 @@ class Backend:
         self._client: RedisClient | None = None
         self._lock = threading.Lock()
         self._async: AsyncRedis | None = None
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        """At start: refuse to serve a Redis that holds another vmorch layout (``LayoutMismatch``).
+        A Redis not up yet is checked by the first request's connection instead."""
+        redis = connect_quick(self.settings.resolved_redis_url(), timeout=1.0)
+        try:
+            layout.check(redis)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            pass
+        finally:
+            redis.close()
 
     def client(self) -> RedisClient:
         with self._lock:

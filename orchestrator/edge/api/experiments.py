@@ -6,7 +6,7 @@ can't carry a request into a namespace its token doesn't reach.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Response
 from fastapi.exceptions import RequestValidationError
@@ -17,7 +17,8 @@ from orchestrator.edge.api.errors import responses
 from orchestrator.model import experiment
 from orchestrator.model.errors import NotFound
 from orchestrator.model.names import Name
-from orchestrator.services.schedules import Schedule, ScheduleSpec
+from orchestrator.model.operation import PARAMS, Op
+from orchestrator.services.schedules import MAX_OPERATIONS, Schedule, ScheduleSpec
 from orchestrator.store.runs import ExperimentRun
 from orchestrator.store.tokens import Role
 
@@ -26,6 +27,8 @@ router = APIRouter(prefix="/api/v1/namespaces/{ns}", tags=["experiments"])
 ScheduleName = Annotated[Name, Path(description="schedule name")]
 #: an experiment file is small; this bounds what one request can make the API parse
 MAX_EXPERIMENT_BYTES = 256 * 1024
+_PARAMS_DOC = "; ".join(f"{op.value}: {', '.join(model.model_fields) or 'none'}" for op, model in PARAMS.items()
+                        if op is not Op.MOVE_IN)
 
 
 class ExperimentIn(BaseModel):
@@ -37,8 +40,24 @@ class ExperimentIn(BaseModel):
     source: str = Field(default="", max_length=500)
 
 
+class ScheduledOpIn(BaseModel):
+    """One operation over a target and/or tags, as ``vmorch vm OP TARGET --tag key=value`` makes it.
+
+    Checked when the schedule is added; its VMs are resolved each time the schedule fires.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    op: Op = Field(description="any op but move-in (a move is op move-out: both jobs are made from it)")
+    target: str | None = Field(default=None, max_length=1000,
+                               description="a VM name, a list a,b or a range web[1-10]; null: the VMs with `tag`")
+    tag: dict[str, str] = Field(default_factory=dict, max_length=50, description="only VMs with all these tags")
+    params: dict[str, Any] = Field(default_factory=dict, description=f"by op -- {_PARAMS_DOC}")
+
+
 class ScheduleIn(BaseModel):
-    """A schedule of the path's namespace: as ``ScheduleSpec`` without ``namespace``."""
+    """A schedule of the path's namespace: as ``ScheduleSpec`` without ``namespace``. It runs either
+    ``experiment`` (an experiment file's text) or ``operations``, submitted as one batch at each firing."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -48,7 +67,7 @@ class ScheduleIn(BaseModel):
     at: str | None = Field(default=None, max_length=50, description="ISO 8601 time of a single firing")
     experiment: str | None = Field(default=None, max_length=MAX_EXPERIMENT_BYTES)
     source: str = Field(default="", max_length=500)
-    command: list[Annotated[str, Field(max_length=500)]] | None = Field(default=None, max_length=100)
+    operations: list[ScheduledOpIn] | None = Field(default=None, min_length=1, max_length=MAX_OPERATIONS)
     missed: str = Field(default="once", pattern="^(once|skip)$")
 
 
@@ -86,7 +105,7 @@ def get_run(ns: ReadNs, run_id: Annotated[int, Path(ge=1, le=2**62)], client: Cl
 
 
 @router.post("/schedules", status_code=201, response_model=Schedule, responses=responses(403, 409, 503),
-             summary="Add a schedule (cron, every or at; an experiment or a vm command)")
+             summary="Add a schedule (cron, every or at; an experiment or operations)")
 def add_schedule(ns: OperateNs, body: ScheduleIn, client: Client, token: CurrentToken,
                  response: Response) -> Schedule:
     """Needs role ``operate``; an experiment naming another namespace needs it there too."""

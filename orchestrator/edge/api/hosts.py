@@ -9,13 +9,13 @@ from fastapi import APIRouter, Path
 from orchestrator.edge.api.auth import Client, CurrentToken, authorize
 from orchestrator.edge.api.errors import responses
 from orchestrator.model.errors import NotFound
-from orchestrator.model.names import Name
+from orchestrator.model.names import HostName as ValidHostName
 from orchestrator.model.records import Host
 from orchestrator.store.tokens import Role
 
 router = APIRouter(prefix="/api/v1/hosts", tags=["hosts"])
 
-HostName = Annotated[Name, Path(description="host name")]
+HostName = Annotated[ValidHostName, Path(description="host name")]
 
 
 @router.get("", response_model=list[Host], responses=responses(503), summary="Every host (any valid token)")

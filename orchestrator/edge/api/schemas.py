@@ -1,4 +1,4 @@
-"""Request and response bodies of the API that aren't records of ``orchestrator.records``.
+"""Request and response bodies of the API that aren't records of ``orchestrator.model.records``.
 
 An operation in a request is checked by the very model the CLI builds (``Operation``), so
 the API and the CLI accept and refuse exactly the same things.
@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from orchestrator.model.names import MAX_TARGETS, Name, Namespace
+from orchestrator.model.names import MAX_TARGETS, HostName, Name, Namespace, refuse_bad_text
 from orchestrator.model.operation import PARAMS, Op, Operation, SubmitOptions
 from orchestrator.model.records import Job
 
@@ -37,6 +37,12 @@ class SubmitRequest(BaseModel):
     #: a parent job, dependencies (``after``), a delay: as ``vmorch vm ... --after``
     options: SubmitOptions | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text(cls, data: Any) -> Any:
+        # a lone surrogate or a control character anywhere: a 422 at its field, not a 500 in the store
+        return refuse_bad_text(data, cls.__name__)
+
     def build(self) -> list[Operation]:
         return build_operations(self.operations, ("body", "operations"))
 
@@ -50,7 +56,7 @@ def build_operations(ops: list[OperationIn], where: tuple[str | int, ...], *, in
     out = []
     for i, raw in enumerate(ops):
         try:
-            out.append(Operation.model_validate(raw.model_dump()))
+            out.append(Operation.model_validate(refuse_bad_text(raw.model_dump())))
         except ValidationError as exc:
             at = (*where, i) if indexed else where
             raise RequestValidationError([{**e, "loc": (*at, *e["loc"])} for e in exc.errors(include_url=False)],
@@ -72,7 +78,12 @@ class NamespaceCreate(BaseModel):
 
     name: Namespace
     #: the hosts its VMs may be placed on; null or absent: every host
-    hosts: list[Name] | None = Field(default=None, max_length=1000)
+    hosts: list[HostName] | None = Field(default=None, max_length=1000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text(cls, data: Any) -> Any:
+        return refuse_bad_text(data, cls.__name__)
 
 
 class NamespaceDeleted(BaseModel):
