@@ -13,6 +13,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PACKAGES=(python3-venv python3-dev gcc pkg-config libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu
           qemu-system-x86 qemu-utils redis-server iproute2
+          dosfstools mtools syslinux  # the bootable test/demo guest image (orchestrator/localcluster/guestimage.py)
+          genisoimage                 # cloud-init NoCloud seeds (ISO 9660, label cidata)
           docker-compose  # the tests validate compose/docker-compose.yml (no Docker engine needed)
           chromium)       # the dashboard's browser tests (driven by playwright, no browser download)
 VENV=.venv
