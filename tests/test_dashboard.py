@@ -8,6 +8,7 @@ VMORCH_UPDATE_SCREENSHOTS=1, the screenshots of the main pages replace ``docs/sc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import pytest
 
 from orchestrator import localcluster
 from orchestrator.control.locks import LockManager, vm_lock
+from orchestrator.model.errors import NotFound
 from orchestrator.model.operation import Op
 from orchestrator.model.records import JobState
 from orchestrator.model.settings import Settings
@@ -32,6 +34,7 @@ from orchestrator.services.client import RedisClient
 from .apiserver import ApiServer
 from .conftest import PYTHON, ROOT, ops, wait_until
 from .test_localcluster import _qemu_pids
+from .test_schedule import scheduler
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -281,6 +284,161 @@ def test_a_parent_jobs_page_lists_its_children_and_retries_the_failed_ones(
     assert client.job(retried).retry_of == parent and client.job(retried).state is JobState.SUCCEEDED
     assert not page.errors, page.errors
     page.context.close()
+
+
+DASH_EXPERIMENT = """\
+name: dash-exp
+vms:
+  - name: ex[1-2]
+    memory: 16
+steps:
+  - name: pause-ex
+    op: pause
+    target: ex[1-2]
+  - name: resume-ex
+    op: resume
+    target: ex[1-2]
+teardown: delete
+"""
+
+
+@needs_browser
+def test_schedules_and_experiment_runs_pages(browser: Any, api_server: ApiServer, client: RedisClient,
+                                             settings: Settings, base_settings: Settings, tmp_path: Path) -> None:
+    ns = settings.namespace
+    operator = api_server.token(f"{ns}-sched-op", "operate", [ns])
+    reader = api_server.token(f"{ns}-sched-read", "read", [ns])
+    client.wait([j.id for j in client.submit(ops(Op.LAUNCH, ns, "sv1", memory_mib=16, disk_gib=0))], timeout=30)
+    base = f"/api/v1/namespaces/{ns}"
+    tagger = {"name": "tagger", "every": "1s",
+              "operations": [{"op": "tag", "target": "sv1", "params": {"set": {"seen": "yes"}}}]}
+    nightly = {"name": "nightly", "cron": "0 2 * * *", "source": "examples/web-smoke.yaml",
+               "experiment": (ROOT / "examples" / "web-smoke.yaml").read_text()}
+    page = new_page(browser, api_server)
+    ro = new_page(browser, api_server)
+    try:
+        with api_server.http(operator) as op_http, api_server.http(reader) as read_http:
+            for body in (tagger, nightly):
+                assert op_http.post(f"{base}/schedules", json=body).status_code == 201
+            assert op_http.post(f"{base}/schedules/nightly/pause").json()["paused"] is True
+
+            # The list: both schedules, when and what, next firing, paused or not, the last firing.
+            with scheduler(settings, tmp_path / "scheduler.log"):
+                sign_in(page, operator)
+                page.click('nav a[data-page="schedules"]')
+                row = page.locator('#schedules tr[data-schedule="tagger"]')
+                expect(row).to_contain_text("every 1s")
+                expect(row).to_contain_text("vm tag sv1")
+                expect(row.locator('[data-col="state"] .badge')).to_have_text("active")
+                expect(row.locator('[data-col="next"]')).to_contain_text("(in ")
+                expect(row.locator('[data-col="last"] .badge')).to_have_text("fired")
+                paused_row = page.locator('#schedules tr[data-schedule="nightly"]')
+                expect(paused_row.locator('[data-col="state"] .badge')).to_have_text("paused")
+                expect(paused_row).to_contain_text("experiment examples/web-smoke.yaml")
+                expect(paused_row.locator('[data-col="last"]')).to_have_text("never")
+                shot(page, "schedules")
+
+                # Its page: the firings with their jobs' states, followed live.
+                row.locator("a").click()
+                mark_no_reload(page)
+                firings = page.locator("#firings tr[data-slot]")
+                expect(firings.nth(2)).to_be_visible()  # three firings and counting
+                expect(firings.first.locator(".badge").first).to_have_text("fired")
+                expect(page.locator("#firings .firing-jobs [data-state=succeeded]").first).to_be_visible()
+                expect(page.locator('#firings .firing-jobs a[href^="#/jobs/"]').first).to_be_visible()
+                assert_not_reloaded(page)
+                shot(page, "schedule")
+
+                # Pause from the page: the API says paused, and no next firing.
+                page.click('#schedule-actions button[data-op="pause"]')
+                expect(page.locator("h1 .badge")).to_have_text("paused")
+                expect(page.locator('#schedule-spec [data-field="next"]')).to_have_text("paused")
+                shown = read_http.get(f"{base}/schedules/tagger").json()
+                assert shown["paused"] is True and shown["next_at"] is None
+                last_slot = shown["last_slot"]  # no slot is claimed while paused
+                # A read token sees the same page, with no button; the API refuses it anyway.
+                ro_url = page.url
+                sign_in(ro, reader)
+                ro.goto(ro_url)
+                expect(ro.locator("h1 .badge")).to_have_text("paused")
+                expect(ro.locator("#firings tr[data-slot]").first).to_be_visible()
+                assert ro.locator("#schedule-actions button").count() == 0
+                assert api_post(ro, f"{base}/schedules/tagger/resume") == 403
+                # Resume: it fires again, and the page shows the new firing.
+                page.click('#schedule-actions button[data-op="resume"]')
+                expect(page.locator("h1 .badge")).to_have_text("active")
+                assert read_http.get(f"{base}/schedules/tagger").json()["paused"] is False
+                newer: list[str] = []
+
+                def fired_again() -> bool:
+                    history = read_http.get(f"{base}/schedules/tagger", params={"history": 1}).json()["history"]
+                    newer[:] = [f["slot"] for f in history if f["slot"] > last_slot]
+                    return bool(newer)
+
+                wait_until(fired_again, timeout=UI_TIMEOUT_MS / 1000, what="a firing after the resume")
+                expect(page.locator(f'#firings tr[data-slot="{newer[0]}"]')).to_be_visible()
+                assert_not_reloaded(page)
+                # remove asks first
+                page.once("dialog", lambda d: d.dismiss())
+                page.click('#schedule-actions button[data-op="remove"]')
+                assert op_http.get(f"{base}/schedules/tagger").status_code == 200
+                page.goto(f"{api_server.url}/ui/#/schedules/nightly")
+                page.once("dialog", lambda d: d.accept())
+                page.click('#schedule-actions button[data-op="remove"]')
+                expect(page.locator("#schedules tr[data-schedule]")).to_have_count(1)
+                assert op_http.get(f"{base}/schedules/nightly").status_code == 404
+                op_http.delete(f"{base}/schedules/tagger")
+
+            # An experiment run: its steps in order, each step's job and progress, followed live
+            # (ex2's launch waits behind its held VM lock, so the run is caught half way).
+            page.click('nav a[data-page="experiments"]')
+            expect(page.locator("#runs")).to_contain_text(f"No experiment run in namespace {ns}")
+            holder = LockManager(base_settings.resolved_redis_url(), owner="test-holder", expire=4)
+            try:
+                with holder.hold(vm_lock(ns, "ex2"), timeout=5):
+                    answer = op_http.post(f"{base}/experiments", json={"text": DASH_EXPERIMENT, "source": "dash.yaml"})
+                    assert answer.status_code == 202, answer.text
+                    run = answer.json()
+                    row = page.locator(f'#runs tr[data-run="{run["id"]}"]')
+                    expect(row.locator(".badge")).to_have_text("running")
+                    row.locator(f'a[href="#/experiments/{run["id"]}"]').click()
+                    mark_no_reload(page)
+                    steps = page.locator("#steps tr[data-step]")
+                    expect(steps).to_have_count(4)
+                    assert [steps.nth(i).get_attribute("data-step") for i in range(4)] == \
+                        ["launch", "pause-ex", "resume-ex", "teardown"]
+                    assert [steps.nth(i).get_attribute("data-kind") for i in range(4)] == \
+                        ["launch", "step", "step", "teardown"]
+                    launch = page.locator('#steps tr[data-step="launch"]')
+                    expect(launch.locator(".bar")).to_have_text("1 / 2")
+                    expect(launch.locator(".badge")).to_have_text("running")
+                    expect(page.locator('#steps tr[data-step="pause-ex"] .badge')).to_have_text("queued")
+                    expect(page.locator("h1 .badge")).to_have_text("running")
+                    shot(page, "experiment")
+            finally:
+                holder.close()
+            for step in ("launch", "pause-ex", "resume-ex", "teardown"):
+                expect(page.locator(f'#steps tr[data-step="{step}"] .badge')).to_have_text("succeeded")
+                expect(page.locator(f'#steps tr[data-step="{step}"] .bar')).to_have_text("2 / 2")
+            expect(page.locator("h1 .badge")).to_have_text("succeeded")
+            assert_not_reloaded(page)
+            launch_job = run["steps"][0]["job"]
+            page.click(f'#steps a[href="#/jobs/{launch_job}"]')
+            expect(page.locator("#job-children")).to_contain_text("ex2")
+            page.click('nav a[data-page="experiments"]')
+            expect(row.locator(".badge")).to_have_text("succeeded")
+            expect(row).to_contain_text("dash.yaml")
+            shot(page, "experiments")
+            ro.click('nav a[data-page="experiments"]')
+            expect(ro.locator(f'#runs tr[data-run="{run["id"]}"] .badge')).to_have_text("succeeded")
+        assert not page.errors, page.errors
+        assert not ro.errors, ro.errors
+    finally:
+        for name in ("tagger", "nightly"):
+            with contextlib.suppress(NotFound):
+                client.remove_schedule(ns, name)
+        page.context.close()
+        ro.context.close()
 
 
 @needs_browser

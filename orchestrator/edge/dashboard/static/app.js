@@ -546,6 +546,233 @@ async function jobPage(id) {
   }, (e) => err.replaceChildren(errorBox(e)));
 }
 
+// -- schedules and experiment runs ----------------------------------------------------------
+
+function until(iso) {
+  const s = (new Date(iso).getTime() - Date.now()) / 1000;
+  if (s < 60) return `in ${Math.max(0, s).toFixed(1)} s`;
+  if (s < 3600) return `in ${Math.floor(s / 60)} min`;
+  if (s < 48 * 3600) return `in ${Math.floor(s / 3600)} h`;
+  return `in ${Math.floor(s / 86400)} days`;
+}
+
+const scheduleBadge = (s) => badge(s.paused ? "paused" : "active");
+
+function nextFiring(s) {
+  if (s.paused) return h("span", { class: "muted" }, "paused");
+  if (!s.next_at) return h("span", { class: "muted" }, "none (done)");
+  return [when(s.next_at), " ", h("span", { class: "muted" }, `(${until(s.next_at)})`)];
+}
+
+// Children final out of all of a parent job's children: a step's progress.
+function progress(job) {
+  const c = job?.children;
+  if (!c) return h("span", { class: "muted" }, "–");
+  const done = c.total - c.pending;
+  const pct = c.total > 0 ? (100 * done) / c.total : 0;
+  const bad = c.failed + c.canceled;
+  return h("div", { class: "bar progress", title: `${c.succeeded} succeeded, ${c.failed} failed, ${c.canceled} canceled` },
+    h("div", { class: `fill ${bad ? "bad" : ""}`, style: `width:${pct}%` }),
+    h("span", {}, `${done} / ${c.total}`, bad ? ` · ${bad} not succeeded` : ""));
+}
+
+function head(...cols) {
+  return h("thead", {}, h("tr", {}, cols.map((c) => h("th", {}, c))));
+}
+
+function sourceLink(source) {
+  const m = /^schedule:(.+)$/.exec(source ?? "");
+  if (m) return ["schedule ", h("a", { href: `#/schedules/${enc(m[1])}` }, m[1])];
+  return source || h("span", { class: "muted" }, "–");
+}
+
+function stamped(stamp) {
+  stamp.textContent = `live · updated ${new Date().toLocaleTimeString(undefined, { hour12: false })}`;
+}
+
+async function schedulesPage() {
+  if (needNs()) return;
+  const ns = session.ns;
+  const err = h("div");
+  const body = h("tbody");
+  const stamp = h("span", { class: "live" }, "live");
+  $main().replaceChildren(h("h1", {}, `Schedules in ${ns}`, stamp), err,
+    h("table", { id: "schedules" }, head("Name", "When", "What", "Next firing", "State", "Last firing", "By"), body));
+  await live(async () => {
+    const list = await api(`/namespaces/${enc(ns)}/schedules`);
+    err.replaceChildren();
+    body.replaceChildren(...list.map((s) => {
+      const last = s.history[0];
+      return h("tr", { "data-schedule": s.name },
+        h("td", {}, h("a", { href: `#/schedules/${enc(s.name)}` }, s.name)),
+        h("td", {}, s.when), h("td", { class: "what" }, s.what),
+        h("td", { "data-col": "next", title: s.next_at ?? "" }, nextFiring(s)),
+        h("td", { "data-col": "state" }, scheduleBadge(s)),
+        h("td", { "data-col": "last" }, last ? [badge(last.state), " ",
+          h("span", { class: "muted", title: last.fired_at }, ago(last.fired_at))] : h("span", { class: "muted" }, "never")),
+        h("td", { class: "muted" }, s.by));
+    }));
+    if (!list.length) {
+      body.replaceChildren(h("tr", {}, h("td", { colspan: 7, class: "muted" },
+        `No schedule in namespace ${ns} ('vmorch schedule add' makes one).`)));
+    }
+    stamped(stamp);
+  }, (e) => err.replaceChildren(errorBox(e)));
+}
+
+async function schedulePage(name) {
+  if (needNs()) return;
+  const ns = session.ns;
+  const path = `/namespaces/${enc(ns)}/schedules/${enc(name)}`;
+  const err = h("div");
+  const title = h("h1", {}, `Schedule ${name}`);
+  const buttons = h("div", { class: "actions", id: "schedule-actions" });
+  const spec = h("dl", { class: "spec", id: "schedule-spec" });
+  const firings = h("tbody");
+  const stamp = h("span", { class: "live" }, "live");
+  $main().replaceChildren(title, err, buttons, h("div", { class: "panel" }, h("h2", {}, "Schedule"), spec),
+    h("div", { class: "panel" }, h("h2", {}, "Firings, newest first ", stamp),
+      h("table", { id: "firings" }, head("Slot", "Fired at", "State", "By", "Run", "Jobs", "Error"), firings)));
+  let jobs = new Map(); // the firings' jobs as last read, by id
+  const send = async (op) => {
+    try {
+      const s = await api(`${path}/${op}`, { method: "POST" });
+      err.replaceChildren();
+      render(s);
+    } catch (e) { err.replaceChildren(errorBox(e)); }
+  };
+  const remove = async () => {
+    if (!confirm(`Remove schedule ${name} from ${ns}? Its history goes with it.`)) return;
+    try {
+      await api(path, { method: "DELETE" });
+      location.hash = "#/schedules";
+    } catch (e) { err.replaceChildren(errorBox(e)); }
+  };
+  const render = (s) => {
+    title.replaceChildren(`Schedule ${s.name} `, scheduleBadge(s));
+    // A read token is offered no buttons (the API would refuse them anyway).
+    buttons.replaceChildren(...(mayOperate(ns) ? [
+      s.paused
+        ? h("button", { class: "action primary", "data-op": "resume", type: "button", onclick: () => send("resume") },
+          "resume")
+        : h("button", { class: "action", "data-op": "pause", type: "button", onclick: () => send("pause") }, "pause"),
+      h("button", { class: "action danger", "data-op": "remove", type: "button", onclick: remove }, "remove"),
+    ] : []));
+    const row = (k, v, field) => [h("dt", {}, k), h("dd", { "data-field": field }, v ?? "–")];
+    spec.replaceChildren(...row("namespace", s.namespace), ...row("when", s.when, "when"),
+      ...row("what", s.what, "what"), ...row("next firing", nextFiring(s), "next"),
+      ...row("state", s.paused ? "paused: fires no more until resumed" : "active", "state"),
+      ...row("last slot", when(s.last_slot)),
+      ...row("missed firings", s.missed === "skip" ? "skipped (more than 60 s late)" : "run once, late"),
+      ...row("created", when(s.created_at)), ...row("by", s.by));
+    firings.replaceChildren(...s.history.map((f) => h("tr", { "data-slot": f.slot },
+      h("td", {}, when(f.slot)), h("td", {}, when(f.fired_at)), h("td", {}, badge(f.state)),
+      h("td", { class: "muted" }, f.by),
+      h("td", {}, f.run ? h("a", { href: `#/experiments/${f.run}` }, `run #${f.run}`) : ""),
+      h("td", { class: "firing-jobs" }, f.jobs.map((i) => h("span", { class: "job-ref" }, jobLink({ id: i }), " ",
+        jobs.has(i) ? badge(jobs.get(i).state) : null, " "))),
+      h("td", { class: "muted" }, f.error ?? ""))));
+    if (!s.history.length) {
+      firings.replaceChildren(h("tr", {}, h("td", { colspan: 7, class: "muted" }, "It has not fired yet.")));
+    }
+  };
+  await live(async () => {
+    const s = await api(`${path}?history=30`);
+    const ids = [...new Set(s.history.flatMap((f) => f.jobs))].slice(0, 1000);
+    if (ids.some((i) => !FINAL.has(jobs.get(i)?.state))) {
+      try {
+        const fresh = await api(`/jobs/wait?${ids.map((i) => `ids=${i}`).join("&")}&timeout=0`);
+        jobs = new Map(fresh.map((j) => [j.id, j]));
+      } catch (e) {
+        if (e.status !== 404) throw e; // a job gone from the store: its state is not shown
+      }
+    }
+    err.replaceChildren();
+    render(s);
+    stamped(stamp);
+  }, (e) => err.replaceChildren(errorBox(e)));
+}
+
+const stepJobs = (run) => Object.values(run.jobs);
+
+async function experimentsPage() {
+  if (needNs()) return;
+  const ns = session.ns;
+  const err = h("div");
+  const body = h("tbody");
+  const stamp = h("span", { class: "live" }, "live");
+  const filters = h("form", { class: "filters", id: "run-filters", onchange: () => poll.abort() },
+    h("label", { class: "field" }, "show", h("select", { name: "limit" },
+      [20, 100, 1000].map((n) => h("option", { value: n }, `${n} newest`)))));
+  $main().replaceChildren(h("h1", {}, `Experiment runs in ${ns}`, stamp), err, filters,
+    h("table", { id: "runs" }, head("Run", "Name", "State", "Steps final", "Started", "Source", "By"), body));
+  let poll = new AbortController();
+  session.abort.signal.addEventListener("abort", () => poll.abort());
+  await live(async () => {
+    poll = new AbortController();
+    const runs = await api(`/namespaces/${enc(ns)}/experiments?limit=${filters.elements.limit.value}`);
+    err.replaceChildren();
+    body.replaceChildren(...runs.map((r) => {
+      const jobs = stepJobs(r);
+      const total = { total: r.steps.length, pending: jobs.filter((j) => !FINAL.has(j.state)).length,
+        succeeded: jobs.filter((j) => j.state === "succeeded").length,
+        failed: jobs.filter((j) => j.state === "failed").length,
+        canceled: jobs.filter((j) => j.state === "canceled").length };
+      return h("tr", { "data-run": r.id },
+        h("td", {}, h("a", { href: `#/experiments/${r.id}` }, `#${r.id}`)), h("td", {}, r.name),
+        h("td", {}, badge(r.state)), h("td", {}, progress({ children: total })), h("td", {}, when(r.started_at)),
+        h("td", {}, sourceLink(r.source)), h("td", { class: "muted" }, r.by));
+    }));
+    if (!runs.length) {
+      body.replaceChildren(h("tr", {}, h("td", { colspan: 7, class: "muted" },
+        `No experiment run in namespace ${ns} ('vmorch experiment run FILE' starts one).`)));
+    }
+    stamped(stamp);
+    const running = runs.filter((r) => !FINAL.has(r.state)).flatMap(stepJobs);
+    return waitFor(running, poll.signal).catch((e) => { if (!poll.signal.aborted) throw e; });
+  }, (e) => err.replaceChildren(errorBox(e)));
+}
+
+async function runPage(id) {
+  if (needNs()) return;
+  const ns = session.ns;
+  const err = h("div");
+  const title = h("h1", {}, `Run #${id}`);
+  const spec = h("dl", { class: "spec" });
+  const steps = h("tbody");
+  const stamp = h("span", { class: "live" }, "live");
+  $main().replaceChildren(title, err, h("div", { class: "panel" }, h("h2", {}, "Run"), spec),
+    h("div", { class: "panel" }, h("h2", {}, "Steps, in order ", stamp),
+      h("table", { id: "steps" }, head("Step", "Kind", "After", "Job", "State", "Progress", "Started", "Finished",
+        "Error"), steps)));
+  let done = false;
+  await live(async (signal) => {
+    if (done) return sleep(24 * 3600 * 1000, signal); // final: nothing changes any more
+    const run = await api(`/namespaces/${enc(ns)}/experiments/${id}`);
+    err.replaceChildren();
+    title.replaceChildren(`Run #${run.id} ${run.name} `, badge(run.state));
+    const jobs = stepJobs(run);
+    const finished = FINAL.has(run.state) ? jobs.map((j) => j.finished_at).filter(Boolean).sort().pop() : null;
+    const row = (k, v) => [h("dt", {}, k), h("dd", {}, v ?? "–")];
+    spec.replaceChildren(...row("name", run.name), ...row("namespace", run.namespace), ...row("state", run.state),
+      ...row("source", sourceLink(run.source)), ...row("by", run.by), ...row("started", when(run.started_at)),
+      ...row("finished", when(finished)),
+      ...row("steps final", `${jobs.filter((j) => FINAL.has(j.state)).length} of ${run.steps.length}`));
+    steps.replaceChildren(...run.steps.map((s) => {
+      const j = run.jobs[s.name];
+      return h("tr", { "data-step": s.name, "data-kind": s.kind },
+        h("td", {}, h("b", {}, s.name)), h("td", {}, s.kind),
+        h("td", { class: "muted" }, s.after.join(", ")),
+        h("td", {}, jobLink({ id: s.job })), h("td", {}, j ? badge(j.state) : h("span", { class: "muted" }, "gone")),
+        h("td", {}, progress(j)), h("td", {}, when(j?.started_at)), h("td", {}, when(j?.finished_at)),
+        h("td", { class: "muted" }, j?.error ? j.error.message : ""));
+    }));
+    stamped(stamp);
+    done = FINAL.has(run.state);
+    return done ? null : waitFor(jobs, signal);
+  }, (e) => err.replaceChildren(errorBox(e)));
+}
+
 // -- session, navigation ------------------------------------------------------------------
 
 async function signIn() {
@@ -596,6 +823,10 @@ async function route() {
   if (parts[0] === "vms") return vmsPage();
   if (parts[0] === "jobs" && parts[1]) return jobPage(Number(parts[1]));
   if (parts[0] === "jobs") return jobsPage();
+  if (parts[0] === "schedules" && parts[1]) return schedulePage(parts[1]);
+  if (parts[0] === "schedules") return schedulesPage();
+  if (parts[0] === "experiments" && parts[1]) return runPage(Number(parts[1]));
+  if (parts[0] === "experiments") return experimentsPage();
   return hostsPage();
 }
 
@@ -609,7 +840,9 @@ document.getElementById("ns-select").addEventListener("change", async (ev) => {
   session.ns = picked;
   if (!ev.target.value) await signIn(); // lists the new name in the select
   sessionStorage.setItem("vmorch.ns", session.ns);
-  if (location.hash.startsWith("#/vms/")) location.hash = "#/vms"; // another namespace's VM: back to the list
+  // another namespace's VM, schedule or run: back to the list
+  const detail = /^#\/(vms|schedules|experiments)\/./.exec(location.hash);
+  if (detail) location.hash = `#/${detail[1]}`;
   else route();
 });
 window.addEventListener("hashchange", route);
