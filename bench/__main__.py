@@ -25,6 +25,7 @@ BENCHMARKS = {
     "B6": "bench.b6_qemu",
     "CLI": "bench.cli_startup",
     "D1": "bench.d1_durability",
+    "M1": "bench.m1_memory",
 }
 
 

@@ -15,9 +15,10 @@ from orchestrator.model.errors import InvalidInput, VmorchError
 from orchestrator.model.names import check_namespace
 from orchestrator.model.settings import Settings
 
-from . import api, cluster, completion, experiments, hosts, jobs, namespaces, schedules, tokens, vms
+from . import api, cluster, completion, experiments, guest, hosts, jobs, namespaces, prune, schedules, tokens, vms
 from .context import State
 from .doctor import doctor
+from .images import app as images_app
 from .render import error
 
 app = typer.Typer(
@@ -29,8 +30,11 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 app.add_typer(vms.app, name="vm")
+guest.register(vms.app)  # vm log, console, exec, cp
 app.add_typer(jobs.app, name="job")
+jobs.app.command(name="prune")(prune.prune)
 app.add_typer(hosts.app, name="host")
+app.add_typer(images_app, name="image")
 app.add_typer(namespaces.app, name="ns")
 app.add_typer(experiments.app, name="experiment")
 app.add_typer(schedules.app, name="schedule")
@@ -54,6 +58,10 @@ def root(
                                                 help="talk to this vmorch API instead of Redis")] = None,
     token: Annotated[str | None, typer.Option("--token", envvar="VMORCH_TOKEN", show_default=False,
                                               help="API token (default: the file $VMORCH_HOME/token)")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(
+        "--idempotency-key", show_default=False,
+        help="submit at most once: run again with the same key (after a timeout, say), a vm command prints "
+             "the jobs of the first run and makes none (kept for a day)")] = None,
 ) -> None:
     overrides: dict[str, object] = {"namespace": check_namespace(namespace)}
     if redis_url:
@@ -68,7 +76,10 @@ def root(
         first = exc.errors()[0]
         raise InvalidInput(f"bad setting {first['loc'][0]}: {first['msg']}",
                            hint="check the VMORCH_* environment variables") from None
-    ctx.obj = State(settings=settings, json=as_json)
+    if idempotency_key is not None and not (0 < len(idempotency_key) <= 200 and idempotency_key.isascii()
+                                            and idempotency_key.isprintable() and " " not in idempotency_key):
+        raise InvalidInput("bad --idempotency-key", hint="1 to 200 printable ASCII characters, no spaces")
+    ctx.obj = State(settings=settings, json=as_json, idempotency_key=idempotency_key)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 class State:
     settings: Settings
     json: bool = False
+    #: ``--idempotency-key``: the submit of this command is made at most once
+    idempotency_key: str | None = None
     _client: Client | None = field(default=None, repr=False)
 
     @property

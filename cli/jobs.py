@@ -23,14 +23,15 @@ def show(ctx: typer.Context, job_id: JobId) -> None:
     """Show one job."""
     st = state(ctx)
     job = st.client.job(job_id)
-    events = st.client.events(job.namespace, vm=job.vm or None, job_id=job.id)  # a parent job has no VM
+    found = st.client.history(job.namespace, vm=job.vm or None, job_id=job.id)  # a parent job has no VM
+    events = found.events
     children = st.client.children(job.id) if job.is_parent else []
     failed = [c for c in children if c.state is JobState.FAILED]
     if st.json:
         extra = {"by_state": render.by_state(children), "failed": [c.model_dump(mode="json") for c in failed]} \
             if job.is_parent else {}
         render.dump_json({**job.model_dump(mode="json"), **extra,
-                          "events": [e.model_dump(mode="json") for e in events]})
+                          "events": [e.model_dump(mode="json") for e in events], "history_trimmed": found.trimmed})
         return
     render.out.print(render.job_detail(job))
     if job.is_parent:
@@ -40,6 +41,8 @@ def show(ctx: typer.Context, job_id: JobId) -> None:
             render.out.print(render.jobs_table(failed))
     if events:
         render.out.print(render.events_table(events))
+    if found.trimmed:
+        render.out.print(f"(older history trimmed: {found.trimmed} earlier entries are no longer kept)")
 
 
 @app.command(name="list")

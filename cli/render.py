@@ -274,7 +274,8 @@ def vm_detail(vm: Vm) -> Table:
                  ("tags", escape(", ".join(f"{k}={val}" for k, val in sorted(vm.tags.items())) or "-")),
                  ("snapshots", escape(", ".join(vm.snapshots) or "-")), ("domain", vm.domain),
                  ("created", _iso(vm.created_at)), ("updated", _iso(vm.updated_at)),
-                 ("note", escape(vm_note(vm) or "-"))]:
+                 ("note", escape(vm_note(vm) or "-")), ("agent", vm.agent),
+                 ("addresses", escape(", ".join(f"{a.ip} ({a.mac})" for a in vm.addresses) or "-"))]:
         table.add_row(k, v)
     return table
 
@@ -309,6 +310,7 @@ def host_detail(h: Host, vms: dict[str, list[str]]) -> Table:
         ("started", _iso(h.started_at)), ("heartbeat", _iso(h.heartbeat_at)),
         ("clock offset", "not measured yet" if h.clock_offset is None else f"{h.clock_offset * 1000:+.1f} ms"),
         ("libvirt", escape(h.libvirt_uri or "-")), ("libvirt probe", probe),
+        ("accel", f"{h.accel or '-'}" + (f" ({escape(h.accel_reason)})" if h.accel_reason else "")),
         ("migrate uri", escape(h.migrate_uri) if h.migrate_uri else "- (no live moves to this host)"),
         ("storage", "shared (every host sees its disks at the same path)" if h.shared_storage else "local"),
         ("memory", f"{h.committed_mib}/{h.memory_mib} MiB committed{_share(h.committed_mib, h.memory_mib)}"),

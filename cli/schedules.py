@@ -13,7 +13,7 @@ from typer.main import get_command
 from orchestrator.model.errors import InvalidInput
 from orchestrator.model.operation import COMMANDS, TargetedOp, invalid_input
 
-from . import render, vms
+from . import launchfiles, render, vms
 from .context import LogFormat, state
 from .experiments import read
 
@@ -68,7 +68,9 @@ def add(
 _NOT_PARAMS = frozenset({"target", "select", "after", "wait", "dry_run"})
 #: a vm command's option -> its operation's param (the rest have the same name)
 _RENAMED = {"memory": "memory_mib", "disk": "disk_gib", "timeout": "timeout_s", "host_label": "host_labels",
-            "tag": "tags", "pairs": "set"}
+            "tag": "tags", "pairs": "set", "stdin": "input"}
+#: vm commands that make jobs but can't be scheduled, and why
+_UNSCHEDULABLE = {"cp": "it copies between this machine and a guest; schedule 'vm exec' in the guest instead"}
 #: params given as key=value pairs
 _PAIRS = frozenset({"host_labels", "tags", "set"})
 _REFUSED = {"wait": "--wait", "dry_run": "--dry-run", "after": "--after"}
@@ -84,6 +86,9 @@ def parse_vm_command(command: list[str]) -> TargetedOp:
     sub = group.get_command(typer.Context(group), command[1])
     if sub is None:
         raise InvalidInput(f"no vm command {command[1]!r}", hint="see 'vmorch vm --help'")
+    if command[1] in _UNSCHEDULABLE:
+        raise InvalidInput(f"can't schedule 'vm {command[1]}': {_UNSCHEDULABLE[command[1]]}",
+                           hint=f"see 'vmorch vm {command[1]} --help'")
     if command[1] not in ops:
         raise InvalidInput(f"can't schedule 'vm {command[1]}': it makes no job",
                            hint=f"schedule one of: vm {', '.join(sorted(ops))}; or --experiment FILE")
@@ -94,20 +99,34 @@ def parse_vm_command(command: list[str]) -> TargetedOp:
             raise
         raise InvalidInput(f"vm {command[1]}: {exc.format_message()}", hint=f"see 'vmorch vm {command[1]} --help'") \
             from None
+    if "select_" in parsed:  # the option's name where 'select' would shadow a builtin module's
+        parsed["select"] = parsed.pop("select_")
     given = [flag for key, flag in _REFUSED.items() if parsed.get(key)]
     if given:
         raise InvalidInput(f"a scheduled command doesn't take {given[0]}", hint="drop it")
-    params = {}
-    for key, value in parsed.items():
-        if key not in _NOT_PARAMS and value is not None:
-            param = _RENAMED.get(key, key)
-            params[param] = vms.parse_tags(value) if param in _PAIRS else value
+    params = _params(parsed)
     target = parsed.get("target")
     try:
         return TargetedOp.model_validate({"op": ops[command[1]], "target": None if target == "-" else target,
                                           "tag": vms.parse_tags(parsed.get("select")), "params": params})
     except ValidationError as exc:
         raise invalid_input(exc) from None
+
+
+def _params(parsed: dict[str, Any]) -> dict[str, Any]:
+    """The operation's params from a vm command's parsed options. A launch's files are read now, as
+    'vm launch' reads them: the schedule keeps their content, not their paths."""
+    params: dict[str, Any] = {}
+    cloud_init, ssh_key = parsed.pop("cloud_init", None), parsed.pop("ssh_key", None)
+    if cloud_init is not None:
+        params["cloud_init"] = launchfiles.user_data(cloud_init)
+    if ssh_key:
+        params["ssh_keys"] = launchfiles.ssh_keys(ssh_key)
+    for key, value in parsed.items():
+        if key not in _NOT_PARAMS and value is not None:
+            param = _RENAMED.get(key, key)
+            params[param] = vms.parse_tags(value) if param in _PAIRS else value
+    return params
 
 
 @app.command(name="list")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -12,7 +13,7 @@ from orchestrator.model.names import check_name, check_tag, check_text, expand_t
 from orchestrator.model.operation import Op, Operation, SubmitOptions
 from orchestrator.model.records import HostState, Job
 
-from . import completion, render
+from . import completion, launchfiles, render
 from .context import state
 from .waiting import wait as wait_for
 
@@ -41,7 +42,8 @@ def submit(ctx: typer.Context, op: Op, target: str | None, wait: bool, *, select
     names = resolve(st.client, st.namespace, target, parse_tags(select))
     ops = [Operation.build(op, st.namespace, name, **params) for name in names]
     label = target or ",".join(select or [])
-    jobs = st.client.submit(ops, SubmitOptions(after=parse_ids(after), label=label))
+    jobs = st.client.submit(ops, SubmitOptions(after=parse_ids(after), label=label,
+                                               idempotency_key=st.idempotency_key))
     warn_down_hosts(st.client, jobs, st.settings.host_down_deadline)
     parent = st.client.job(jobs[0].parent) if jobs[0].parent is not None else None
     if wait:
@@ -93,7 +95,12 @@ def launch(
     memory: Annotated[int, typer.Option("--memory", "-m", help="memory in MiB")] = 128,
     vcpus: Annotated[int, typer.Option("--vcpus", "-c", help="virtual CPUs")] = 1,
     disk: Annotated[int, typer.Option("--disk", help="size in GiB of the qcow2 disk vmorch creates (0: none)")] = 1,
-    image: Annotated[str | None, typer.Option("--image", help="backing image for the disk (path on the host)")] = None,
+    image: Annotated[str | None, typer.Option("--image", help="a catalog image ('vmorch image list'): the disk is "
+                                                                "a copy-on-write overlay of it")] = None,
+    cloud_init: Annotated[Path | None, typer.Option("--cloud-init", help="cloud-init user-data FILE (read here, "
+                                                                          "sent as content; needs --image)")] = None,
+    ssh_key: Annotated[list[Path] | None, typer.Option("--ssh-key", help="an SSH public key FILE (.pub) for the "
+                                                                         "guest, repeatable (needs --image)")] = None,
     host: Annotated[str | None, typer.Option("--host", help="pin to this host (default: placement chooses)")] = None,
     host_label: Annotated[list[str] | None, typer.Option("--host-label", help="only hosts with key=value")] = None,
     colocate: Annotated[str | None, typer.Option("--colocate", help="on the same host as this VM")] = None,
@@ -107,7 +114,8 @@ def launch(
         check_text(image, "--image")  # an undecodable byte of argv arrives as a lone surrogate
     params: dict[str, Any] = dict(memory_mib=memory, vcpus=vcpus, disk_gib=disk, image=image, host=host,
                                   host_labels=parse_tags(host_label), colocate=colocate, spread=spread,
-                                  tags=parse_tags(tag))
+                                  tags=parse_tags(tag), cloud_init=launchfiles.user_data(cloud_init),
+                                  ssh_keys=launchfiles.ssh_keys(ssh_key))
     if dry_run:
         st = state(ctx)
         ops = [Operation.build(Op.LAUNCH, st.namespace, name, **params) for name in expand_target(target)]
@@ -227,11 +235,14 @@ def history(ctx: typer.Context, name: VmName,
             limit: Annotated[int, typer.Option("--limit", min=1, max=100_000)] = 100) -> None:
     """Show what happened to a VM: its jobs' state changes and the changes of its record."""
     st = state(ctx)
-    events = st.client.events(st.namespace, vm=check_name(name), limit=limit)
+    found = st.client.history(st.namespace, vm=check_name(name), limit=limit)
+    events = found.events
     if st.json:
         render.dump_json(events)
     elif events:
         render.out.print(render.events_table(events))
+        if found.trimmed:
+            render.out.print(f"(older history trimmed: {found.trimmed} earlier entries are no longer kept)")
     else:
         raise NotFound(f"no history for VM {name!r} in namespace {st.namespace!r}",
                        hint="list VMs with 'vmorch vm list' (and check --namespace)")

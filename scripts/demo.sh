@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# A tour of vmorch on one machine: a local cluster of 2 hosts running real QEMU VMs, then
-# the race libvirt leaves undefined -- one process changes a VM's memory while another
-# kills it, at the same moment -- and how vmorch turns it into a defined order.
+# A tour of vmorch on one machine: a local cluster of 2 hosts, a real guest imported into the
+# image catalog and launched from it (with cloud-init), then the race libvirt leaves undefined --
+# one process changes a VM's memory while another kills it, at the same moment -- and how
+# vmorch turns it into a defined order.
 # Everything lives in a fresh temporary VMORCH_HOME that is deleted at the end, always.
 # It runs scripts/install.sh first: on a fresh Debian 12, as root, 'bash scripts/demo.sh' is all it takes.
 set -euo pipefail
@@ -19,8 +20,10 @@ VMORCH_HOME=$(mktemp -d "${TMPDIR:-/tmp}/vmorch-demo.XXXXXX")
 export VMORCH_HOME
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/vmorch-demo-work.XXXXXX")  # the demo's own scratch files
 
+http_pid=
 cleanup() {
     # Stops whatever is still running and deletes the home; a no-op after a clean teardown.
+    [ -z "$http_pid" ] || kill "$http_pid" 2>/dev/null || true
     if [ -d "$VMORCH_HOME" ]; then
         "$VMORCH" down --purge || echo "demo.sh: 'vmorch down --purge' failed; VMORCH_HOME=$VMORCH_HOME" >&2
     fi
@@ -44,8 +47,26 @@ run up --detach
 header "The hosts"
 run host list
 
-header "Launch three VMs (placed across the hosts)"
-run vm launch 'demo[1-3]' --memory 64 --wait
+header "Import the test guest into the image catalog, on both hosts (one job per host)"
+# A small Linux guest built from Debian packages (cached after the first build), served over HTTP
+# from this machine's loopback: each host's worker fetches it into its own image store.
+guest=$("$PY" -m orchestrator.localcluster.guestimage)
+mkdir -p "$WORK/served"
+cp "$guest" "$WORK/served/guest.qcow2"
+"$PY" -u -m http.server --bind 127.0.0.1 --directory "$WORK/served" 0 >"$WORK/http.log" 2>&1 &
+http_pid=$!
+until port=$(sed -n 's/.*port \([0-9]*\).*/\1/p' "$WORK/http.log" | head -1) && [ -n "$port" ]; do
+    kill -0 "$http_pid" 2>/dev/null || { cat "$WORK/http.log" >&2; exit 1; }
+    sleep 0.1
+done
+run image import guest "http://127.0.0.1:$port/guest.qcow2" --sha256 "$(sha256sum "$guest" | cut -d' ' -f1)" --wait
+kill "$http_pid"
+http_pid=
+run image list
+
+header "Launch three VMs from the catalog image (placed across the hosts), with cloud-init"
+printf '#cloud-config\nwrite_files:\n  - path: /etc/motd\n    content: "hello from vmorch"\n' >"$WORK/user-data"
+run vm launch 'demo[1-3]' --image guest --disk 1 --memory 192 --cloud-init "$WORK/user-data" --wait
 run vm list
 
 header "Change demo1's memory and kill demo1 at the same moment, from two processes"
@@ -64,12 +85,12 @@ racer() {  # racer NAME VMORCH-ARGS...: wait at the gate, then submit; the job's
         exec "$VMORCH" --json "$@" >"$WORK/$name.json"
     ) &
 }
-racer set vm set demo1 --memory 96
+racer set vm set demo1 --memory 160
 set_pid=$!
 racer kill vm kill demo1
 kill_pid=$!
 until [ -e "$WORK/set.ready" ] && [ -e "$WORK/kill.ready" ]; do sleep 0.01; done
-echo "$ vmorch --json vm set demo1 --memory 96 &"
+echo "$ vmorch --json vm set demo1 --memory 160 &"
 echo "$ vmorch --json vm kill demo1 &"
 exec 3>&-
 wait "$set_pid"
@@ -128,4 +149,5 @@ run job list
 
 header "Tear down"
 run vm delete 'demo[1-3]' --wait
+run image remove guest --wait
 run down --purge

@@ -239,6 +239,10 @@ def cleanup_namespace(c: RedisClient, redis: Redis, namespace: str, *, before: s
     assert_keyspace_clean(redis, namespace)
     if before is not None:
         assert_no_stray_keys(redis, namespace, before)
+    # The namespace's jobs go with its index: a job record no index names would be a leak.
+    for job_id in redis.zrange(keys.jobs(namespace), 0, -1):
+        redis.delete(keys.job(int(job_id)), keys.job_children(int(job_id)), keys.job_dependents(int(job_id)),
+                     keys.job_history(int(job_id)))
     for key in redis.scan_iter(f"*{namespace}*"):
         redis.delete(key)
 
@@ -264,7 +268,8 @@ def assert_keyspace_clean(redis: Redis, namespace: str) -> None:
         assert state in ("succeeded", "failed", "canceled"), f"job {job_id} left {state}"
     allowed = (f"{keys.PREFIX}:jobs:{namespace}", f"{keys.PREFIX}:fence:", f"{keys.PREFIX}:job:",
                keys.events(namespace), keys.namespace(namespace), keys.runs(namespace),
-               keys.prune_lease(namespace))  # a janitor pruning the namespace's old jobs at this moment
+               keys.prune_lease(namespace),  # a janitor pruning the namespace's old jobs at this moment
+               keys.vm(keys.IMAGES_NS, ""))  # the history of an image named after the test's namespace
     for key in redis.scan_iter(f"*{namespace}*"):
         # a VM's sequence counter and its history outlive the VM (the history until retention)
         if key.startswith(allowed) or (key.startswith(f"{keys.PREFIX}:vm:{namespace}:")
@@ -278,9 +283,13 @@ def assert_keyspace_clean(redis: Redis, namespace: str) -> None:
 #: keys any test may leave outside its namespace, and why they stay
 _SHARED_KEYS = (
     keys.JOB_NEXT, keys.RUN_NEXT, keys.NAMESPACES,  # counters and the namespace set: cluster-wide by design
-    keys.HOSTS, keys.LAYOUT,  # the hosts that ever registered, the layout version
+    keys.HOSTS, keys.LAYOUT, keys.AUDIT,  # the hosts that ever registered, the layout version
     "_kombu.binding", "unacked", "host.", "vmorch.schedules",  # Celery's broker keys (its own)
     keys.REDBEAT_PREFIX + ":",  # RedBeat's due-time index and its scheduler lock (its own)
+    f"{keys.PREFIX}:idem:",  # submissions' idempotency keys: they expire (keys.IDEMPOTENCY_TTL)
+    # the image catalog (cluster-wide), and the history of image jobs (namespace ``_images``: no user's)
+    keys.IMAGES, keys.image(""), keys.jobs(keys.IMAGES_NS), keys.events(keys.IMAGES_NS),
+    keys.vm(keys.IMAGES_NS, ""),  # an image's own history: P:vm:_images:<image>:history
 )
 
 
@@ -296,8 +305,8 @@ def assert_no_stray_keys(redis: Redis, namespace: str, before: set[str]) -> None
             continue
         if key.startswith(keys.JOB_PREFIX):
             job_id = key[len(keys.JOB_PREFIX):].split(":")[0]
-            if job_id.isdigit() and int(job_id) in own_jobs:
-                continue
+            if job_id.isdigit() and (int(job_id) in own_jobs or redis.zscore(keys.jobs(keys.IMAGES_NS), job_id)):
+                continue  # the test's jobs, or image jobs (the catalog's, filed under ``_images``)
         if key.startswith(keys.HOST_PREFIX) and redis.sismember(keys.HOSTS, key[len(keys.HOST_PREFIX):].split(":")[0]):
             continue
         if key.startswith("lock-signal:"):  # python-redis-lock's wake-up list; expires within 1 s

@@ -78,7 +78,7 @@ def test_snapshot_xml_and_description() -> None:
     assert domxml.parse_description(xml) == "vmorch job 7"
 
 
-@pytest.mark.parametrize("virt_type", ["qemu", "test"])
+@pytest.mark.parametrize("virt_type", ["qemu", "kvm", "test"])
 @pytest.mark.parametrize("disk", [None, "/var/lib/vmorch/a dir/ns.vm.qcow2"])
 def test_every_shape_of_domain_xml_validates_against_libvirts_schema(virt_type: str, disk: str | None) -> None:
     # The driver defines without VIR_DOMAIN_DEFINE_VALIDATE (it cost ~13 ms per launch); the check is here.
@@ -90,6 +90,7 @@ def test_every_shape_of_domain_xml_validates_against_libvirts_schema(virt_type: 
                                 meta=VmorchMeta("ns", "vm", {"role": HOSTILE}, 7, 3, disk))
         conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE).undefine()
         with pytest.raises(libvirt.libvirtError, match="schema"):
-            conn.defineXMLFlags(xml.replace("vcpu>", "vcpus>"), libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+            conn.defineXMLFlags(xml.replace("<vcpu ", "<vcpus ").replace("</vcpu>", "</vcpus>"),
+                                libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
     finally:
         conn.close()

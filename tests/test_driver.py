@@ -81,7 +81,8 @@ def test_launch_status_and_redelivered_launch(drv: Driver, vmns: str, tmp_path: 
 
     status = drv.status(s.domain)
     assert (status.state, status.memory_mib, status.vcpus, status.snapshots) == (VmState.RUNNING, 96, 2, [])
-    disk = str(tmp_path / "disks" / f"{vmns}.vm1.qcow2")
+    disk = str(drv.disk_path(s.domain))  # in the VM-disk store, under a name not made from the VM's
+    assert disk.startswith(str(tmp_path / "disks" / "vms")) and "vm1" not in Path(disk).name
     assert status.metadata == {
         "namespace": vmns, "vm": "vm1", "tags": {"role": "db", "evil": HOSTILE}, "job_id": 11, "fence": 4, "disk": disk,
     }  # fmt: skip
@@ -157,7 +158,7 @@ def test_delete_is_idempotent_and_removes_the_disk(drv: Driver, vmns: str, tmp_p
     s = spec(vmns)
     drv.launch(s)
     drv.snapshot(s.domain, "s1", job_id=1)
-    disk = tmp_path / "disks" / f"{s.domain}.qcow2"
+    disk = drv.disk_path(s.domain)
     result = drv.delete(s.domain)
     assert (result.state, result.changed) == ("missing", True)
     assert not disk.exists()
@@ -200,19 +201,24 @@ def test_set_resources_running(drv: Driver, vmns: str) -> None:
     result = drv.set_resources(d, memory_mib=96, vcpus=None)  # below the live maximum: balloon
     assert result.to_json() == {"state": "running", "changed": True, "memory_mib": 96, "vcpus": 1, "live": True}
 
-    result = drv.set_resources(d, memory_mib=256, vcpus=2)
-    assert (result.memory_mib, result.vcpus, result.live) == (256, 2, False)
-    assert "memory applies at the next boot" in result.note
-    assert "vcpus applies at the next boot" in result.note
-    status = drv.status(d)
-    assert (status.memory_mib, status.vcpus) == (256, 2)
+    # vCPUs: hot-plugged into the running VM, up to the maximum it was defined with (8)
+    result = drv.set_resources(d, memory_mib=None, vcpus=2)
+    assert (result.vcpus, result.live, result.note) == (2, True, "")
+    assert drv.conn.lookupByName(d).vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE) == 2
 
-    again = drv.set_resources(d, memory_mib=256, vcpus=2)  # redelivered: nothing more to change
+    result = drv.set_resources(d, memory_mib=256, vcpus=12)
+    assert (result.memory_mib, result.vcpus, result.live) == (256, 12, False)
+    assert "memory applies at the next boot" in result.note
+    assert "vcpus applies at the next boot (the running VM's maximum is 8)" in result.note
+    status = drv.status(d)
+    assert (status.memory_mib, status.vcpus) == (256, 12)
+
+    again = drv.set_resources(d, memory_mib=256, vcpus=12)  # redelivered: nothing more to change
     assert (again.changed, again.live, again.note) == (False, False, result.note)
 
     drv.kill(d)
     drv.start(d)
-    assert drv.conn.lookupByName(d).info()[1:4:2] == [256 * 1024, 2]
+    assert drv.conn.lookupByName(d).info()[1:4:2] == [256 * 1024, 12]
 
 
 def test_set_resources_shut_off(drv: Driver, vmns: str) -> None:
@@ -221,7 +227,8 @@ def test_set_resources_shut_off(drv: Driver, vmns: str) -> None:
     drv.kill(d)
     result = drv.set_resources(d, memory_mib=64, vcpus=1)
     assert result.to_json() == {"state": "shutoff", "changed": True, "memory_mib": 64, "vcpus": 1, "live": False}
-    assert domxml.parse_resources(drv.conn.lookupByName(d).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) == (64, 64, 1, 1)
+    # memory: current and maximum both; vCPUs: the current count, the maximum keeps its hot-plug room
+    assert domxml.parse_resources(drv.conn.lookupByName(d).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) == (64, 64, 1, 8)
     result = drv.set_resources(d, memory_mib=512, vcpus=4)
     assert (result.memory_mib, result.vcpus, result.changed) == (512, 4, True)
     assert drv.set_resources(d, memory_mib=512, vcpus=None).changed is False
@@ -379,17 +386,21 @@ def test_qemu_stop_timeout(qdrv: Driver) -> None:
 
 @pytest.mark.skipif(not HAVE_QEMU_IMG, reason="qemu-img is not installed")
 def test_launch_on_a_backing_image(drv: Driver, vmns: str, tmp_path: Path) -> None:
-    base = tmp_path / "base.img"
-    base.write_bytes(b"\0" * (3 * 1024 * 1024))  # raw: qemu-img must detect it, not guess
+    base = drv.images_dir / "base.qcow2"  # an image of the host's store (the catalog puts them there)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "3M"], check=True)
     drv.launch(spec(vmns, image=str(base), disk_gib=1))
-    disk = tmp_path / "disks" / f"{vmns}.vm1.qcow2"
+    disk = drv.disk_path(f"{vmns}.vm1")
     info = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(disk)], capture_output=True, check=True)
     data = json.loads(info.stdout)
-    assert (data["backing-filename"], data["backing-filename-format"]) == (str(base), "raw")
+    assert (data["backing-filename"], data["backing-filename-format"]) == (str(base), "qcow2")
     assert data["virtual-size"] == 1024**3
 
-    with pytest.raises(InvalidInput, match="does not exist"):
-        drv.launch(spec(vmns, "vm2", image=str(tmp_path / "nope.img")))
+    outside = tmp_path / "outside.qcow2"  # a file of the host, not of its image store: refused
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(outside), "3M"], check=True)
+    for image in (str(outside), str(drv.images_dir / "nope.qcow2"), str(drv.images_dir / ".." / "outside.qcow2")):
+        with pytest.raises(InvalidInput, match="not in this host's image store"):
+            drv.launch(spec(vmns, "vm2", image=image))
     assert drv.status(f"{vmns}.vm2").state == VmState.MISSING
 
 
@@ -398,7 +409,7 @@ def test_failed_launch_leaves_nothing_behind(drv: Driver, vmns: str, tmp_path: P
         drv.launch(spec(vmns, memory_mib=2**53))  # libvirt's own parser refuses it (numerical overflow)
     assert "cannot define" in err.value.message
     assert drv.status(f"{vmns}.vm1").state == VmState.MISSING
-    assert not (tmp_path / "disks" / f"{vmns}.vm1.qcow2").exists()
+    assert not drv.disk_path(f"{vmns}.vm1").exists()
 
 
 @qemu

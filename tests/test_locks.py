@@ -214,7 +214,8 @@ def test_declared_locks_are_taken_level_by_level_and_held_ones_are_not_taken_aga
 def test_every_handler_declares_its_vm_lock_and_takes_its_ops_params() -> None:
     for op, handler in HANDLERS.items():
         assert handler.params is PARAMS[op], op
-        params: dict[str, object] = {"to": "h2", "source": "h2", "name": "s", "set": {"k": "v"}, "memory_mib": 64}
+        params: dict[str, object] = {"to": "h2", "source": "h2", "name": "s", "set": {"k": "v"}, "memory_mib": 64,
+                                     "command": ["true"], "path": "/tmp/f", "direction": "in", "data": ""}
         operation = Operation.build(op, "ns", "web1", **{k: v for k, v in params.items()
                                                          if k in PARAMS[op].model_fields})
         job = Job.model_validate({"id": 5, "op": op, "namespace": "ns", "vm": "web1", "host": "h1", "state": "running",
@@ -249,12 +250,15 @@ def test_a_function_that_relies_on_a_lock_raises_when_called_without_it(client: 
     # schedules: every write assumes the schedule's lock
     store = client._schedules
     with pytest.raises(LockOrderError, match=f"schedule:{ns}:s1 must be held"):
-        store.claim(ns, "s1", 0.0)
+        store.due(ns, "s1", 0.0)
+    with pytest.raises(LockOrderError, match=f"schedule:{ns}:s1 must be held"):
+        store.claim(ns, "s1", 1.0)
     with pytest.raises(LockOrderError, match="must be held"):
         store.remove(ns, "s1")
     with pytest.raises(LockOrderError, match="must be held"):
         client._schedules.add(ScheduleSpec(name="s1", namespace=ns, every="1h", operations=[
             TargetedOp(op=Op.PAUSE, target="web1")]), "test")
     with store.locked(ns, "s1"):
-        assert store.claim(ns, "s1", 0.0) is None  # held: it runs (and finds no such schedule)
+        assert store.due(ns, "s1", 0.0) is None  # held: it runs (and finds no such schedule)
+        assert store.claim(ns, "s1", 1.0) is False
     assert client.schedules(ns) == []

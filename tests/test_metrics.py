@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -174,12 +175,17 @@ def test_celery_task_events_are_sent_while_a_monitor_asks_for_them(cluster: list
             thread.join(timeout=10)
 
 
-def test_flower_sees_vmorch_tasks(cluster: list[WorkerProc], settings: Settings, client: RedisClient) -> None:
+def test_flower_sees_vmorch_tasks_and_their_jobs_outcome(cluster: list[WorkerProc], settings: Settings,
+                                                         client: RedisClient) -> None:
+    """A job's task shows in Flower with the job's outcome: SUCCESS and the job's state as its result, or
+    FAILURE with the job's error when the job failed (the message is not retried for it)."""
     port = free_port()
     flower = subprocess.Popen(
-        [str(Path(PYTHON).parent / "celery"), "--broker", settings.resolved_redis_url(), "flower",
-         f"--port={port}", "--address=127.0.0.1"],
-        cwd=ROOT, env={**settings_env(settings), "FLOWER_UNAUTHENTICATED_API": "true"},
+        [str(Path(PYTHON).parent / "celery"), "flower", f"--port={port}", "--address=127.0.0.1"],
+        cwd=ROOT,
+        # the broker URL from the environment, as the README says: a command line is readable by every user
+        env={**settings_env(settings), "CELERY_BROKER_URL": settings.resolved_redis_url(),
+             "FLOWER_UNAUTHENTICATED_API": "true"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         def api(path: str) -> Any:
@@ -193,26 +199,102 @@ def test_flower_sees_vmorch_tasks(cluster: list[WorkerProc], settings: Settings,
             except OSError:
                 return False
 
+        def task_of(job_id: int) -> dict[str, Any] | None:
+            args = str([settings.namespace, "fl1", job_id])
+            return next((t for t in api("/api/tasks").values() if t.get("name") == RUN_TASK
+                         and t.get("args") == args and t.get("state") in ("SUCCESS", "FAILURE")), None)
+
         wait_until(flower_up, timeout=20, what="Flower's API")
         client.wait([j.id for j in client.submit(ops(Op.LAUNCH, settings.namespace, "fl1", memory_mib=64))], timeout=30)
-        ours: set[str] = set()
-
-        def seen() -> bool:
-            return any(t.get("name") == RUN_TASK and t.get("state") == "SUCCESS" and t.get("args") in ours
-                       for t in api("/api/tasks").values())
-
         # Flower's API answers a moment before its event receiver listens: submit until one is seen.
         for _ in range(10):
             job = client.submit(ops(Op.START, settings.namespace, "fl1"))[0]  # a no-op on a running VM
-            ours.add(str([settings.namespace, "fl1", job.id]))
             client.wait([job.id], timeout=30)
             try:
-                wait_until(seen, timeout=3, what="Flower to list a job's task as succeeded")
+                wait_until(lambda j=job.id: task_of(j) is not None, timeout=3, what="Flower to list a job's task")
                 break
             except AssertionError:
                 continue
         else:
             raise AssertionError(f"Flower never listed our tasks; it lists: {api('/api/tasks')}")
+        ok = task_of(job.id)
+        assert ok is not None and ok["state"] == "SUCCESS" and "succeeded" in str(ok["result"]), ok
+
+        client.wait([j.id for j in client.submit(ops(Op.KILL, settings.namespace, "fl1"))], timeout=30)
+        failing = client.submit(ops(Op.PAUSE, settings.namespace, "fl1"))[0]  # the VM is shut off: the job fails
+        [done] = client.wait([failing.id], timeout=30)
+        assert done.state.value == "failed" and done.error is not None
+        wait_until(lambda: task_of(failing.id) is not None, timeout=10, what="Flower to list the failed job's task")
+        bad = task_of(failing.id)
+        assert bad is not None and bad["state"] == "FAILURE", bad
+        assert f"job {failing.id} failed: {done.error.code}" in str(bad["exception"]), bad
+        assert not bad.get("retries"), bad  # a report, not an error to retry: the message was acked once
     finally:
         flower.terminate()
         flower.wait(timeout=10)
+
+
+def test_task_events_stop_when_no_monitor_asks_any_more(base_settings: Settings, settings: Settings,
+                                                       client: RedisClient) -> None:
+    """A worker turns task events off again once nobody asked for them for VMORCH_TASK_EVENTS_LEASE seconds
+    (Flower asks every 5 s; the lease is 300 s by default, 2 s here)."""
+    worker = start_worker(base_settings, "lease1", env={"VMORCH_TASK_EVENTS_LEASE": "2"})
+    app = make_app(settings)
+    seen: dict[str, dict[str, Any]] = defaultdict(dict)
+    ready = threading.Event()
+
+    def on_event(event: dict[str, Any]) -> None:
+        if "uuid" in event:
+            seen[event["uuid"]][event["type"]] = event
+
+    def events_of(job_id: int) -> list[str]:
+        args = str([settings.namespace, "ls1", job_id])
+        return [t for e in seen.values() if e.get("task-received", {}).get("args") == args for t in e]
+
+    def run_one(op: Op) -> int:
+        [job] = client.submit(ops(op, settings.namespace, "ls1"))
+        client.wait([job.id], timeout=30)
+        return job.id
+
+    with running_hosts(base_settings, worker), app.connection_for_read() as conn:
+        node = [f"lease1@{socket.gethostname()}"]  # not the session's workers: their lease is the default
+        receiver = app.events.Receiver(conn, handlers={"*": on_event})
+
+        def capture() -> None:
+            ready.set()
+            receiver.capture(limit=None, timeout=None, wakeup=False)
+
+        thread = threading.Thread(target=capture, daemon=True)
+        thread.start()
+        ready.wait(5)
+        try:
+            client.wait([j.id for j in client.submit(ops(Op.LAUNCH, settings.namespace, "ls1", memory_mib=16,
+                                                          host="lease1"))], timeout=30)
+            app.control.enable_events(destination=node)
+            for _ in range(10):  # the worker's control thread takes the broadcast a moment later
+                job_id = run_one(Op.START)
+                try:
+                    wait_until(lambda j=job_id: "task-succeeded" in events_of(j), timeout=2, what="task events")
+                    break
+                except AssertionError:
+                    continue
+            else:
+                raise AssertionError("no task events after enable_events")
+            # A monitor that keeps asking keeps them on past the lease.
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                app.control.enable_events(destination=node)
+                time.sleep(0.5)
+            job_id = run_one(Op.START)
+            wait_until(lambda: "task-succeeded" in events_of(job_id), timeout=3, what="task events while asked")
+            # Nobody asks any more: off within the lease and one check (a half second here).
+            wait_until(lambda: "task events off" in worker.log.read_text(errors="replace"), timeout=10,
+                       what="the worker to turn task events off")
+            job_id = run_one(Op.START)
+            time.sleep(0.5)  # an absence has no condition to wait for: events come within this of a job's end
+            assert events_of(job_id) == [], "task events after the lease ran out"
+            client.wait([j.id for j in client.submit(ops(Op.DELETE, settings.namespace, "ls1"))], timeout=30)
+        finally:
+            app.control.disable_events(destination=node)
+            receiver.should_stop = True
+            thread.join(timeout=10)

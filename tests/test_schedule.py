@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -87,6 +88,56 @@ def test_bad_schedules_are_refused_and_nothing_is_written(client: RedisClient, s
         client.add_schedule(ScheduleSpec(name="bad", namespace=ns, every="1h", experiment="name: x\nsteps: 3\n"))
     with pytest.raises(NotFound):
         client.schedule(ns, "bad")
+
+
+def test_two_firings_of_one_slot_at_once_make_one_set_of_jobs(cluster: list[WorkerProc], client: RedisClient) -> None:
+    """Two schedulers fire the same slot at the same moment: one records it, both see the same jobs."""
+    ns = client.settings.namespace
+    client.wait([j.id for j in client.submit(ops(Op.LAUNCH, ns, "fx", memory_mib=16))])
+    client.add_schedule(ScheduleSpec(name="race", namespace=ns, every="1s", operations=[
+        TargetedOp(op=Op.TAG, target="fx", params=TagParams(set={"fired": "yes"}))]))
+    try:
+        raw = client._schedules.raw(ns, "race")
+        wait_until(lambda: schedules.current_slot(raw, client.store.redis_time()) is not None, what="the first slot")
+        now = client.store.redis_time()
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda who: firing.fire(client, ns, "race", by=who, now=now), ["a", "b"]))
+        recorded = [r for r in results if r is not None]
+        assert len(recorded) == 1 and recorded[0].state == "fired", results
+        tags = [j for j in client.jobs(ns, op=Op.TAG)]
+        assert len(tags) == 1, tags  # one job, though both firings submitted
+        assert len(fired(client, "race")) == 1
+    finally:
+        client.remove_schedule(ns, "race")
+
+
+def test_a_firing_whose_scheduler_died_after_submitting_is_recorded_once_with_its_jobs(
+        cluster: list[WorkerProc], client: RedisClient) -> None:
+    """The scheduler died between making a slot's jobs and recording them: the firing, delivered again,
+    finds those jobs (same idempotency key), makes none, and records the slot once."""
+    ns = client.settings.namespace
+    client.wait([j.id for j in client.submit(ops(Op.LAUNCH, ns, "fy", memory_mib=16))])
+    client.add_schedule(ScheduleSpec(name="crash", namespace=ns, every="1s", operations=[
+        TargetedOp(op=Op.TAG, target="fy", params=TagParams(set={"fired": "yes"}))]))
+    try:
+        store = client._schedules
+        raw = store.raw(ns, "crash")
+        wait_until(lambda: schedules.current_slot(raw, client.store.redis_time()) is not None, what="the first slot")
+        now = client.store.redis_time()
+        with store.locked(ns, "crash"):
+            due = store.due(ns, "crash", now)
+        assert due is not None
+        h, slot, _ = due
+        # what the dead scheduler did: the jobs, under the slot's key; no claim, no record
+        made = firing.submit(client, ns, schedules.operations(h) or [],
+                             idempotency_key=f"schedule/{ns}/crash/{slot:.6f}")
+        again = firing.fire(client, ns, "crash", by="standby", now=now)
+        assert again is not None and again.jobs == made
+        assert [j.id for j in client.jobs(ns, op=Op.TAG)] == made
+        assert firing.fire(client, ns, "crash", by="late", now=now) is None  # recorded: not again
+        assert [f.jobs for f in fired(client, "crash")] == [made]
+    finally:
+        client.remove_schedule(ns, "crash")
 
 
 def test_a_slot_fires_once_even_when_two_firings_race(cluster: list[WorkerProc], client: RedisClient) -> None:
@@ -184,12 +235,14 @@ def test_a_late_firing_runs_once_or_is_skipped_as_asked(client: RedisClient, mis
         raw = store.raw(ns, "late")
         anchor = float(int(float(raw["created_at"])))
         with client.locks.hold(schedules.lock(ns, "late"), timeout=5):
-            claimed = store.claim(ns, "late", anchor + 3 * 3600 + 120)  # 3 slots missed, 2 min after the last
-            assert claimed is not None
-            _, slot, skip = claimed
+            due = store.due(ns, "late", anchor + 3 * 3600 + 120)  # 3 slots missed, 2 min after the last
+            assert due is not None
+            _, slot, skip = due
             assert slot == anchor + 3 * 3600 and skip is (missed == "skip")
-            assert store.claim(ns, "late", anchor + 3 * 3600 + 121) is None  # that slot is taken now
-            assert store.claim(ns, "late", anchor + 3600) is None  # and an older one is not run after it
+            assert store.claim(ns, "late", slot) is True
+            assert store.due(ns, "late", anchor + 3 * 3600 + 121) is None  # that slot is taken now
+            assert store.claim(ns, "late", slot) is False  # and not twice
+            assert store.claim(ns, "late", anchor + 3600) is False  # nor an older one after it
     finally:
         client.remove_schedule(ns, "late")
 
@@ -272,12 +325,20 @@ def test_a_vm_command_is_parsed_into_the_operation_it_makes(command: list[str], 
 
 
 def test_every_vm_command_that_makes_jobs_can_be_scheduled() -> None:
+    import cli.app  # noqa: F401  (registers the guest commands on 'vm', as running 'vmorch' does)
     from cli.schedules import parse_vm_command
     from orchestrator.model.operation import COMMANDS
 
-    args = {"snapshot": ["s"], "revert": ["s"], "tag": ["k=v"], "set": ["-m", "64"], "move": ["--to", "h"]}
+    args = {"snapshot": ["s"], "revert": ["s"], "tag": ["k=v"], "set": ["-m", "64"], "move": ["--to", "h"],
+            "exec": ["--", "uptime", "-p"]}
     for op, word in COMMANDS.items():
+        if word == "cp":
+            with pytest.raises(InvalidInput, match="can't schedule 'vm cp'"):
+                parse_vm_command(["vm", "cp", "x:/etc/hostname", "/tmp/h"])
+            continue
         assert parse_vm_command(["vm", word, "x", *args.get(word, [])]).op is op
+    scheduled = parse_vm_command(["vm", "exec", "x", "--", "uptime", "-p"])
+    assert scheduled.params.model_dump()["command"] == ["uptime", "-p"]
 
 
 @pytest.mark.parametrize(("command", "message"), [

@@ -330,3 +330,16 @@ def test_mark_waiting_and_turn(store: Store, redis: Redis, ns: str) -> None:
                                             vm=keys.vm(ns, "a")), {"id": a.id})
     assert rows == [str(a.id), str(a.seq)] and dict(zip(job[::2], job[1::2], strict=True))["state"] == "waiting"
     assert json.loads(vm)["host"] == f"h-{ns}"
+
+
+def test_a_corrected_memory_or_vcpu_count_moves_the_host_reservation(store: Store, redis: Redis, ns: str) -> None:
+    """Reconciliation found the domain at 192 MiB and 1 vCPU (changed outside vmorch): what placement
+    counts on the host follows, so a later delete frees exactly what the VM holds."""
+    launch(store, ns, "a")
+    host = keys.host(f"h-{ns}")
+    assert redis.hmget(host, "committed_mib", "committed_vcpus") == ["256", "2"]
+    store.update_vm(ns, "a", fence(redis, ns, "a"), {"memory_mib": 192, "vcpus": 1, "state": "shutoff"}, by="sync")
+    assert redis.hmget(host, "committed_mib", "committed_vcpus") == ["192", "1"]
+    store.update_vm(ns, "a", fence(redis, ns, "a"), {"state": "running"}, by="sync")  # no size: no change
+    assert redis.hmget(host, "committed_mib", "committed_vcpus") == ["192", "1"]
+    redis.delete(host)

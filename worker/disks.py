@@ -1,9 +1,21 @@
-"""The driver's disks and snapshots: the qcow2 disk vmorch creates for a VM (qemu-img), and
-internal snapshots, taken and reverted idempotently."""
+"""The driver's disks and snapshots: the host's VM-disk store, the qcow2 disk vmorch creates for a
+VM (qemu-img), and internal snapshots, taken and reverted idempotently.
+
+A host's storage directory holds two stores: ``images/`` (catalog images, ``worker.images``) and
+``vms/``, each VM's disk and cloud-init seed: ``<id>.qcow2`` and ``<id>.seed.iso``, where ``<id>``
+is 128 bits of an HMAC of the domain's name under a key of the host's own (``vms/.key``): stable
+for a domain (a redelivered launch and a delete find its files), not guessable from its name. A
+disk's only backing file is an image of ``images/`` (``create_disk`` refuses anything else), named
+by its absolute path, with its format given (``-F qcow2``): qemu-img and QEMU never probe it.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import os
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,6 +27,10 @@ from orchestrator.model.errors import AlreadyExists, HypervisorError, InvalidInp
 from . import domxml
 from .libvirtconn import INSTALL_HINT, LibvirtConnection, state_of, translate, vmorch_error
 from .results import Reverted, Snapshotted
+
+IMAGES_DIR = "images"
+VMS_DIR = "vms"
+_KEY = ".key"
 
 
 def qemu_img(*args: str) -> str:
@@ -28,22 +44,83 @@ def qemu_img(*args: str) -> str:
 
 
 def create_disk(path: Path, size_gib: int, image: str | None) -> None:
-    """A qcow2 of ``size_gib`` at ``path``, on ``image`` as its backing file if given (and at least its size)."""
+    """A qcow2 of ``size_gib`` at ``path``, on ``image`` as its backing file if given (and at least its size).
+
+    ``image`` must be a file of the image store beside ``path``'s store (``<storage>/images/``) and
+    standalone: nothing from outside the stores becomes part of a VM's disk.
+    """
     size = size_gib * 1024**3
     args = ["create", "-q", "-f", "qcow2"]
     if image:
-        if not Path(image).is_file():
-            raise InvalidInput(f"image {image} does not exist on this host")
-        # -U: the image may be open in a running VM; we only read its format and size.
-        info = json.loads(qemu_img("info", "-U", "--output=json", image))
-        args += ["-b", image, "-F", str(info["format"])]
-        size = max(size, int(info.get("virtual-size", 0)))
+        backing = store_image(path.parent.parent / IMAGES_DIR, image)
+        # -U: the image may be open in running VMs; we only read its size. Its chain is itself alone.
+        chain = json.loads(qemu_img("info", "-U", "--backing-chain", "--output=json", "-f", "qcow2", str(backing)))
+        if len(chain) != 1 or chain[0].get("backing-filename"):
+            raise InvalidInput(f"image {backing.name} is not standalone", hint="remove it and import it again")
+        args += ["-b", str(backing), "-F", "qcow2"]
+        size = max(size, int(chain[0].get("virtual-size", 0)))
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     # A leftover from a launch that died before defining the domain: nobody uses it.
     path.unlink(missing_ok=True)
     qemu_img(*args, str(path), str(size))
 
 
-class Snapshots(LibvirtConnection):
+def store_image(images: Path, image: str) -> Path:
+    """``image`` if it is a regular file directly in the image store ``images``; else a refusal."""
+    given = Path(image)
+    if given.parent != images or not given.name.endswith(".qcow2") or given.is_symlink() or not given.is_file():
+        raise InvalidInput(f"image {image} is not in this host's image store ({images})",
+                           hint="launch from a catalog image ('vmorch image list')")
+    return given
+
+
+class DiskStore(LibvirtConnection):
+    """Where a VM's disk and seed live on this host (see the module)."""
+
+    @property
+    def images_dir(self) -> Path:
+        return self.storage_dir / IMAGES_DIR
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.storage_dir / VMS_DIR
+
+    def disk_path(self, domain: str) -> Path:
+        """Where vmorch keeps the disk it creates for ``domain``: stable, and not guessable from the name."""
+        return self.vms_dir / f"{self._file_id(domain)}.qcow2"
+
+    def seed_path(self, domain: str) -> Path:
+        return domxml.seed_for(self.disk_path(domain))
+
+    def _file_id(self, domain: str) -> str:
+        return hmac.new(self._host_key(), domain.encode(), hashlib.sha256).hexdigest()[:32]
+
+    _vms_key: bytes | None = None
+
+    def _host_key(self) -> bytes:
+        """The host's key, made once (written whole, then linked into place: a reader sees all of it)."""
+        if self._vms_key is None:
+            path = self.vms_dir / _KEY
+            if not path.exists():
+                self.vms_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                tmp = self.vms_dir / f".key-{secrets.token_hex(8)}"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(secrets.token_bytes(32))
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    pass  # another thread made it first: use that one
+                finally:
+                    tmp.unlink()
+            key = path.read_bytes()
+            if len(key) != 32:
+                raise HypervisorError(f"{path} is not a 32-byte key", hint="delete it if no VM has a disk here")
+            self._vms_key = key
+        return self._vms_key
+
+
+class Snapshots(DiskStore):
     """Internal snapshots (in the VM's qcow2; their metadata in libvirt)."""
 
     def _snapshot(self, dom: libvirt.virDomain, domain: str, name: str) -> libvirt.virDomainSnapshot | None:

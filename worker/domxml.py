@@ -18,15 +18,23 @@ round-trip where whitespace-only text content would not.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from orchestrator.model.errors import InvalidInput
 
 NS = "https://vmorch.dev/xmlns/domain/1"
+#: the virtio-serial port the QEMU guest agent listens on (libvirt's ``qemuAgentCommand`` uses it)
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+_agent_socket_dir: Path | None = None
+#: a domain's vCPU maximum is at least this (``max_vcpus_for``), and never above ``MAX_VCPUS``
+DEFAULT_MAX_VCPUS = 8
+MAX_VCPUS = 255
 PREFIX = "vmorch"
 ROOT = "domain"
 
@@ -111,6 +119,31 @@ def metadata_fragment(meta: VmorchMeta) -> str:
     return ET.tostring(metadata_element(meta, qualified=False), encoding="unicode")
 
 
+def console_log_path(storage_dir: str | Path, domain: str) -> Path:
+    """Where QEMU keeps a domain's serial console output on its host (``worker.console`` caps it)."""
+    return Path(storage_dir) / f"{domain}.console.log"
+
+
+def use_agent_socket_dir(path: Path | None) -> None:
+    """Put the guest agents' channel sockets in ``path`` (None: where libvirt puts them, under its own
+    state directory). A socket's path must fit in 107 bytes: an embedded QEMU root deep in a tree
+    leaves libvirt's default too long (``worker.agent.socket_dir``). One libvirt root per process."""
+    global _agent_socket_dir
+    _agent_socket_dir = path
+
+
+def agent_socket(name: str) -> str | None:
+    """The agent channel's socket of domain ``name`` (None: libvirt's default place)."""
+    if _agent_socket_dir is None:
+        return None
+    return str(_agent_socket_dir / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.qga")
+
+
+def max_vcpus_for(vcpus: int) -> int:
+    """The vCPU maximum a domain is defined with: room to add vCPUs to the running VM later."""
+    return min(max(vcpus, DEFAULT_MAX_VCPUS), MAX_VCPUS)
+
+
 def domain_xml(
     *,
     name: str,
@@ -119,14 +152,23 @@ def domain_xml(
     vcpus: int,
     disk: str | None,
     meta: VmorchMeta,
+    console_log: str | None = None,
+    max_vcpus: int | None = None,
+    seed: str | None = None,
 ) -> str:
-    """A persistent domain definition for a software-emulated x86_64 PC."""
+    """A persistent domain definition for an x86_64 PC: ``virt_type`` ``kvm`` (hardware accelerated),
+    ``qemu`` (software emulation, TCG) or ``test``.
+
+    Every domain gets a serial console (a pty; QEMU copies all it prints to ``console_log``, by
+    default beside the disk) and a virtio-serial channel for the QEMU guest agent. vCPUs are
+    ``<vcpu current='vcpus'>max_vcpus</vcpu>`` (default :func:`max_vcpus_for`).
+    """
     dom = ET.Element("domain", type=virt_type)
     _sub(dom, "name", check_xml_text(name, "domain name"))
     ET.SubElement(dom, "metadata").append(metadata_element(meta))
     _sub(dom, "memory", str(memory_mib), unit="MiB")
     _sub(dom, "currentMemory", str(memory_mib), unit="MiB")
-    _sub(dom, "vcpu", str(vcpus))
+    _sub(dom, "vcpu", str(max(vcpus, max_vcpus or max_vcpus_for(vcpus))), current=str(vcpus))
     os_el = _sub(dom, "os")
     _sub(os_el, "type", "hvm", arch="x86_64", machine="pc")
     _sub(_sub(dom, "features"), "acpi")
@@ -134,13 +176,109 @@ def domain_xml(
     if disk:
         disk_el = _sub(devices, "disk", type="file", device="disk")
         _sub(disk_el, "driver", name="qemu", type="qcow2")
-        _sub(disk_el, "source", file=check_xml_text(disk, "disk path"))
+        _no_relabel(_sub(disk_el, "source", file=check_xml_text(disk, "disk path")))
         _sub(disk_el, "target", dev="vda", bus="virtio")
+        _seed_cdrom(devices, seed if seed is not None else seed_beside(disk))
     # <graphics type='none'/> is not valid libvirt XML: no graphics element = headless.
     nic = _sub(devices, "interface", type="user")
     _sub(nic, "model", type="virtio")
+    if console_log is None and disk:
+        console_log = str(console_log_path(Path(disk).parent, name))
+    _console_devices(devices, console_log, agent_socket(name))
     _sub(devices, "memballoon", model="virtio")
     return ET.tostring(dom, encoding="unicode")
+
+
+def _console_devices(devices: ET.Element, console_log: str | None, socket: str | None) -> None:
+    """The serial console (ttyS0 on a pty, its output also in ``console_log``) and the agent's channel."""
+    serial = _sub(devices, "serial", type="pty")
+    if console_log:
+        _sub(serial, "log", file=check_xml_text(console_log, "console log path"), append="on")
+    _sub(serial, "target", port="0")
+    console = _sub(devices, "console", type="pty")
+    _sub(console, "target", type="serial", port="0")
+    channel = _sub(devices, "channel", type="unix")
+    _sub(channel, "source", mode="bind", **({"path": socket} if socket else {}))
+    _sub(channel, "target", type="virtio", name=AGENT_CHANNEL)
+
+
+def localize(xml: str, *, virt_type: str, console_log: str | None) -> str:
+    """A definition made on another host (or under another accelerator), fit for this one.
+
+    The domain type follows this host's accelerator (a VM defined on a KVM host still starts on a
+    TCG one), the serial console's log goes where this host keeps it (``None``: no log), and the
+    agent's socket where this process puts them (``use_agent_socket_dir``).
+    A ``test`` definition, or one for a ``test`` host, keeps its type.
+    """
+    root = ET.fromstring(xml)
+    socket = agent_socket(root.findtext("name") or "")
+    for source in root.iterfind("./devices/channel/source"):
+        if source.get("mode") == "bind":
+            if socket:
+                source.set("path", socket)
+            else:
+                source.attrib.pop("path", None)
+    if root.get("type") in ("qemu", "kvm") and virt_type in ("qemu", "kvm"):
+        root.set("type", virt_type)
+    for chardev in root.iterfind("./devices/serial"):
+        for log in chardev.findall("log"):
+            chardev.remove(log)
+        if console_log and chardev.get("type") == "pty":
+            log_el = ET.Element("log", file=check_xml_text(console_log, "console log path"), append="on")
+            chardev.insert(0, log_el)
+    for console in root.iterfind("./devices/console"):  # libvirt mirrors the serial's log here
+        for log in console.findall("log"):
+            console.remove(log)
+    return ET.tostring(root, encoding="unicode")
+
+
+def console_of(xml: str) -> tuple[str | None, str | None]:
+    """``(log file, pty)`` of a domain's serial console: the pty only in a running domain's XML."""
+    serial = ET.fromstring(xml).find("./devices/serial")
+    if serial is None:
+        return None, None
+    log, source = serial.find("log"), serial.find("source")
+    return (log.get("file") if log is not None else None), (source.get("path") if source is not None else None)
+
+
+def domain_type(xml: str) -> str:
+    return ET.fromstring(xml).get("type", "")
+
+
+def seed_for(disk: str | Path) -> Path:
+    """The cloud-init seed that belongs to a VM disk: ``<id>.seed.iso`` beside ``<id>.qcow2``."""
+    path = Path(disk)
+    return path.with_name(path.name.removesuffix(".qcow2") + ".seed.iso")
+
+
+def seed_beside(disk: str) -> str | None:
+    """The seed beside ``disk`` if the launch built one (the launch handler does, before the domain is
+    defined): so every definition of a VM made from an image carries its seed, whoever builds it."""
+    seed = seed_for(disk)
+    return str(seed) if disk.endswith(".qcow2") and seed.is_file() else None
+
+
+def _no_relabel(source: ET.Element) -> ET.Element:
+    """libvirt's DAC driver must not chown vmorch's files (nor, through this, the image behind a disk):
+    QEMU runs as root here, and a changed owner was never given back for a backing file."""
+    _sub(source, "seclabel", model="dac", relabel="no")
+    return source
+
+
+def _seed_cdrom(devices: ET.Element, seed: str | None) -> None:
+    """The NoCloud seed as a read-only IDE CD-ROM (the guest finds it by its label, ``cidata``)."""
+    if not seed:
+        return
+    cdrom = _sub(devices, "disk", type="file", device="cdrom")
+    _sub(cdrom, "driver", name="qemu", type="raw")
+    _no_relabel(_sub(cdrom, "source", file=check_xml_text(seed, "seed path")))
+    _sub(cdrom, "target", dev="hdc", bus="ide")
+    _sub(cdrom, "readonly")
+
+
+def sources_of(xml: str) -> list[str]:
+    """Every file a definition's disks and CD-ROMs name (the disk first)."""
+    return [s.get("file", "") for s in ET.fromstring(xml).iterfind("./devices/disk/source") if s.get("file")]
 
 
 def snapshot_xml(name: str, description: str) -> str:

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from redis import Redis
 
 from orchestrator.control import locks
 from orchestrator.control.locks import Declared, Level, host_lock, vm_lock
-from orchestrator.model.errors import ExecError, InvalidInput, VmGone
+from orchestrator.model.errors import ExecError, InvalidInput, LockError, VmGone, VmorchError
 from orchestrator.model.operation import (
+    CpParams,
+    ExecParams,
     LaunchParams,
     MoveInParams,
     MoveOutParams,
@@ -35,8 +38,10 @@ from orchestrator.model.operation import (
 )
 from orchestrator.model.records import Job, JobState, Vm, VmState
 from orchestrator.store import keys, transfer
+from orchestrator.store.images import ImageRecords
 from orchestrator.store.jobstore import Store
 
+from . import cloudinit, console, domxml, execs, images
 from .driver import DomainSpec, Driver, DriverResult
 from .results import HandedOver, Tagged
 
@@ -131,12 +136,33 @@ def _simple(method: Callable[[Driver, str], DriverResult]) -> Handler[NoParams]:
 
 
 def _launch(ctx: Context[LaunchParams]) -> Outcome:
+    """A catalog image is found in this host's store (never a path from the request); a VM made from
+    one gets its cloud-init seed beside its disk before the domain is defined (``domxml`` attaches it)."""
     p = ctx.params
+    image = seed = None
+    if p.image is not None:
+        assert ctx.store is not None
+        image = images.catalog_image(ImageRecords(ctx.store.redis, ctx.store.scripts), ctx.driver.storage_dir,
+                                     ctx.vm.host, p.image)
+        if ctx.driver.status(ctx.vm.domain).state is VmState.MISSING:  # not a redelivered launch
+            ctx.check()
+            seed = cloudinit.build_seed(ctx.driver.seed_path(ctx.vm.domain), hostname=ctx.vm.name,
+                                        instance_id=f"{ctx.vm.namespace}-{ctx.vm.name}-{ctx.job.id}",
+                                        given_user_data=p.cloud_init, ssh_keys=p.ssh_keys)
+    else:  # a VM without an image has no seed: none left by a crash may be attached to it
+        ctx.driver.seed_path(ctx.vm.domain).unlink(missing_ok=True)
     spec = DomainSpec(namespace=ctx.vm.namespace, vm=ctx.vm.name, memory_mib=p.memory_mib, vcpus=p.vcpus,
-                      disk_gib=p.disk_gib, image=p.image, tags=dict(p.tags), job_id=ctx.job.id,
-                      fence=ctx.fence_token)
+                      disk_gib=p.disk_gib, image=str(image) if image else None, tags=dict(p.tags),
+                      job_id=ctx.job.id, fence=ctx.fence_token)
     ctx.check()
-    result = ctx.driver.launch(spec)
+    try:
+        result = ctx.driver.launch(spec)
+    except LockError:
+        raise  # the lease is gone: touch nothing more
+    except VmorchError:
+        if seed is not None and ctx.driver.status(ctx.vm.domain).state is VmState.MISSING:
+            seed.unlink(missing_ok=True)  # the driver undid the rest of this launch
+        raise
     return Outcome(result, _state_update(result))
 
 
@@ -148,7 +174,22 @@ def _stop(ctx: Context[StopParams]) -> Outcome:
 
 def _delete(ctx: Context[NoParams]) -> Outcome:
     ctx.check()
-    return Outcome(ctx.driver.delete(ctx.vm.domain), delete_vm=True)
+    found = console.domain_console(ctx.driver, ctx.vm.domain)
+    result = ctx.driver.delete(ctx.vm.domain)
+    ctx.driver.seed_path(ctx.vm.domain).unlink(missing_ok=True)  # its cloud-init seed, beside the disk
+    if ctx.store is not None:  # its console output, input and log files go with it
+        console.forget(ctx.store.redis, ctx.vm.namespace, ctx.vm.name, found[0] if found else None,
+                       found[1] if found else domxml.console_log_path(ctx.driver.storage_dir, ctx.vm.domain))
+    return Outcome(result, delete_vm=True)
+
+
+def _exec(ctx: Context[ExecParams]) -> Outcome:
+    return Outcome(execs.run_exec(ctx.driver, ctx.vm.domain, ctx.vm.name, ctx.params, attempts=ctx.job.attempts,
+                                  check=ctx.check))
+
+
+def _cp(ctx: Context[CpParams]) -> Outcome:
+    return Outcome(execs.run_cp(ctx.driver, ctx.vm.domain, ctx.params, check=ctx.check))
 
 
 def _set(ctx: Context[SetParams]) -> Outcome:
@@ -216,6 +257,11 @@ def _move_out(ctx: Context[MoveOutParams]) -> Outcome:
         size = transfer.put(ctx.blobs, in_job, xml, disk, max_mib=ctx.move_max_mib)
         ctx.check()
         ctx.driver.delete(ctx.vm.domain)
+        ctx.driver.seed_path(ctx.vm.domain).unlink(missing_ok=True)  # it went along in the definition
+        log_file = domxml.console_of(xml)[0]  # its console stream moves on with it; the log here goes
+        if log_file:
+            console.rotated(Path(log_file)).unlink(missing_ok=True)
+            Path(log_file).unlink(missing_ok=True)
     return Outcome(HandedOver(VmState.SHUTOFF, True, f"handed over to {p.to}", bytes=size),
                    {"host": p.to, "state": VmState.SHUTOFF.value, "note": f"moving from {ctx.vm.host} to {p.to}"},
                    adjust=gives_back)
@@ -237,6 +283,9 @@ def _move_in(ctx: Context[MoveInParams]) -> Outcome:
             raise ExecError(f"{ctx.vm.domain} did not arrive on this host", hint="see the move-out job's result")
         disk = ctx.driver.disk_path(ctx.vm.domain)
         xml, has_disk = transfer.get(ctx.blobs, ctx.job.id, disk)
+        # this host's accelerator (kvm or qemu) and its place for the console log
+        xml = domxml.localize(xml, virt_type=ctx.driver.virt_type,
+                              console_log=str(domxml.console_log_path(ctx.driver.storage_dir, ctx.vm.domain)))
         result = ctx.driver.import_domain(ctx.vm.domain, xml, disk if has_disk else None)
     else:
         result = DriverResult(here, False)  # a re-run: it arrived already
@@ -267,4 +316,6 @@ HANDLERS: dict[Op, Handler[Any]] = {
     Op.MOVE_OUT: Handler(MoveOutParams, _move_out, lambda ctx: _both_hosts(ctx, ctx.params.to),
                          leaves_domain_here=False, failure_adjust=_move_out_gives_back),
     Op.MOVE_IN: Handler(MoveInParams, _move_in, lambda ctx: _both_hosts(ctx, ctx.params.source)),
+    Op.EXEC: Handler(ExecParams, _exec),
+    Op.CP: Handler(CpParams, _cp),
 }

@@ -20,13 +20,15 @@ log = logging.getLogger(__name__)
 class Heartbeat:
     def __init__(self, store: Store, host: str, *, libvirt_uri: str, cpus: int, memory_mib: int,
                  interval: float, labels: dict[str, str] | None = None, migrate_uri: str = "",
-                 shared_storage: bool = False, status: Callable[[], Mapping[str, str]] | None = None) -> None:
+                 shared_storage: bool = False, status: Callable[[], Mapping[str, str]] | None = None,
+                 extra: Mapping[str, str] | None = None) -> None:
+        """``extra``: more fields registered once (the accelerator its guests get, and why)."""
         self.store = store
         self.host = host
         self.fields = {"libvirt_uri": libvirt_uri, "cpus": cpus, "memory_mib": memory_mib, "pid": os.getpid(),
                        "hostname": socket.gethostname(), "version": __version__,
                        "labels": json.dumps(labels or {}, sort_keys=True), "migrate_uri": migrate_uri,
-                       "shared_storage": "1" if shared_storage else ""}
+                       "shared_storage": "1" if shared_storage else "", **(extra or {})}
         self.interval = interval
         #: fields refreshed with every beat (the libvirt probe's verdict)
         self.status = status or dict

@@ -17,6 +17,7 @@ from orchestrator.control.locks import vm_lock
 from orchestrator.model.errors import HostDown, LockError
 from orchestrator.model.operation import Op
 from orchestrator.model.records import HostState, JobState
+from orchestrator.store import retention
 
 from .runner import Worker
 
@@ -36,6 +37,7 @@ def sweep(w: Worker) -> int:
             if not w.store.mailbox(namespace, name):
                 continue
             lock = vm_lock(namespace, name)
+            released = []
             with w.locks.hold(lock, timeout=w.settings.lock_expire + 2) as holding:
                 error = HostDown(f"host {host.name} is down",
                                  hint=f"it stopped heartbeating at {host.heartbeat_at:%Y-%m-%d %H:%M:%S}Z; "
@@ -46,8 +48,10 @@ def sweep(w: Worker) -> int:
                     finished = w.store.finish(job, holding.fence(lock), JobState.FAILED, error=error,
                                               delete_vm=job.op is Op.LAUNCH, by=f"janitor@{w.name}")
                     failed += finished.done
-                    if finished.released and w.app is not None:
-                        deps.wake(w.app, w.store, finished.released)
+                    released += finished.released
+            if released and w.app is not None:
+                # after the lock: a broker that does not answer must not hold the VM's lock
+                deps.wake(w.app, w.store, released)
     if failed:
         log.warning("failed %d jobs of hosts down for more than %.0fs", failed, w.settings.host_down_deadline)
     return failed
@@ -67,10 +71,14 @@ class Janitor:
         while not self._stop.wait(self.interval):
             try:
                 sweep(self.worker)
+                # Bounded batches (VMORCH_JOB_PRUNE_BATCH): a pass stays short however much is due.
+                retention.prune_once(self.worker.store, self.worker.settings, self.worker.store.redis_time())
                 if self.worker.app is not None:
                     deps.release_due(self.worker.app, self.worker.store, by=f"janitor@{self.worker.name}")
                     deps.resend(self.worker.app, self.worker.store)
-            except (RedisError, LockError) as exc:  # Redis restarting, or a busy VM: next pass
+            except (RedisError, LockError, OSError) as exc:
+                # Redis restarting, a busy VM, or an archive that could not be written (then nothing
+                # was pruned): next pass
                 log.warning("janitor pass skipped: %s", exc)
 
     def stop(self) -> None:

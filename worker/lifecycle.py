@@ -19,7 +19,14 @@ from typing import Any
 
 import libvirt
 
-from orchestrator.model.errors import AlreadyExists, InvalidInput, InvalidState, OperationTimeout, VmorchError
+from orchestrator.model.errors import (
+    AlreadyExists,
+    InvalidInput,
+    InvalidState,
+    LockError,
+    OperationTimeout,
+    VmorchError,
+)
 from orchestrator.model.records import VmState, domain_name
 
 from . import domxml
@@ -72,6 +79,18 @@ def _create(dom: libvirt.virDomain) -> None:
     dom.create()
 
 
+def _powered_off(dom: libvirt.virDomain, changed: bool, note: str = "") -> DriverResult:
+    """What a stop or a kill records once the domain is not running: ``shutoff``, whatever reason
+    libvirt gives (a QEMU found gone after a worker restart is "shut off, reason crashed": the
+    state the job promised is the state it records). Still running: libvirt's word."""
+    if dom.isActive():
+        return DriverResult(state_of(dom), changed, note)
+    was = state_of(dom)
+    if not changed and was is not VmState.SHUTOFF:
+        note = f"{note} (libvirt says: {was.value})" if note else f"libvirt says: {was.value}"
+    return DriverResult(VmState.SHUTOFF, changed, note)
+
+
 def _wake(dom: libvirt.virDomain) -> None:
     if dom.state()[0] == libvirt.VIR_DOMAIN_PMSUSPENDED:
         dom.pMWakeup(0)  # a guest-initiated suspend (S3/S4) is not undone by resume()
@@ -102,6 +121,8 @@ class Lifecycle(LibvirtConnection):
             vcpus=spec.vcpus,
             disk=disk_path,
             meta=meta,
+            # one place for every VM's console log, disk or not (console relay, delete, move-in agree)
+            console_log=str(domxml.console_log_path(self.storage_dir, domain)),
         )
         try:
             with translate(domain, "define"):
@@ -110,6 +131,8 @@ class Lifecycle(LibvirtConnection):
                 dom = self.conn.defineXML(xml)
             with translate(domain, "start"):
                 dom.create()
+        except LockError:
+            raise  # the lease is gone: touch nothing more; the re-run finds what this call left and goes on
         except VmorchError:
             # Undo only what this call did, so that a retry of the failed launch starts from scratch.
             with contextlib.suppress(libvirt.libvirtError):
@@ -165,7 +188,7 @@ class Lifecycle(LibvirtConnection):
         with translate(domain, "stop"):
             state = state_of(dom)
             if not dom.isActive():
-                return DriverResult(state, False, f"already {state.value}")
+                return _powered_off(dom, False, "already off")
             if state == VmState.PAUSED:
                 # QEMU refuses shutdown() of a paused domain: its guest can't see the ACPI event.
                 if not force:
@@ -173,13 +196,13 @@ class Lifecycle(LibvirtConnection):
                         f"cannot stop {domain} gracefully: it is paused", hint="resume it, or use --force"
                     )
                 dom.destroy()
-                return DriverResult(state_of(dom), True, "forced off: it was paused")
+                return _powered_off(dom, True, "forced off: it was paused")
             dom.shutdown()
             deadline = time.monotonic() + timeout_s
             while True:
-                check()
+                check()  # each step: the lease (a libvirt change comes next), the time limit, a cancel
                 if not dom.isActive():
-                    return DriverResult(state_of(dom), True)
+                    return _powered_off(dom, True)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -189,9 +212,10 @@ class Lifecycle(LibvirtConnection):
                     f"{domain} did not shut down within {timeout_s:g}s",
                     hint="the guest ignored the ACPI power button; use --force to power it off",
                 )
+            check()
             with contextlib.suppress(libvirt.libvirtError):  # it may have gone off just now
                 dom.destroy()
-            return DriverResult(state_of(dom), True, f"forced off after {timeout_s:g}s")
+            return _powered_off(dom, True, f"forced off after {timeout_s:g}s")
 
     def kill(self, domain: str) -> DriverResult:
         dom = self._lookup(domain)
@@ -199,9 +223,15 @@ class Lifecycle(LibvirtConnection):
             return DriverResult(VmState.MISSING, False, "no such domain")
         with translate(domain, "kill"):
             if not dom.isActive():
-                return DriverResult(state_of(dom), False, "already off")
-            dom.destroy()
-            return DriverResult(state_of(dom), True)
+                return _powered_off(dom, False, "already off")
+            try:
+                dom.destroy()
+            except libvirt.libvirtError as exc:
+                # It went off between the look and the destroy (a stop libvirt itself was finishing).
+                if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID or dom.isActive():
+                    raise
+                return _powered_off(dom, False, "already off")
+            return _powered_off(dom, True)
 
     def pause(self, domain: str) -> DriverResult:
         return self._transition(domain, "pause", (VmState.RUNNING,), VmState.PAUSED, lambda dom: dom.suspend())
@@ -255,11 +285,12 @@ class Lifecycle(LibvirtConnection):
                 # Maximum first: that also clamps current memory, and the next boot gets exactly this much.
                 dom.setMemoryFlags(memory_mib * 1024, config | libvirt.VIR_DOMAIN_MEM_MAXIMUM)
                 dom.setMemoryFlags(memory_mib * 1024, config)
-            if vcpus is not None and (vcpus, vcpus) != (old_vcpus, old_max_vcpus):
-                # The current count may never exceed the maximum: raise max first, lower it last.
-                order = [libvirt.VIR_DOMAIN_VCPU_MAXIMUM, 0]
-                for extra in order if vcpus > old_max_vcpus else reversed(order):
-                    dom.setVcpusFlags(vcpus, config | extra)
+            if vcpus is not None and vcpus != old_vcpus:
+                # The maximum only grows (never below what is asked): it is the room for hot-plugging
+                # vCPUs into the running guest later. The current count may never exceed it.
+                if vcpus > old_max_vcpus:
+                    dom.setVcpusFlags(vcpus, config | libvirt.VIR_DOMAIN_VCPU_MAXIMUM)
+                dom.setVcpusFlags(vcpus, config)
             if active and memory_mib is not None and int(dom.info()[2]) != memory_mib * 1024:
                 live_max = int(dom.maxMemory()) // 1024
                 if memory_mib > live_max:  # the balloon can only give back what QEMU was started with
@@ -267,7 +298,11 @@ class Lifecycle(LibvirtConnection):
                 else:
                     applied_live |= _try_live(notes, "memory", lambda: dom.setMemoryFlags(memory_mib * 1024, live_flag))
             if active and vcpus is not None and int(dom.vcpusFlags(live_flag)) != vcpus:
-                applied_live |= _try_live(notes, "vcpus", lambda: dom.setVcpusFlags(vcpus, live_flag))
+                live_max_vcpus = int(dom.vcpusFlags(live_flag | libvirt.VIR_DOMAIN_VCPU_MAXIMUM))
+                if vcpus > live_max_vcpus:  # hot-plug only up to the maximum QEMU was started with
+                    notes.append(f"vcpus applies at the next boot (the running VM's maximum is {live_max_vcpus})")
+                else:
+                    applied_live |= _try_live(notes, "vcpus", lambda: dom.setVcpusFlags(vcpus, live_flag))
             new_mem, _, new_vcpus, _ = domxml.parse_resources(self._config(dom))
         changed = (new_mem, new_vcpus) != (old_mem, old_vcpus) or applied_live
         live = active and not notes

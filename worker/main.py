@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -18,12 +19,17 @@ from orchestrator.store import keys, layout
 from orchestrator.store.jobstore import Store
 from orchestrator.store.redisconn import connect
 
+from . import agent, domxml, hostaccel, imagejobs
+from .console import ConsoleRelay
 from .driver import Driver
+from .guestwatch import GuestWatch
 from .health import LibvirtProbe
 from .heartbeat import Heartbeat
+from .hostaccel import AccelProbe
 from .janitor import Janitor
 from .reconcile import reconcile
 from .runner import Worker
+from .sync import DriftSync
 from .tasks import register
 from .watchdog import Watchdog
 
@@ -41,9 +47,12 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
     """Run until SIGTERM/SIGINT. ``test:///default`` keeps its state in this process: never fork."""
     logs.bind_process(host=host)
     metrics.enable()
+    accel_probe = AccelProbe(libvirt_uri).start()  # boots a probe guest: meanwhile, the rest starts
     url = settings.resolved_redis_url()
     store = Store(connect(url), host_down_after=settings.host_down_after)
     layout.check(store.redis)  # before libvirt and before the host registers: LayoutMismatch stops here
+    sockets = agent.socket_dir(libvirt_uri)
+    domxml.use_agent_socket_dir(sockets)  # before any domain is defined
     driver = Driver(libvirt_uri, storage_dir or default_storage(settings, host))
     # The machine's name in the owner id makes the pids in this host's lock ids checkable here.
     locks = LockManager(url, owner=f"{host}@{socket.gethostname()}", expire=settings.lock_expire)
@@ -52,28 +61,48 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
     app = worker.app = make_app(settings)
     app.conf.worker_send_task_events = task_events
     register(app, worker)
+    imagejobs.register(app, worker)  # image jobs: their own task on this host's queue
     cpus, memory_mib = driver.capacity()
     # Hosts that share one machine (the local cluster) offer equal parts of it, so placement
     # sees equal hosts and spreads equal VMs evenly.
     cpus, memory_mib = max(1, cpus // share), max(1, memory_mib // share)
     probe = LibvirtProbe(driver, interval=max(1.0, settings.heartbeat_interval))
+    accel = accel_probe.result()
+    hostaccel.apply(driver, accel)
     heartbeat = Heartbeat(store, host, libvirt_uri=libvirt_uri, cpus=cpus, memory_mib=memory_mib,
                           interval=settings.heartbeat_interval, labels=labels, migrate_uri=migrate_uri,
-                          shared_storage=shared_storage, status=probe.fields)
+                          shared_storage=shared_storage, status=probe.fields,
+                          extra={"accel": accel.kind, "accel_reason": accel.reason})
+    guests = driver.virt_type != "test"  # the test driver has no consoles and no agents
+    relay = ConsoleRelay(driver, store.redis, host)
+    guest_watch = GuestWatch(driver, store.redis, host, interval=max(2.0, settings.heartbeat_interval * 2))
     janitor = Janitor(worker, interval=max(1.0, settings.host_down_after / 2))
+    drift_sync = DriftSync(worker, interval=settings.drift_sync_interval)
     try:
         # Repair first, then announce: a host that shows "up" has a registry that tells the truth.
         locks.clear_dead_holders(pid_alive)
+        drift_sync.subscribe()  # before the repair: a change during it is an event to look at after
         reconcile(worker)
+        drift_sync.start()
         if metrics_port:
             metrics.serve(metrics_port)
         probe.start()
         heartbeat.start()
+        if guests:
+            relay.start()
+            guest_watch.start()
         kick_mailboxes(app, store, host)
+        imagejobs.kick(app, worker)
         janitor.start()
         watchdog.start()
         consume(app, host, concurrency=concurrency, loglevel=loglevel)
     finally:
+        guest_watch.stop()
+        relay.stop()
+        if sockets is not None:
+            with contextlib.suppress(OSError):  # still in use by a domain left running: it stays
+                sockets.rmdir()
+        drift_sync.stop()
         watchdog.stop()
         janitor.stop()
         heartbeat.stop()

@@ -1,8 +1,16 @@
 """The driver's side of ``vm move``: export a shut-off domain, import it on another host, or
-live-migrate a running one to another libvirtd."""
+live-migrate a running one to another libvirtd.
+
+A VM's cloud-init seed goes along inside the exported definition (gzipped, a few KB: a seed is
+mostly ISO 9660 padding), and lands in the target's VM-disk store under the target's name for it;
+the move-out deletes it on the source with the domain. The catalog image stays where it is: a move
+to a host where it is not ready is refused before it is accepted (``control.submit``).
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,12 +19,13 @@ import libvirt
 from orchestrator.model.errors import InvalidState
 from orchestrator.model.records import VmState
 
-from . import domxml
-from .libvirtconn import LibvirtConnection, state_of, translate
+from . import cloudinit, domxml
+from .disks import DiskStore
+from .libvirtconn import state_of, translate
 from .results import DriverResult, Imported
 
 
-class Moving(LibvirtConnection):
+class Moving(DiskStore):
     def export(self, domain: str) -> tuple[str, Path | None]:
         """The definition of a shut-off domain and the disk vmorch created for it (``vm move``)."""
         dom = self._require(domain)
@@ -30,7 +39,12 @@ class Moving(LibvirtConnection):
                                    hint="moving a VM with snapshots is not supported")
             xml = self._config(dom)
         meta = domxml.parse_metadata(xml)
-        disk = Path(meta.disk) if meta and meta.disk and Path(meta.disk).name == f"{domain}.qcow2" else None
+        # only the disk vmorch made for this domain (its store's name for it, or the name of before)
+        own = (str(self.disk_path(domain)), str(self.storage_dir / f"{domain}.qcow2"))
+        disk = Path(meta.disk) if meta and meta.disk in own else None
+        seed = self.seed_path(domain)
+        if str(seed) in domxml.sources_of(xml) and seed.is_file():
+            xml = cloudinit.with_seed(xml, seed.read_bytes())
         return xml, disk if disk is not None and disk.exists() else None
 
     def import_domain(self, domain: str, xml: str, disk: Path | None) -> DriverResult:
@@ -43,11 +57,25 @@ class Moving(LibvirtConnection):
             raise InvalidState(f"cannot import {domain}: the definition has no vmorch metadata")
         if disk is not None and meta.disk:
             xml = domxml.relocate_disk(xml, meta.disk, str(disk))
+        xml, seed = cloudinit.take_seed(xml)
+        if seed is not None:
+            old = next((s for s in domxml.sources_of(xml) if s.endswith(".seed.iso")), None)
+            if old is not None:
+                xml = domxml.relocate_disk(xml, old, str(self._write_seed(domain, seed)))
         with translate(domain, "import"):
             dom = self.conn.defineXML(xml)
         if disk is not None:
             self._write_meta(dom, domain, replace(meta, disk=str(disk)))
         return Imported(state_of(dom), True, disk=str(disk) if disk else None)
+
+    def _write_seed(self, domain: str, content: bytes) -> Path:
+        path = self.seed_path(domain)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        tmp.write_bytes(content)
+        tmp.chmod(0o444)
+        os.replace(tmp, path)
+        return path
 
     def migrate_live(self, domain: str, dest_uri: str, *, shared_storage: bool) -> DriverResult:
         """Live-migrate a running domain to the libvirtd at ``dest_uri`` (peer to peer), keeping it defined there.

@@ -24,8 +24,20 @@ Rules (guarantee 2), enforced here like Linux's lockdep, in production as in tes
   or a lock already held -- raises ``LockOrderError`` before touching Redis.
 * Every lock has an expiry and is renewed by this module's own renewal thread (the
   library's auto-renewal thread dies silently on error). ``Holding.check()`` raises
-  ``LockLost`` when a renewal failed or the lock may have expired: holders call it
-  before each side effect.
+  ``LockLost`` when a renewal found the lock gone, and ``LeaseExpired`` once the holder can no
+  longer know the lock is its own: holders call it before each side effect.
+* The lease (guarantee 6): a holder counts its lock as its own for ``lease_seconds(expire)``
+  from the moment it *sent* its last successful acquisition or renewal, by its own monotonic
+  clock, with no Redis round trip. Redis set the key's expiry when it ran that command, which
+  was after the send, so the round trip is inside the count, not in the margin. The margin
+  (``expire * CLOCK_RATE_DRIFT + LEASE_MARGIN_S``) covers the rate difference between this
+  host's clock and Redis's, the step between a check and the libvirt call it guards, and that
+  call's own time: another holder can only take the lock once Redis expired it, at least
+  ``margin`` after this holder's lease ended. With the default 10 s expiry the lease is 8.9 s
+  and a renewal is sent every 3.3 s, so one lost renewal costs nothing.
+* While locks are held, every Redis call of the holding context is bounded by the lease
+  (``redisconn.bounded_by``): its socket timeouts and retries end when the lease does, with
+  ``LeaseExpired``, so no call under a lock can outlive it. Renewals are bounded too.
 * Every acquisition takes a fencing token from a per-lock counter that only goes up;
   fenced writes (``orchestrator.store``) are refused once a newer token exists.
 * No lock is held while waiting for another job or host: a holder only ever waits for
@@ -50,10 +62,10 @@ import redis_lock
 from redis.exceptions import RedisError
 
 from orchestrator.model import metrics
-from orchestrator.model.errors import LockLost, LockOrderError, LockTimeout
+from orchestrator.model.errors import LeaseExpired, LockError, LockLost, LockOrderError, LockTimeout
 from orchestrator.store import keys
 from orchestrator.store.jobstore import Fence
-from orchestrator.store.redisconn import connect_for_locks
+from orchestrator.store.redisconn import bounded_by, budget, connect_for_locks
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +91,33 @@ end
 return false
 """
 
+# Raise a lock's fencing counter to at least ARGV[1] (it only ever goes up). KEYS: fence key
+_RAISE_FENCE = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return tonumber(ARGV[1])
+end
+return current
+"""
+
 #: a waiter re-tries at least this often, so it sees a dead holder's expired lock within
 #: expiry + this, not after a whole second BLPOP of the expiry (the library's default)
 WAIT_SLICE_S = 1
+
+#: the lease's margin, relative: clock rate drift between a host and Redis (NTP slews at most 0.05 %)
+CLOCK_RATE_DRIFT = 0.01
+#: the lease's margin, absolute (s): a check to its libvirt call, and that call's own time
+LEASE_MARGIN_S = 1.0
+#: renewals per expiry: a renewal is sent every ``expire / RENEWALS_PER_EXPIRY`` seconds
+RENEWALS_PER_EXPIRY = 3
+#: the most a release may take (s); past it the lock expires by itself
+RELEASE_BUDGET_S = 2.0
+
+
+def lease_seconds(expire: float) -> float:
+    """How long after sending a successful acquisition or renewal a holder may act (see the module)."""
+    return expire * (1 - CLOCK_RATE_DRIFT) - LEASE_MARGIN_S
 
 
 class Level(IntEnum):
@@ -179,7 +215,8 @@ class HeldLock:
     name: LockName
     lock: redis_lock.Lock
     fence: Fence
-    renewed_at: float  # time.monotonic() of the acquisition or last successful renewal
+    #: time.monotonic() when the acquisition or the last successful renewal was *sent*
+    renewed_at: float
     lost: str | None = None
     #: whether the lock was taken when first asked for
     waited: bool = False
@@ -193,22 +230,41 @@ class Holding:
     locks: tuple[HeldLock, ...]
     expire: int
     _by_name: dict[LockName, HeldLock] = field(init=False)
+    #: seconds after a successful acquisition or renewal was sent that the holder may act (``lease_seconds``)
+    lease: float = field(init=False)
 
     def __post_init__(self) -> None:
         self._by_name = {h.name: h for h in self.locks}
+        self.lease = lease_seconds(self.expire)
 
     def fence(self, name: LockName) -> Fence:
         return self._by_name[name].fence
 
+    def lease_ends_at(self) -> float:
+        """The ``time.monotonic()`` at which the first of these leases ends (-inf if a lock is known lost).
+
+        Known locally: no Redis round trip.
+        """
+        if any(h.lost for h in self.locks):
+            return float("-inf")
+        return min((h.renewed_at + self.lease for h in self.locks), default=float("inf"))
+
+    def lease_remaining(self) -> float:
+        """Seconds the holder may still act on what these locks protect; <= 0: stop."""
+        return self.lease_ends_at() - time.monotonic()
+
     def check(self) -> None:
-        """Raise ``LockLost`` if any held lock was lost or may have expired. Call before each side effect."""
+        """Raise ``LockLost`` if a held lock was lost, ``LeaseExpired`` if its lease ran out.
+
+        Call before each side effect. Local: no Redis round trip.
+        """
         now = time.monotonic()
         for h in self.locks:
             if h.lost:
                 raise LockLost(f"lost lock {h.name}: {h.lost}")
-            # One second of margin for the renewal round trip and for Redis's expiry clock.
-            if now - h.renewed_at > self.expire - 1:
-                raise LockLost(f"lock {h.name} was not renewed for {now - h.renewed_at:.1f}s and may have expired")
+            if now >= h.renewed_at + self.lease:
+                raise LeaseExpired(f"the lease of lock {h.name} ran out: not renewed for {now - h.renewed_at:.1f}s, "
+                                   f"it may have expired", hint="Redis did not answer in time; the job runs again")
 
 
 class LockManager:
@@ -217,6 +273,8 @@ class LockManager:
     def __init__(self, redis_url: str, *, owner: str | None = None, expire: int = 10) -> None:
         self.client = connect_for_locks(redis_url)
         self.expire = int(expire)
+        if lease_seconds(self.expire) <= 0:
+            raise ValueError(f"a lock expiry of {expire}s leaves no lease after its margin")
         #: lock ids are "<owner>:<pid>:<random>" so a restarted worker can tell its dead processes' locks
         self.owner = owner or socket.gethostname()
         self._renewing: set[HeldLock] = set()
@@ -224,6 +282,7 @@ class LockManager:
         self._renewer: threading.Thread | None = None
         self._stop = threading.Event()
         self._acquire_fenced = self.client.register_script(_ACQUIRE_FENCED)
+        self._raise_fence = self.client.register_script(_RAISE_FENCE)
 
     def lock_id(self) -> str:
         return f"{self.owner}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
@@ -248,11 +307,20 @@ class LockManager:
                     on_wait = None
                 token = _held.set((*_held.get(), name))
                 first = first or token
-            yield Holding(tuple(taken), self.expire)
+            holding = Holding(tuple(taken), self.expire)
+            if not taken:
+                yield holding
+            else:
+                # LOCK: no Redis call of this context outlives the lease of what it holds (guarantee 6)
+                with bounded_by(holding.lease_remaining):
+                    yield holding
         finally:
             # Release in reverse; a lost lock is logged, never allowed to hide the original error.
-            for h in reversed(taken):
-                self._release(h)
+            # A release has its own short budget: it may come after the lease ended, and if Redis
+            # can't be reached the lock expires by itself.
+            with bounded_by(budget(min(RELEASE_BUDGET_S, self.expire / 2)), nested=False):
+                for h in reversed(taken):
+                    self._release(h)
             if first is not None:
                 _held.reset(first)  # back to what was held before this hold()
 
@@ -272,7 +340,7 @@ class LockManager:
 
     def _acquire(self, name: LockName, deadline: float, on_wait: Callable[[], None] | None) -> HeldLock:
         lock = redis_lock.Lock(self.client, name.name, expire=self.expire, id=self.lock_id())
-        started = time.monotonic()
+        started = sent = time.monotonic()
         token = self._try_acquire(lock, name)
         waited = token is None
         if waited and on_wait is not None:
@@ -287,8 +355,10 @@ class LockManager:
             # As python-redis-lock waits: a releaser pushes to the signal list; an expired lock pushes
             # nothing, hence the slice.
             self.client.blpop([keys.lock_signal(name.name)], timeout=min(WAIT_SLICE_S, max(remaining, 0.01)))
+            sent = time.monotonic()
             token = self._try_acquire(lock, name)
-        held_lock = HeldLock(name, lock, Fence(keys.fence(name.name), token), time.monotonic(), waited=waited)
+        # The lease counts from the send: Redis set the key's expiry after that.
+        held_lock = HeldLock(name, lock, Fence(keys.fence(name.name), token), sent, waited=waited)
         metrics.lock_acquired(name.level.name.lower(), held_lock.acquired_at - started)
         log.debug("took lock %s (fence %d) after %.3fs", name, held_lock.fence.token, held_lock.acquired_at - started,
                   extra=_log_fields(name))
@@ -309,9 +379,18 @@ class LockManager:
             h.lock.release()
         except redis_lock.NotAcquired:
             log.warning("lock %s was lost before release (%s)", h.name, h.lost or "expired", extra=_log_fields(h.name))
-        except RedisError as exc:
+        except (RedisError, LeaseExpired) as exc:
             # The lock expires on its own; a release failure must not mask the caller's error.
             log.warning("could not release lock %s: %s", h.name, exc, extra=_log_fields(h.name))
+
+    def raise_fence(self, name: LockName, at_least: int) -> int:
+        """Make the fencing counter of ``name`` at least ``at_least``; returns the counter.
+
+        For a token seen where only a holder of ``name`` writes (a domain's metadata) that is
+        higher than the counter: Redis lost the counter's last increments (a restart that lost
+        writes). Raising it only makes held tokens stale sooner, which is always safe.
+        """
+        return int(self._raise_fence(keys=[keys.fence(name.name)], args=[int(at_least)]))
 
     # -- renewal ------------------------------------------------------------------------
 
@@ -323,30 +402,35 @@ class LockManager:
                 self._renewer.start()
 
     def _renew_loop(self) -> None:
-        interval = self.expire / 3
+        interval = self.expire / RENEWALS_PER_EXPIRY
         while not self._stop.wait(interval):
             with self._renewing_lock:
                 current = list(self._renewing)
             for h in current:
-                self._renew(h)
+                self._renew(h, interval)
 
-    def _renew(self, h: HeldLock) -> None:
+    def _renew(self, h: HeldLock, interval: float) -> None:
         for attempt in range(3):
+            sent = time.monotonic()
             try:
-                h.lock.extend()
+                # Bounded: a renewal stuck in a partition must not hold up the next one (nor the other locks').
+                with bounded_by(budget(interval), nested=False):
+                    h.lock.extend()
             except redis_lock.NotAcquired:
                 h.lost = "taken over or expired before renewal"
                 with self._renewing_lock:
                     self._renewing.discard(h)
                 return
-            except RedisError as exc:
+            except (RedisError, LockError) as exc:
                 log.warning("renewing lock %s failed (attempt %d): %s", h.name, attempt + 1, exc,
                             extra=_log_fields(h.name))
+                if h not in self._renewing:
+                    return  # released meanwhile
                 time.sleep(0.2 * (attempt + 1))
                 continue
-            h.renewed_at = time.monotonic()
+            h.renewed_at = max(h.renewed_at, sent)
             return
-        # Still unrenewed: Holding.check() reports the loss once the expiry is near.
+        # Still unrenewed: Holding.check() raises LeaseExpired once the lease runs out.
 
     def clear_dead_holders(self, is_alive: Callable[[int], bool]) -> list[str]:
         """Free the locks of this owner's processes that are gone, instead of waiting for expiry.

@@ -7,7 +7,8 @@ memory committed (then the smallest share of its vCPUs, then the name), counting
 placed earlier in the same request; so equal VMs spread evenly over equal hosts, and a
 bigger host takes proportionally more. Or
 the host of another VM (``--colocate``); or round the hosts for a range (``--spread``).
-Every refusal names the resource that ran out. A worker that is up while its libvirtd is
+A VM made from a catalog image only goes where that image is ready. Every refusal names the
+resource that ran out (or the hosts that lack the image). A worker that is up while its libvirtd is
 not would fail every launch sent to it, so such a host gets none, pinned or not. The
 caller holds the ``cmd`` lock of the namespace and the lock of every candidate host while
 it decides and reserves, so two decisions never race for the same free memory.
@@ -30,6 +31,9 @@ class Request:
     host: str | None = None
     host_labels: Mapping[str, str] = field(default_factory=dict)
     colocate_host: str | None = None  # the host of the VM to colocate with, resolved by the caller
+    #: a catalog image the VM's disk is made from, and the hosts where it is ready (None: no image)
+    image: str | None = None
+    image_hosts: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ def plan(requests: Sequence[Request], hosts: Sequence[Host], *, allowed: set[str
                 known = ", ".join(sorted(by_name)) or "none registered"
                 raise InvalidInput(f"unknown host {pinned!r}", hint=f"known hosts: {known}")
             _check_usable(room.host, allowed)
+            _check_image(r, room.host.name)
             if not room.fits(r):
                 raise _no_room(r, [room])
             chosen = room
@@ -108,6 +113,14 @@ def _check_usable(host: Host, allowed: set[str] | None) -> None:
                            hint="see 'vmorch doctor'; or pick another host")
 
 
+def _check_image(r: Request, host: str) -> None:
+    if r.image_hosts is not None and host not in r.image_hosts:
+        ready = ", ".join(sorted(r.image_hosts)) or "no host"
+        raise InvalidInput(f"image {r.image!r} is not ready on host {host!r} (it is ready on {ready})",
+                           hint=f"pick another host, or have an admin import it there ('vmorch image import "
+                                f"{r.image} SOURCE --host {host}')")
+
+
 def _candidates(r: Request, rooms: Iterable[_Room], allowed: set[str] | None) -> list[_Room]:
     up = [room for room in rooms if room.host.state is HostState.UP]
     if not up:
@@ -124,6 +137,13 @@ def _candidates(r: Request, rooms: Iterable[_Room], allowed: set[str] | None) ->
             wanted = ",".join(f"{k}={v}" for k, v in sorted(r.host_labels.items()))
             raise NoCapacity(f"no up host has the labels {wanted}",
                              hint="see the hosts' labels with 'vmorch host list'")
+    if r.image_hosts is not None:
+        lacking = sorted(room.host.name for room in up if room.host.name not in r.image_hosts)
+        up = [room for room in up if room.host.name in r.image_hosts]
+        if not up:
+            raise NoCapacity(f"image {r.image!r} is not ready on any host {r.vm!r} may use: {', '.join(lacking)} "
+                             f"lack it", hint=f"see 'vmorch image show {r.image}'; an admin imports it with "
+                                              f"'vmorch image import {r.image} SOURCE --host HOST'")
     # None: a worker older than the probe, or not probed yet; only a probe that failed rules a host out
     answering = [room for room in up if room.host.libvirt_ok is not False]
     if not answering:

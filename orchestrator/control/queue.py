@@ -25,6 +25,9 @@ RUN_TASK = "vmorch.run"
 
 
 def make_app(settings: Settings) -> Celery:
+    """The Celery app. Its config holds no secret that Celery would print unmasked (``celery inspect
+    conf``, Flower's worker page): the broker URL and ``broker_*`` options are masked by Celery's own
+    rules (tests/test_secrets.py); add a setting with a password only under a name Celery masks."""
     from celery import Celery  # imported here: a CLI command that only reads must not pay for Celery
 
     broker, transport_options = celery_broker(settings.resolved_redis_url())
@@ -45,7 +48,8 @@ def make_app(settings: Settings) -> Celery:
         enable_utc=True,
         # Task events (what Flower and 'celery events' show) only while a monitor asks for them:
         # Flower turns them on in every worker by itself ('celery control enable_events' does too),
-        # and 'vmorch worker --task-events' sends them from the start. Always on, they took a third of
+        # and a worker turns them off again when nobody asked for a while (worker/tasks.py);
+        # 'vmorch worker --task-events' sends them from the start, always. Always on, they took a third of
         # a worker's busy time, and 1,000 launches ran at 174 instead of 236 VMs/s (docs/benchmarks.md).
         # Never "task-sent": a second broker write per job on the submitter's path; the job's history
         # already says who queued it and when.

@@ -13,7 +13,9 @@ from orchestrator.control.connection import Connection
 from orchestrator.model.errors import NotFound
 from orchestrator.model.operation import Op
 from orchestrator.model.records import Event, Host, Job, JobState, Vm
-from orchestrator.store import keys
+from orchestrator.store import keys, retention
+from orchestrator.store.history import History
+from orchestrator.store.retention import PruneReport
 
 OnUpdate = Callable[[list[Job]], None]
 
@@ -43,6 +45,15 @@ class Reading(Connection):
     def events(self, namespace: str, *, vm: str | None = None, job_id: int | None = None,
                limit: int = 100) -> list[Event]:
         return self.store.events(namespace, vm=vm, job_id=job_id, limit=limit)
+
+    def history(self, namespace: str, *, vm: str | None = None, job_id: int | None = None,
+                limit: int = 100) -> History:
+        """``events``, and how many older entries were trimmed (``History.trimmed``)."""
+        return self.store.history(namespace, vm=vm, job_id=job_id, limit=limit)
+
+    def prune(self, namespace: str | None, *, older_than: float | None = None) -> PruneReport:
+        """Remove the finished jobs older than ``older_than`` s (default: the retention) now (``retention``)."""
+        return retention.prune(self.store, self.settings, namespace=namespace, older_than=older_than)
 
     def cancel(self, job_id: int) -> Job:
         """Cancel a job; for a parent, its children not yet started (running ones carry on)."""

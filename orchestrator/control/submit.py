@@ -9,12 +9,14 @@ from contextlib import contextmanager
 
 from orchestrator.control import deps, locks, placement
 from orchestrator.control.connection import Connection
+from orchestrator.control.images import image_lock
 from orchestrator.control.locks import LockName, cmd_lock, host_lock, vms_lock
 from orchestrator.model.errors import AlreadyExists, ClusterUnavailable, InvalidInput, NotFound
 from orchestrator.model.operation import LaunchParams, MoveOutParams, Op, Operation, SubmitOptions
 from orchestrator.model.records import Host, HostState, Job, JobState, Vm
 from orchestrator.store import keys
-from orchestrator.store.jobstore import BatchEntry, Submitted
+from orchestrator.store.images import ImageRecords
+from orchestrator.store.jobstore import AlreadyAccepted, BatchEntry, Submitted
 
 
 class Submitting(Connection):
@@ -31,6 +33,20 @@ class Submitting(Connection):
                 retry_of: Sequence[int | None] | None = None) -> list[Job]:
         if not ops:
             raise InvalidInput("no VM to operate on", hint="give a name, a range such as web[1-3], or --tag")
+        try:
+            return self._accept(ops, opts, retry_of)
+        except AlreadyAccepted as repeat:  # the same idempotency key as an earlier submit: its jobs
+            return self.store.get_jobs(repeat.job_ids)
+
+    def _repeated(self, opts: SubmitOptions) -> None:
+        """Raise ``AlreadyAccepted`` if a submit with this idempotency key was accepted before: checked
+        first (a repeat must not be judged again: its launch's name is taken now, its deleted VM gone),
+        again under the placement locks, and atomically by the submit script."""
+        if opts.idempotency_key is not None and (seen := self.store.accepted_before(opts.idempotency_key)):
+            raise AlreadyAccepted(seen)
+
+    def _accept(self, ops: list[Operation], opts: SubmitOptions, retry_of: Sequence[int | None] | None) -> list[Job]:
+        self._repeated(opts)
         after = deps.edges(opts.after, opts.after_final, (o.op for o in ops), opts.delay_s)
         self._refuse_bad(ops)
         make_parent = opts.parent if opts.parent is not None else len(ops) > 1
@@ -45,6 +61,7 @@ class Submitting(Connection):
         launches = [o for o in ops if o.op is Op.LAUNCH]
         moves = [o for o in ops if o.op is Op.MOVE_OUT]
         with self._placement_locks(launches, moves) as candidates:
+            self._repeated(opts)  # two launches with one key: the second waited for the first's locks
             chosen = self._place_launches(launches, candidates)
             sources = {(o.namespace, o.vm): self._place_move(o) for o in moves}  # LOCK: cmd, hosts
             entries = []
@@ -57,13 +74,15 @@ class Submitting(Connection):
                     entries.append(BatchEntry(op, host=p.to, source=sources[(op.namespace, op.vm)], retry_of=again))
                 else:
                     entries.append(BatchEntry(op, retry_of=again))
-            # LOCK: all -- a launch's name, reservation and host; a move's reservation on its target
+            # LOCK: all -- a launch's name, reservation, host and image; a move's reservation on its target
             locks.require(*(lock for o in launches for lock in (cmd_lock(o.namespace), vms_lock(o.namespace))),
+                          *(image_lock(i) for i in _images(launches)),
                           *(host_lock(h) for h in set(chosen.values()) | set(sources.values())),
                           *(host_lock(e.host) for e in entries if e.op.op is Op.MOVE_OUT))
             _, submitted = self.store.submit_batch(entries, who=self.actor, parent=parent, after=after,
                                                    delay_s=opts.delay_s,
-                                                   fail_on_failed_dep=opts.if_dependency_failed == "fail")
+                                                   fail_on_failed_dep=opts.if_dependency_failed == "fail",
+                                                   idempotency_key=opts.idempotency_key)
         by_job = iter(submitted)
         accepted: list[tuple[Submitted, Operation]] = []
         for op in ops:
@@ -106,7 +125,8 @@ class Submitting(Connection):
     def _placement_locks(self, launches: list[Operation], moves: list[Operation]) -> Iterator[set[str]]:
         """cmd: the name reservation and placement decision; vms: the registry write; host:*: the
         reservations on every candidate, so placements in other namespaces can't race for the same room.
-        A move: cmd for the placement decision, both hosts for the reservation and the hand-over."""
+        A move: cmd for the placement decision, both hosts for the reservation and the hand-over.
+        image:<name> of each catalog image launched from: a removal of it waits, or refuses these VMs."""
         names: list[LockName] = []
         by_ns: dict[str, list[Operation]] = defaultdict(list)
         for op in launches:
@@ -116,6 +136,7 @@ class Submitting(Connection):
             candidates = self._candidate_hosts(ns, batch)
             all_candidates |= set(candidates)
             names += [cmd_lock(ns), vms_lock(ns), *(host_lock(h) for h in candidates)]
+        names += [image_lock(i) for i in _images(launches)]
         for op in moves:
             p = op.params
             assert isinstance(p, MoveOutParams)
@@ -223,12 +244,14 @@ class Submitting(Connection):
                                 + (f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""),
                                 hint="pick other names, or delete them first with 'vmorch vm delete'")
         hosts = self.store.hosts()  # all of them, so a refusal can say exactly what is missing
+        ready = self._images_ready(_images(batch))  # LOCK: image:<name> for a real launch (a removal waits)
         requests, spread = [], False
         for op in batch:
             p = op.params
             assert isinstance(p, LaunchParams)
             colocate_host = self.store.get_vm(ns, p.colocate).host if p.colocate else None
-            requests.append(placement.Request(op.vm, p.memory_mib, p.vcpus, p.host, p.host_labels, colocate_host))
+            requests.append(placement.Request(op.vm, p.memory_mib, p.vcpus, p.host, p.host_labels, colocate_host,
+                                              p.image, ready.get(p.image or "")))
             spread = spread or p.spread
         limits = placement.Limits(self.settings.memory_allocation_ratio, self.settings.cpu_allocation_ratio)
         allowed = set(info.hosts) if info is not None and info.hosts else None
@@ -237,6 +260,11 @@ class Submitting(Connection):
         if unlocked:  # only when a host came up between choosing what to lock and deciding
             raise ClusterUnavailable(f"host {unlocked[0]!r} joined during placement", hint="submit again")
         return chosen
+
+    def _images_ready(self, names: list[str]) -> dict[str, frozenset[str]]:
+        """The hosts where each catalog image is ready; NotFound for a name not in the catalog."""
+        records = ImageRecords(self.redis, self.store.scripts)
+        return {name: frozenset(records.require(name).ready_on()) for name in names}
 
     def _check_move(self, op: Operation, *, behind_others: bool = True) -> Vm:
         """Refuse a move that can't happen, before anything of its batch is accepted.
@@ -252,6 +280,11 @@ class Submitting(Connection):
             raise InvalidInput(f"unknown host {p.to!r}", hint=f"known hosts: {', '.join(sorted(hosts))}")
         if p.to == vm.host:
             raise InvalidInput(f"VM {op.vm!r} is already on host {p.to!r}", hint="pick another host")
+        if vm.image and p.to not in self._images_ready([vm.image]).get(vm.image, frozenset()):
+            # Refused, not carried along: an image is imported by an admin, from its source, on purpose.
+            raise InvalidInput(f"cannot move VM {op.vm!r} to {p.to!r}: its image {vm.image!r} is not ready there",
+                               hint=f"have an admin import it there first ('vmorch image import {vm.image} SOURCE "
+                                    f"--host {p.to}'), or pick a host that has it ('vmorch image show {vm.image}')")
         if p.live:
             _check_live(hosts[vm.host], hosts[p.to], vm)
         elif vm.state.value in ("running", "paused") and not behind_others and not self.store.mailbox(ns, op.vm):
@@ -307,6 +340,11 @@ def _check_live(source: Host, target: Host, vm: Vm) -> None:
     if vm.state.value != "running":
         raise InvalidInput(f"VM {vm.name!r} is {vm.state.value}; only a running VM moves live",
                            hint="move it without --live")
+
+
+def _images(launches: Sequence[Operation]) -> list[str]:
+    """The catalog images a batch of launches is made from, sorted, once each."""
+    return sorted({p.image for o in launches if isinstance(p := o.params, LaunchParams) and p.image})
 
 
 def _label(ops: Sequence[Operation]) -> str:

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from orchestrator import __version__
 from orchestrator.model.errors import ClusterUnavailable
-from orchestrator.model.records import Host, HostState, JobState
+from orchestrator.model.records import Host, HostState, JobState, VmState
 from orchestrator.model.settings import Settings
 from orchestrator.store.jobstore import Store
 from orchestrator.store.redisconn import connect_quick, is_sentinel, redact
@@ -74,6 +74,7 @@ def examine(settings: Settings, *, stuck_after: float | None = None) -> list[Che
             checks += _system_qemu_storage(settings, hosts)
             stuck = settings.doctor_stuck_after if stuck_after is None else stuck_after
             checks.append(_stuck_jobs(store, hosts, stuck))
+            checks.append(_missing_vms(store))
             checks.append(_versions(info, hosts))
         except RedisError as exc:
             checks.append(Check("hosts", Status.FAIL, f"cannot read the host records: {exc}",
@@ -270,3 +271,20 @@ def _system_qemu_storage(settings: Settings, hosts: list[Host]) -> list[Check]:
             "; ".join(qemuaccess.chmod_for(d, user) for d in blocked)
             + "; or put VMORCH_HOME where QEMU can reach it (e.g. VMORCH_HOME=/var/lib/vmorch) and restart the worker"))
     return checks
+
+
+def _missing_vms(store: Store, show: int = 5) -> Check:
+    """VMs vmorch knows and their host's libvirt doesn't (undefined behind vmorch's back): they use a
+    name and a reservation, and every operation but delete fails on them. Their workers mark them
+    ``missing`` (``worker.sync``); a VM on a down host shows ``unknown`` and is not judged here."""
+    missing = [vm for ns in store.namespaces() for vm in store.list_vms(ns.name) if vm.state is VmState.MISSING]
+    if not missing:
+        return Check("vms", Status.OK, "no VM is missing from its host's libvirt")
+    named = ", ".join(f"{vm.namespace}/{vm.name} (on {vm.host})" for vm in missing[:show])
+    more = f" and {len(missing) - show} more" if len(missing) > show else ""
+    first = missing[0]
+    return Check("vms", Status.WARN,
+                 f"{len(missing)} VM(s) missing: vmorch knows them, their host's libvirt does not (undefined "
+                 f"outside vmorch?): {named}{more}",
+                 f"forget each: vmorch --namespace {first.namespace} vm delete {first.name}; or delete it and "
+                 "launch it again; 'vmorch vm list' shows them all")

@@ -21,6 +21,9 @@ from orchestrator.model.records import Event, Host, Job, JobState, Namespace, Vm
 from orchestrator.model.settings import Settings
 from orchestrator.services.client import OnUpdate
 from orchestrator.services.schedules import Schedule, ScheduleSpec
+from orchestrator.store.history import History
+from orchestrator.store.images import Image
+from orchestrator.store.retention import PruneReport
 from orchestrator.store.runs import ExperimentRun
 
 _LIST_JOB = TypeAdapter(list[Job])
@@ -30,6 +33,7 @@ _LIST_EVENT = TypeAdapter(list[Event])
 _LIST_NAMESPACE = TypeAdapter(list[Namespace])
 _LIST_RUN = TypeAdapter(list[ExperimentRun])
 _LIST_SCHEDULE = TypeAdapter(list[Schedule])
+_LIST_IMAGE = TypeAdapter(list[Image])
 
 #: the longest one long-poll request asks the server to hold (the server may cap it lower)
 WAIT_CHUNK = 30.0
@@ -158,6 +162,15 @@ class HttpClient:
         params = _query(vm=vm, job_id=job_id, limit=limit)
         return _LIST_EVENT.validate_python(self._call("GET", f"{_ns(namespace)}/events", params=params))
 
+    def history(self, namespace: str, *, vm: str | None = None, job_id: int | None = None,
+                limit: int = 100) -> History:
+        params = _query(vm=vm, job_id=job_id, limit=limit)
+        return History.model_validate(self._call("GET", f"{_ns(namespace)}/history", params=params))
+
+    def prune(self, namespace: str | None, *, older_than: float | None = None) -> PruneReport:
+        params = _query(namespace=namespace, older_than=older_than)
+        return PruneReport.model_validate(self._call("POST", "/api/v1/jobs/prune", params=params, timeout=600.0))
+
     def namespaces(self) -> list[Namespace]:
         return _LIST_NAMESPACE.validate_python(self._call("GET", "/api/v1/namespaces"))
 
@@ -170,6 +183,21 @@ class HttpClient:
 
     def finish_namespace_delete(self, name: str) -> int:
         return int(self._call("DELETE", _ns(name))["removed_keys"])
+
+    def images(self) -> list[Image]:
+        return _LIST_IMAGE.validate_python(self._call("GET", "/api/v1/images"))
+
+    def image(self, name: str) -> Image:
+        return Image.model_validate(self._call("GET", f"/api/v1/images/{quote(name, safe='')}"))
+
+    def import_image(self, name: str, source: str, *, sha256: str | None = None,
+                     hosts: Sequence[str] | None = None, allow_file: bool = True) -> list[Job]:
+        """``allow_file`` is the server's to decide: it goes by the token's role."""
+        body = {"name": name, "source": source, "sha256": sha256, "hosts": list(hosts) if hosts else None}
+        return _LIST_JOB.validate_python(self._call("POST", "/api/v1/images", json=body))
+
+    def remove_image(self, name: str) -> list[Job]:
+        return _LIST_JOB.validate_python(self._call("DELETE", f"/api/v1/images/{quote(name, safe='')}"))
 
 
 def _ns(namespace: str) -> str:

@@ -75,7 +75,7 @@ KERNEL_CMDLINE = "console=ttyS0,115200 quiet scsi_mod.scan=sync mitigations=off 
 EARLY_MODULES = ("evdev", "button")
 #: then these (with their dependencies first)
 MODULES = (
-    "virtio_pci", "virtio_console", "virtio_net", "virtio_blk",
+    "virtio_pci", "virtio_console", "virtio_net", "virtio_blk", "virtio_balloon",
     "sr_mod", "cdrom", "ata_piix", "ahci", "isofs",
 )
 

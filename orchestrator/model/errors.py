@@ -176,9 +176,18 @@ class LockLost(LockError):
 
 
 class FencedOut(LockLost):
-    """A write under a lock was refused because a newer fencing token was issued."""
+    """A write under a lock was refused because a newer fencing token was issued (in Redis, or in the
+    domain's own metadata: another holder acted on it)."""
 
     code = "fenced_out"
+
+
+class LeaseExpired(LockLost):
+    """The holder can no longer *know* that its lock is its own: its lease (counted locally from its last
+    successful renewal, with a margin) ran out, or a Redis call under the lock could not end within it.
+    It stops before touching libvirt or Redis again; the lock may still exist, or be someone else's."""
+
+    code = "lease_expired"
 
 
 def _all_subclasses(cls: type[VmorchError]) -> list[type[VmorchError]]:

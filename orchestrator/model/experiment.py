@@ -45,7 +45,11 @@ class VmSpec(_Strict):
     memory: int = Field(default=64, ge=16)
     vcpus: int = Field(default=1, ge=1)
     disk: int = Field(default=0, ge=0)
+    #: a catalog image's name
     image: str | None = None
+    #: cloud-init user-data, inline (a ``|`` block), and OpenSSH public keys, one per item
+    cloud_init: str | None = None
+    ssh_keys: list[str] = Field(default_factory=list)
     host: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
 
@@ -56,7 +60,7 @@ class VmSpec(_Strict):
 
     def launch_params(self) -> dict[str, Any]:
         return {"memory_mib": self.memory, "vcpus": self.vcpus, "disk_gib": self.disk, "image": self.image,
-                "host": self.host, "tags": self.tags}
+                "cloud_init": self.cloud_init, "ssh_keys": self.ssh_keys, "host": self.host, "tags": self.tags}
 
 
 class Step(_Strict):

@@ -8,12 +8,16 @@ carry ``lock`` and ``lock_level`` as ``extra``.
 
 ``json`` gives one JSON object per line (python-json-logger), for Loki, Elasticsearch or
 ``jq``; ``text`` appends the same fields as ``key=value`` to a classic line.
+
+Either way a URL's password never reaches a log line (``scrub``): code should log URLs
+redacted (``redisconn.redact``) anyway; this catches what a library or an exception quotes.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -64,12 +68,25 @@ class ContextFilter(logging.Filter):
         return True
 
 
+#: ``scheme://[user]:PASSWORD@`` in a URL (a password in a URL is quoted: no '@', '/' or space in it)
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@/\s]+@")
+#: ``?password=...`` and ``&sentinel_password=...`` in a URL's query
+_QUERY_PASSWORD = re.compile(r"([?&](?:sentinel_)?password=)[^&\s'\"]+")
+
+
+def scrub(text: str) -> str:
+    """``text`` with every URL's password replaced by ``***``."""
+    if "://" not in text:
+        return text
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        line = scrub(super().format(record))
         pairs = " ".join(f"{k}={getattr(record, k)}" for k in FIELDS if getattr(record, k, None) not in (None, ""))
         if not pairs:
             return line
@@ -77,10 +94,15 @@ class TextFormatter(logging.Formatter):
         return f"{head} [{pairs}]{newline}{rest}"
 
 
+class _ScrubbedJsonFormatter(JsonFormatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub(super().format(record))
+
+
 def formatter(fmt: str) -> logging.Formatter:
     if fmt == "json":
-        return JsonFormatter("%(levelname)s %(name)s %(message)s", timestamp="time",
-                             rename_fields={"levelname": "level", "name": "logger"})
+        return _ScrubbedJsonFormatter("%(levelname)s %(name)s %(message)s", timestamp="time",
+                                      rename_fields={"levelname": "level", "name": "logger"})
     if fmt == "text":
         return TextFormatter()
     raise InvalidInput(f"unknown log format {fmt!r}", hint=f"use one of: {', '.join(FORMATS)}")

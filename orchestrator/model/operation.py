@@ -6,13 +6,22 @@ beside it (``orchestrator.job``) is its execution record.
 
 from __future__ import annotations
 
+import base64
 import json
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from orchestrator.model.errors import InvalidInput
+from orchestrator.model.guestdata import (
+    SSH_KEYS_MAX,
+    USER_DATA_MAX,
+    check_image_name,
+    check_ssh_key,
+    check_user_data,
+)
 from orchestrator.model.names import HostName, Name, Namespace, check_name, check_tag, expand_target
 
 MIB_MIN, MIB_MAX = 16, 4 * 1024 * 1024
@@ -35,6 +44,9 @@ class Op(StrEnum):
     #: ``vm move`` is two jobs in the VM's order: out on the source host, in on the target
     MOVE_OUT = "move-out"
     MOVE_IN = "move-in"
+    #: run a command in the guest through its agent (``vm exec``), and copy a file in or out (``vm cp``)
+    EXEC = "exec"
+    CP = "cp"
 
 
 class Params(BaseModel):
@@ -51,8 +63,12 @@ class LaunchParams(Params):
     vcpus: int = Field(default=1, ge=1, le=VCPUS_MAX)
     #: size of the qcow2 disk vmorch creates; 0 = no disk
     disk_gib: int = Field(default=1, ge=0, le=16 * 1024)
-    #: an existing disk image used as the backing file of the VM's disk
+    #: a catalog image's name (``vmorch image list``): the disk is a copy-on-write overlay of it
     image: str | None = Field(default=None, max_length=4096)
+    #: cloud-init user-data (its content, never a path), on the VM's NoCloud seed
+    cloud_init: str | None = Field(default=None, max_length=USER_DATA_MAX)
+    #: OpenSSH public keys for the guest (cloud-init's ``ssh_authorized_keys``)
+    ssh_keys: list[str] = Field(default_factory=list, max_length=SSH_KEYS_MAX)
     #: pin to this host; None lets placement choose
     host: HostName | None = None
     #: placement only considers hosts with all these labels
@@ -67,6 +83,10 @@ class LaunchParams(Params):
     def _one_placement(self) -> LaunchParams:
         if self.host is not None and self.colocate is not None:
             raise ValueError("give --host or --colocate, not both")
+        if self.image is not None and self.disk_gib == 0:
+            raise ValueError("image: a catalog image needs a disk (give --disk 1 or more)")
+        if (self.cloud_init is not None or self.ssh_keys) and self.image is None:
+            raise ValueError("cloud_init: user-data and SSH keys need --image (a guest that reads them)")
         return self
 
     @field_validator("tags", "host_labels")
@@ -79,9 +99,17 @@ class LaunchParams(Params):
     @field_validator("image")
     @classmethod
     def _image(cls, image: str | None) -> str | None:
-        if image is not None and not image.startswith("/"):
-            raise ValueError("the image must be an absolute path on the VM's host")
-        return image
+        return None if image is None else _as_value_error(check_image_name, image)
+
+    @field_validator("cloud_init")
+    @classmethod
+    def _cloud_init(cls, text: str | None) -> str | None:
+        return None if text is None else _as_value_error(check_user_data, text)
+
+    @field_validator("ssh_keys")
+    @classmethod
+    def _ssh_keys(cls, lines: list[str]) -> list[str]:
+        return [_as_value_error(check_ssh_key, line, f"SSH key {i}") for i, line in enumerate(lines, 1)]
 
 
 class StopParams(Params):
@@ -128,6 +156,63 @@ class MoveInParams(Params):
     source: HostName
 
 
+#: what ``exec`` brings back of each of stdout and stderr (the rest is cut, and the result says so),
+#: what it may feed the command on stdin, and the largest file ``cp`` copies either way
+EXEC_OUTPUT_MAX = 64 * 1024
+EXEC_INPUT_MAX = 64 * 1024
+CP_MAX_BYTES = 1024 * 1024
+_GUEST_TEXT_MAX = 4096
+
+
+def _guest_text(value: str, what: str) -> str:
+    if "\0" in value:
+        raise ValueError(f"{what} contains a NUL character")
+    if len(value) > _GUEST_TEXT_MAX:
+        raise ValueError(f"{what} is longer than {_GUEST_TEXT_MAX} characters")
+    return value
+
+
+class ExecParams(Params):
+    #: the program (looked up in the guest's PATH) and its arguments
+    command: list[str] = Field(min_length=1, max_length=1000)
+    #: fail the job if the command has not finished by then (waiting for the agent included)
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    #: given to the command on its standard input
+    input: str | None = Field(default=None, max_length=EXEC_INPUT_MAX)
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, command: list[str]) -> list[str]:
+        if not command[0]:
+            raise ValueError("the command is empty")
+        return [_guest_text(arg, "the command") for arg in command]
+
+
+class CpParams(Params):
+    #: the file in the guest (an absolute path)
+    path: str = Field(min_length=2)
+    #: base64 of the bytes to write there; None: read the file out of the guest (the job's result has it)
+    content: str | None = Field(default=None, max_length=(CP_MAX_BYTES + 2) // 3 * 4)
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError("the path in the guest must be absolute")
+        return _guest_text(path, "the path")
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, content: str | None) -> str | None:
+        if content is not None:
+            try:
+                base64.b64decode(content, validate=True)
+            except ValueError:
+                raise ValueError("content must be base64") from None
+        return content
+
+
 def _typed_params(data: Any) -> Any:
     """``params`` as the model of ``op`` (a dict is validated by it; another model is refused)."""
     if isinstance(data, dict) and "op" in data:
@@ -141,6 +226,13 @@ def _typed_params(data: Any) -> Any:
         elif not isinstance(raw, model):
             raise ValueError(f"params of {data['op']} must be {model.__name__}")
     return data
+
+
+def _as_value_error(check: Callable[..., str], *args: str) -> str:
+    try:
+        return check(*args)
+    except InvalidInput as exc:
+        raise ValueError(f"{exc.message} ({exc.hint})" if exc.hint else exc.message) from None
 
 
 def _check_tag(key: str, value: str) -> None:
@@ -165,6 +257,8 @@ PARAMS: dict[Op, type[Params]] = {
     Op.TAG: TagParams,
     Op.MOVE_OUT: MoveOutParams,
     Op.MOVE_IN: MoveInParams,
+    Op.EXEC: ExecParams,
+    Op.CP: CpParams,
 }
 
 
@@ -292,3 +386,6 @@ class SubmitOptions(BaseModel):
     #: a job of ``after`` that already failed: "refuse" the batch, or "fail" its jobs at once (a graph
     #: submitted piece by piece, whose first piece may fail before the last is accepted)
     if_dependency_failed: Literal["refuse", "fail"] = "refuse"
+    #: a key the client chose for this submission: a repeated submit with it (after a timeout, say)
+    #: gets the jobs of the first back and makes none (remembered for a day)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200, pattern=r"^[!-~]+$")

@@ -11,9 +11,9 @@ import json
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cache
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, field_serializer
+from pydantic import BaseModel, ConfigDict, TypeAdapter, field_serializer, field_validator
 
 from orchestrator.model.operation import Op
 
@@ -38,6 +38,24 @@ class BulkOp(StrEnum):
     """The op of a parent job: it runs nothing itself, its children do."""
 
     BULK = "bulk"
+
+
+class ImageOp(StrEnum):
+    """The op of an image job (``vmorch image import|remove``): one host's image store, outside any VM's order."""
+
+    IMPORT = "image-import"
+    REMOVE = "image-remove"
+
+
+def _job_op(value: str) -> Op | BulkOp | ImageOp:
+    if value == BulkOp.BULK:
+        return BulkOp.BULK
+    if value in _IMAGE_OPS:
+        return ImageOp(value)
+    return Op(value)
+
+
+_IMAGE_OPS = frozenset(o.value for o in ImageOp)
 
 
 class VmState(StrEnum):
@@ -83,7 +101,7 @@ class JobError(BaseModel):
 
 class Job(_Record):
     id: int
-    op: Op | BulkOp
+    op: Op | BulkOp | ImageOp
     namespace: str
     vm: str
     host: str
@@ -127,7 +145,7 @@ class Job(_Record):
                         "failed": n["failed"], "canceled": n["canceled"]}
         return cls(
             id=int(h["id"]),
-            op=BulkOp(h["op"]) if h["op"] == BulkOp.BULK else Op(h["op"]),
+            op=_job_op(h["op"]),
             namespace=h["namespace"],
             vm=h["vm"],
             host=h.get("host", ""),
@@ -149,6 +167,17 @@ class Job(_Record):
         )
 
 
+AgentState = Literal["connected", "absent"]
+
+
+class Address(BaseModel):
+    """One address of a guest's network interface."""
+
+    model_config = ConfigDict(frozen=True)
+    ip: str
+    mac: str
+
+
 class Vm(_Record):
     name: str
     namespace: str
@@ -165,10 +194,20 @@ class Vm(_Record):
     updated_at: datetime | None = None
     #: what the last operation left to say (e.g. "vcpus apply at next boot")
     note: str | None = None
+    #: whether its guest agent answers (as its host's worker last saw, every few seconds)
+    agent: AgentState = "absent"
+    #: the guest's addresses, as its agent reports them (loopback and link-local left out)
+    addresses: list[Address] = []
+
+    @field_validator("addresses", mode="before")
+    @classmethod
+    def _addresses(cls, value: Any) -> Any:
+        # stored as JSON text in the record's hash (the Lua reader passes it on as a string)
+        return json.loads(value) if isinstance(value, str) else value
 
     def on_down_host(self) -> Vm:
-        """As users see it while its host is down: its state is unknown."""
-        return self.model_copy(update={"state": VmState.UNKNOWN})
+        """As users see it while its host is down: its state is unknown, and so is its agent."""
+        return self.model_copy(update={"state": VmState.UNKNOWN, "agent": "absent"})
 
 
 @cache
@@ -211,6 +250,9 @@ class Host(_Record):
     #: whether the worker's last libvirt probe worked (None: not probed yet), and why not
     libvirt_ok: bool | None = None
     libvirt_error: str = ""
+    #: how its guests run: ``kvm`` or ``tcg`` (software emulation), as its worker found at start, and why
+    accel: str = ""
+    accel_reason: str = ""
     #: its worker shut down cleanly (a down host that was not stopped has crashed or lost Redis)
     stopped: bool = False
 
@@ -236,6 +278,8 @@ class Host(_Record):
             clock_offset=float(h["clock_offset"]) if h.get("clock_offset") else None,
             libvirt_ok=None if "libvirt_ok" not in h else bool(h["libvirt_ok"]),
             libvirt_error=h.get("libvirt_error", ""),
+            accel=h.get("accel", ""),
+            accel_reason=h.get("accel_reason", ""),
             stopped=bool(h.get("stopped")),
         )
 

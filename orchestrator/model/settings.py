@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator.model.errors import ClusterUnavailable
 
@@ -29,7 +29,8 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore", validate_default=True)
 
     #: None means: the local cluster under ``home`` ('vmorch up'); never a guessed default address.
-    redis_url: str | None = None
+    #: never in a repr: it may hold the password
+    redis_url: str | None = Field(default=None, repr=False)
     namespace: str = "default"
     home: Path = Field(default_factory=default_home)
 
@@ -45,6 +46,8 @@ class Settings(BaseModel):
     #: placement may commit a host's memory and CPUs up to these multiples of its size (as Nova's ratios)
     memory_allocation_ratio: float = Field(default=1.0, gt=0)
     cpu_allocation_ratio: float = Field(default=8.0, gt=0)
+    #: the largest image source 'vmorch image import' fetches (MiB), and what its conversion may write
+    image_max_mib: int = Field(default=16384, gt=0)
     #: the largest disk 'vm move' carries through Redis (Redis must have the memory for it meanwhile)
     move_max_disk_mib: int = Field(default=4096, gt=0)
     #: an operation past this many seconds fails with ``timeout`` at its next step
@@ -72,6 +75,22 @@ class Settings(BaseModel):
     api_wait_max: float = Field(default=30.0, gt=0, le=300)
     #: ``vmorch doctor``: a VM's next job not started after this long (s), on a host that is up, is stuck
     doctor_stuck_after: float = Field(default=120.0, ge=1)
+    #: how often (s) a worker compares its host's VM records with libvirt (state, memory, vCPUs,
+    #: snapshots) and corrects them; libvirt's lifecycle events correct state changes at once; 0: never
+    drift_sync_interval: float = Field(default=10.0, ge=0)
+    #: finished jobs older than this (s, by ``finished_at``) are removed with their history by the workers'
+    #: janitors (``orchestrator.store.retention``); 0: kept for ever (Redis then grows about 1 KB a job)
+    job_retention: float = Field(default=7 * 86400.0, ge=0)
+    #: where removed jobs are archived first, one JSON line each in ``<dir>/<namespace>.jsonl``; None: not archived
+    job_archive_dir: Path | None = None
+    #: the most jobs one janitor pass removes (a pass stays short: Redis runs each batch of it atomically)
+    job_prune_batch: int = Field(default=1000, ge=1, le=100_000)
+
+    @field_validator("job_archive_dir", mode="before")
+    @classmethod
+    def _no_empty_dir(cls, value: Any) -> Any:
+        """``VMORCH_JOB_ARCHIVE_DIR=`` (empty) means no archive, not the current directory."""
+        return None if value == "" else value
 
     @model_validator(mode="before")
     @classmethod

@@ -18,11 +18,14 @@ if TYPE_CHECKING:
 class Experiments(Submitting, Reading):
     # -- experiments ------------------------------------------------------------------------
 
-    def run_experiment(self, text: str, *, namespace: str, source: str = "") -> ExperimentRun:
+    def run_experiment(self, text: str, *, namespace: str, source: str = "",
+                       idempotency_key: str | None = None) -> ExperimentRun:
         """Run an experiment file (its YAML text) as a job graph and record the run.
 
         Each step is accepted whole or not at all; if a later step is refused (a target that
         matches no VM, say), the steps already accepted are canceled before the error is raised.
+        With ``idempotency_key``, running it again (a firing redelivered after its scheduler died)
+        makes no new job and no new run: each step and the run record have a key derived from it.
         """
         from orchestrator.model import experiment  # imported here: YAML is for experiments only (CLI start-up time)
 
@@ -34,7 +37,9 @@ class Experiments(Submitting, Reading):
                 launches = [Operation.build(Op.LAUNCH, ns, n, **spec.launch_params())
                             for spec in exp.vms for n in spec.names()]
                 steps.append(RunStep(name="launch", kind="launch",
-                                     job=self._submit_step(launches, f"{exp.name}: launch")))
+                                     job=self._submit_step(launches, f"{exp.name}: launch",
+                                                           SubmitOptions(idempotency_key=_derived(idempotency_key,
+                                                                                                  "launch")))))
             ids = {s.name: s.job for s in steps}
             previous = [s.name for s in steps]
             for i, step in enumerate(exp.steps):
@@ -42,7 +47,8 @@ class Experiments(Submitting, Reading):
                 after = step.after if step.after is not None else previous
                 job = self._submit_step(self._step_ops(ns, step), f"{exp.name}: {name}",
                                         SubmitOptions(after=[ids[a] for a in after], delay_s=step.wait_s,
-                                                      if_dependency_failed="fail"))
+                                                      if_dependency_failed="fail",
+                                                      idempotency_key=_derived(idempotency_key, f"step/{i}")))
                 steps.append(RunStep(name=name, kind="step", job=job, after=after))
                 ids[name], previous = job, [name]
             before_teardown = list(ids.values())
@@ -50,7 +56,8 @@ class Experiments(Submitting, Reading):
                 name = experiment.step_name(step, i, "teardown")
                 # final, not succeeded: a teardown runs whatever became of the steps before it
                 job = self._submit_step(self._step_ops(ns, step), f"{exp.name}: {name}",
-                                        SubmitOptions(after_final=before_teardown, delay_s=step.wait_s))
+                                        SubmitOptions(after_final=before_teardown, delay_s=step.wait_s,
+                                                      idempotency_key=_derived(idempotency_key, f"teardown/{i}")))
                 steps.append(RunStep(name=name, kind="teardown", job=job, after=list(ids)))
                 ids[name] = job
                 before_teardown = [*before_teardown, job]
@@ -58,7 +65,8 @@ class Experiments(Submitting, Reading):
             for s in steps:
                 self.cancel(s.job)
             raise
-        run_id = self.runs.save(name=exp.name, namespace=ns, source=source, text=text, by=self.actor, steps=steps)
+        run_id = self.runs.save(name=exp.name, namespace=ns, source=source, text=text, by=self.actor, steps=steps,
+                                idempotency_key=_derived(idempotency_key, "run"))
         return self.experiment_run(run_id)
 
     def _step_ops(self, ns: str, step: experiment.Step) -> list[Operation]:
@@ -81,3 +89,6 @@ class Experiments(Submitting, Reading):
     def experiment_runs(self, namespace: str, *, limit: int = 20) -> list[ExperimentRun]:
         return [self.experiment_run(i) for i in self.runs.ids(namespace, limit)]
 
+
+def _derived(key: str | None, part: str) -> str | None:
+    return None if key is None else f"{key}/{part}"[:200]

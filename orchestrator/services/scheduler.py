@@ -30,9 +30,10 @@ def run(settings: Settings, *, loglevel: str = "INFO") -> None:
     app = schedules.redbeat_app(settings)
     me = f"scheduler@{socket.gethostname()}:{os.getpid()}"
 
-    @app.task(name=schedules.FIRE_TASK, acks_late=False)  # type: ignore[untyped-decorator]
+    # Acknowledged once done: a firing lost with its scheduler is delivered again to the standby
+    # (after schedules.FIRING_REDELIVERY_S), and runs exactly once per slot (firing.fire).
+    @app.task(name=schedules.FIRE_TASK, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
     def fire(namespace: str, name: str) -> None:
-        # at most once: a firing lost with its scheduler is not sent again (see orchestrator.services.schedules)
         client = RedisClient(settings)
         firing = firing_.fire(client, namespace, name, by=me)
         if firing is not None:

@@ -10,11 +10,12 @@ celery-redbeat entry (``P:redbeat:<ns>/<name>``), which celery beat (``vmorch sc
 reads to know when to fire. RedBeat's lock makes one scheduler active cluster-wide; a standby
 takes over within ``scheduler_lock_timeout`` of the active one dying.
 
-A firing is a Celery task on ``vmorch.schedules``, run by a scheduler process: under the lock
-``schedule:<ns>:<name>`` it claims the *slot* (the scheduled time it stands for; a slot already
-claimed is a duplicate from an overlapping scheduler and does nothing), then, with no lock held
-(submitting takes the higher ``cmd`` locks), creates the jobs as the CLI does, then records them.
-A scheduler dying between claim and jobs loses that slot (at most once, never twice).
+A firing is a Celery task on ``vmorch.schedules``, run by a scheduler process (``firing.fire``): it
+finds the *slot* (the scheduled time it stands for), creates the jobs with no lock held (submitting
+takes the higher ``cmd`` locks) under an idempotency key made of the slot, then, under the lock
+``schedule:<ns>:<name>``, marks the slot fired and records it. A second firing of the slot (an
+overlapping scheduler, or a firing delivered again after its scheduler died) finds the same jobs
+and records nothing: each slot's jobs exist once.
 
 Missed slots (no scheduler running at the time): RedBeat fires a late entry once, not once per
 missed slot. ``missed="once"`` (default) runs that late firing; ``missed="skip"`` drops a firing
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
     from orchestrator.model.settings import Settings
 
 FIRE_TASK = "vmorch.fire_schedule"
+#: seconds after which a firing not acknowledged (its scheduler died) is delivered again
+FIRING_REDELIVERY_S = 60
 #: seconds after its slot past which a ``missed="skip"`` firing is dropped
 GRACE = 60.0
 HISTORY = 100
@@ -164,12 +167,22 @@ def describe(h: dict[str, str]) -> str:
 
 
 def redbeat_app(settings: Settings) -> Celery:
-    """The Celery app with RedBeat's settings, for the scheduler and for editing entries."""
-    from orchestrator.control.queue import make_app
+    """The Celery app with RedBeat's settings, for the scheduler and for editing entries.
 
+    RedBeat gets its Redis client as an object (``app.redbeat_redis``), never as a URL in the
+    config: Celery masks a setting only by its name, and ``redbeat_redis_url`` is not a name it
+    masks, so ``celery inspect conf`` and Flower's worker page printed the Redis password. The URL
+    left in the config (RedBeat's banner reads it) has its password redacted.
+    """
+    from orchestrator.control.queue import make_app
+    from orchestrator.store.redisconn import connect, redact
+
+    url = settings.resolved_redis_url()
     app = make_app(settings)
+    # Lazy: no connection is opened until RedBeat's first command (ScheduleStore puts its own client here).
+    app.redbeat_redis = connect(url)
     app.conf.update(
-        redbeat_redis_url=settings.resolved_redis_url(),
+        redbeat_redis_url=redact(url),
         redbeat_redis_options={},
         redbeat_key_prefix=keys.REDBEAT_PREFIX,
         redbeat_lock_timeout=settings.scheduler_lock_timeout,
@@ -177,6 +190,11 @@ def redbeat_app(settings: Settings) -> Celery:
         # No result backend: without this, beat adds its daily "celery.backend_cleanup" entry, whose
         # task goes to a queue nobody consumes (and its RedBeat key outlives every schedule).
         result_expires=None,
+        # A firing whose scheduler died is delivered again to the standby after this long (kombu
+        # restores unacked messages every 10 s): firings are idempotent per slot (``firing.fire``),
+        # so a redelivery of one still running makes nothing twice.
+        broker_transport_options={**(app.conf.broker_transport_options or {}),
+                                   "visibility_timeout": FIRING_REDELIVERY_S},
     )
     return app
 
@@ -326,8 +344,9 @@ class ScheduleStore:
 
     # -- firing (the scheduler process) -------------------------------------------------
 
-    def claim(self, namespace: str, name: str, now: float) -> tuple[dict[str, str], float, bool] | None:
-        """Claim the slot of a firing at ``now``: (schedule, slot, skip) or None if there is none to run.
+    def due(self, namespace: str, name: str, now: float) -> tuple[dict[str, str], float, bool] | None:
+        """The slot a firing at ``now`` stands for: (schedule, slot, skip), or None if there is none to
+        run (paused, removed, not due, or already recorded). Claims nothing: see ``claim``.
 
         # LOCK: the caller holds lock(namespace, name).
         """
@@ -338,9 +357,21 @@ class ScheduleStore:
             return None  # removed after beat sent the firing
         slot = current_slot(h, now)
         if h["paused"] == "1" or slot is None or slot <= float(h.get("last_slot") or 0):
-            return None  # paused, not due, or a duplicate: another scheduler fired this slot
-        self.redis.hset(keys.schedule(namespace, name), "last_slot", f"{slot:.6f}")
+            return None  # paused, not due, or a duplicate: another firing recorded this slot
         return h, slot, h["missed"] == "skip" and now - slot > GRACE
+
+    def claim(self, namespace: str, name: str, slot: float) -> bool:
+        """Mark ``slot`` fired; False if another firing of it (or of a later slot) got there first.
+
+        # LOCK: the caller holds lock(namespace, name).
+        """
+        locks.require(lock(namespace, name))
+        key = keys.schedule(namespace, name)
+        last = self.redis.hget(key, "last_slot")
+        if not self.redis.exists(key) or slot <= float(last or 0):
+            return False
+        self.redis.hset(key, "last_slot", f"{slot:.6f}")
+        return True
 
     def record(self, namespace: str, name: str, firing: Firing) -> None:
         """# LOCK: the caller holds lock(namespace, name)."""

@@ -89,3 +89,13 @@ def as_hash(value: object) -> dict[str, str]:
 def no_vm(namespace: str, name: str) -> NotFound:
     return NotFound(f"no VM {name!r} in namespace {namespace!r}",
                     hint="list VMs with 'vmorch vm list' (and check --namespace)")
+
+
+class AlreadyAccepted(Exception):
+    """A submission whose idempotency key was used before: these are the jobs it made then.
+
+    Raised by ``Store.submit_batch`` and caught by the submit path; never reaches a user."""
+
+    def __init__(self, job_ids: list[int]) -> None:
+        super().__init__(job_ids)
+        self.job_ids = job_ids

@@ -18,6 +18,7 @@ from orchestrator.model.operation import LaunchParams, MoveInParams, Op
 from orchestrator.model.records import Job, JobState, Vm, domain_name
 from orchestrator.store import keys
 from orchestrator.store.entries import (
+    AlreadyAccepted,
     BatchEntry,
     Fence,
     Finished,
@@ -33,7 +34,7 @@ from orchestrator.store.history import HistoryStore
 from orchestrator.store.scripts import Keys, settle_keys
 from orchestrator.store.vms import VmStore, field
 
-__all__ = ["BatchEntry", "Fence", "Finished", "Released", "Store", "Submitted", "Turn"]
+__all__ = ["AlreadyAccepted", "BatchEntry", "Fence", "Finished", "Released", "Store", "Submitted", "Turn"]
 
 
 class Store(VmStore, HistoryStore):
@@ -41,7 +42,8 @@ class Store(VmStore, HistoryStore):
 
     def submit_batch(self, entries: list[BatchEntry], *, who: str = "", parent: Mapping[str, Any] | None = None,
                      after: Mapping[int, str] | None = None, delay_s: float = 0.0,
-                     fail_on_failed_dep: bool = False) -> tuple[int | None, list[Submitted]]:
+                     fail_on_failed_dep: bool = False,
+                     idempotency_key: str | None = None) -> tuple[int | None, list[Submitted]]:
         """Accept a batch of jobs, with their parent and their dependencies, in one atomic step.
 
         ``after`` maps a job id to "ok" (it must succeed) or "final" (any final state will do).
@@ -49,6 +51,8 @@ class Store(VmStore, HistoryStore):
         ``delay_s``: once its dependencies are met (or at once), each job waits this long for its turn.
         ``fail_on_failed_dep``: a dependency that already failed fails the jobs at once, as it would have
         had it failed a moment later (else the batch is refused).
+        ``idempotency_key``: a key used before raises ``AlreadyAccepted`` with the jobs it made then,
+        checked and written in the same atomic step as the jobs (two submits with one key make one batch).
         # LOCK: see lua/submit_batch.lua (launches and moves need their placement locks held).
         """
         ks = Keys(job_next=keys.JOB_NEXT, namespaces=keys.NAMESPACES, **settle_keys())
@@ -85,11 +89,22 @@ class Store(VmStore, HistoryStore):
             ks.name(parent_jobs=keys.jobs(parent["namespace"]), parent_events=keys.events(parent["namespace"]))
             request["parent"] = {"ns": parent["namespace"], "params": json.dumps(parent["params"]),
                                  **({"retry_of": parent["retry_of"]} if parent.get("retry_of") else {})}
+        if idempotency_key is not None:
+            ks.name(idem=keys.idempotency(idempotency_key))
+            request["idem_ttl"] = keys.IDEMPOTENCY_TTL
         res = self.scripts.run("submit_batch", ks, request)
+        if int(res[0]) < 0:
+            raise AlreadyAccepted([int(i) for i in json.loads(res[1])])
         parent_id = int(res[0]) or None
         flat = res[1:]
         return parent_id, [Submitted(int(flat[i]), int(flat[i + 1]), str(flat[i + 2]),
                                      Job.from_hash(pairs(flat[i + 3]))) for i in range(0, len(flat), 4)]
+
+    def accepted_before(self, idempotency_key: str) -> list[int] | None:
+        """The jobs a submission with this idempotency key made, if there was one (a fast path: the
+        submit script checks again, atomically)."""
+        seen = self.redis.get(keys.idempotency(idempotency_key))
+        return None if seen is None else [int(i) for i in json.loads(seen)]
 
     def fail_unsent(self, submitted: Submitted, reason: str) -> list[Released]:
         """A job accepted but whose message could not be sent: make it final, not stranded."""

@@ -19,13 +19,27 @@ P:released                      zset     jobs whose dependencies were just met, 
 P:ns                            set      the namespaces
 P:namespace:<ns>                hash     a namespace: its hosts (JSON list; empty = all), state
 P:vms:<ns>                      set      the VM registry of a namespace (names)
-P:vm:<ns>:<name>                hash     one VM record
+P:vm:<ns>:<name>                hash     one VM record; its fields ``agent`` and ``addresses`` (JSON) are
+                                         what its host's worker last saw of the guest agent, written
+                                         unfenced by that worker only (``worker.guestwatch``)
 P:vm:<ns>:<name>:seq            string   the VM's last sequence number (INCR); outlives
                                          the VM so a re-launched name keeps counting up
 P:vm:<ns>:<name>:mailbox        zset     the VM's unfinished job ids, score = seq
+P:vm:<ns>:<name>:console        stream   the VM's serial console output, as its host's worker reads it
+                                         from QEMU's log (``worker.console``): entries ``d`` (text, up to
+                                         ``CONSOLE_CHUNK`` bytes), ``o`` (offset in the log file after
+                                         it), ``f`` (which file: host and inode); the newest
+                                         ``CONSOLE_MAX`` (about). ``vm log`` and ``vm console`` read it
+                                         (XREAD BLOCK to follow). Goes with the VM (its delete job)
+P:vm:<ns>:<name>:console:in     list     keystrokes for the VM's serial console, pushed only by the
+                                         holder of ``:console:writer`` (WATCH + MULTI), popped by the
+                                         VM's host's worker; expires ``CONSOLE_INPUT_TTL_MS`` after a push
+P:vm:<ns>:<name>:console:writer string   who may type on the console now (``vm console``): a session
+                                         id, SET NX PX ``CONSOLE_WRITER_TTL_MS``, renewed while attached
 P:hosts                         set      host names that ever registered
 P:host:<name>                   hash     one host record (heartbeat, capacity, pid, labels,
-                                         committed_mib/vcpus: what placement reserved)
+                                         committed_mib/vcpus: what placement reserved, accel and
+                                         accel_reason: kvm or tcg, and why)
 P:host:<name>:vms               set      "<ns>/<name>" of the VMs placed on that host
 P:transfer:<job id>             hash     a VM on its way to another host: definition, disk size
 P:transfer:<job id>:disk        list     its disk, in chunks (deleted once imported; expires)
@@ -38,13 +52,35 @@ P:schedule:<ns>:<name>          hash     a schedule: when, what (an experiment's
 P:schedule:<ns>:<name>:history  list     its firings, newest first (JSON: slot, jobs, run, error)
 P:redbeat:<ns>/<name>           hash     celery-redbeat's entry of a schedule (RedBeat's own)
 P:redbeat::schedule, ::lock     zset,str RedBeat's due times, and the active scheduler's lock
-P:events:<ns>                   stream   history: every job state change and VM change
+P:events:<ns>                   stream   the namespace's recent history: every job state change and VM
+                                         change, and namespace events; the newest ``EVENTS_MAX`` (about)
+P:vm:<ns>:<name>:history        stream   one VM's history (its jobs' changes and its record's), the
+                                         newest ``VM_HISTORY_MAX`` (about): ``vm history`` reads it, so
+                                         a busy VM can't push out another's. Outlives the VM; goes with
+                                         the namespace, or with the job that deleted the VM once that
+                                         job passes retention (``orchestrator.store.retention``)
+P:job:<id>:history              list     one job's own history, oldest first, the newest
+                                         ``JOB_HISTORY_MAX`` (JSON arrays: ``HISTORY_FIELDS``); goes
+                                         with the job. The job's ``history_trimmed`` counts what went
+P:prune:<ns>                    string   who prunes the namespace's old jobs now (a lease, expires),
+                                         so two janitors don't archive the same jobs twice
+P:images                        set      the catalog's image names
+P:image:<name>                  hash     one catalog image: source, sha256, format, size_bytes,
+                                         virtual_size_bytes, created_at, by, seq (its jobs' count)
+P:image:<name>:hosts            hash     host -> JSON {state, job, error}: the image on that host's
+                                         store (state importing, ready, failed or removing)
+P:jobs:_images                  zset     image jobs' ids (``IMAGES_NS``: a namespace no user can name)
+P:events:_images                stream   image jobs' history (as a namespace's); P:vm:_images:<image>:history
+                                         is one image's (``vm history``'s key, with the image's name)
 P:fence:<lock name>             string   the lock's fencing counter (INCR on every acquire)
 P:updates                       pubsub   channel: "<job id> <state>" on every job change
 P:token:<sha256 hex>            hash     one API token: name, role, namespaces (JSON), created_at
                                          (the secret itself is never stored, only its SHA-256)
 P:tokens                        hash     token name -> its SHA-256 (for list and revoke)
 P:audit                         stream   cluster-wide requests (host drain, tokens), by whom
+P:idem:<sha256 hex>             string   a submission's idempotency key (its SHA-256): the JSON list of
+                                         the job ids it made (or a run's id), for IDEMPOTENCY_TTL; a
+                                         repeated submit with the key gets those jobs back
 P:layout                        string   the layout version of these keys (``LAYOUT_VERSION``): written
                                          once (SET NX) by whoever connects first; a worker, the API
                                          or a client finding another one refuses to start
@@ -60,6 +96,7 @@ vmorch writes contains ``vmorch:``. Celery's broker keys (``host.<name>`` queues
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 PREFIX = "vmorch"
@@ -93,6 +130,10 @@ def job_children(job_id: int) -> str:
 
 def job_dependents(job_id: int) -> str:
     return f"{job(job_id)}:dependents"
+
+
+def job_history(job_id: int) -> str:
+    return f"{job(job_id)}:history"
 
 
 RUN_NEXT = f"{PREFIX}:run:next"
@@ -152,6 +193,44 @@ def vm_mailbox(namespace: str, name: str) -> str:
     return f"{vm(namespace, name)}:mailbox"
 
 
+def vm_history(namespace: str, name: str) -> str:
+    return f"{vm(namespace, name)}:history"
+
+
+def vm_console(namespace: str, name: str) -> str:
+    return f"{vm(namespace, name)}:console"
+
+
+def vm_console_input(namespace: str, name: str) -> str:
+    return f"{vm_console(namespace, name)}:in"
+
+
+def vm_console_writer(namespace: str, name: str) -> str:
+    return f"{vm_console(namespace, name)}:writer"
+
+
+#: a console stream's size in entries (trimmed approximately) and the most text one entry holds:
+#: at most about 4 MiB a VM, usually far less (a boot's whole console is a few KiB)
+CONSOLE_MAX = 1_000
+CONSOLE_CHUNK = 4096
+#: the console writer lease, renewed by ``vm console`` while attached; keystrokes not taken expire
+CONSOLE_WRITER_TTL_MS = 10_000
+CONSOLE_INPUT_TTL_MS = 30_000
+
+
+def prune_lease(namespace: str) -> str:
+    return f"{PREFIX}:prune:{namespace}"
+
+
+#: how many entries each history keeps (the streams trim approximately, in whole nodes of 100):
+#: about 115 bytes an entry in a VM's stream, about 130 in a job's list (``docs/benchmarks.md``, M1)
+EVENTS_MAX = 10_000
+VM_HISTORY_MAX = 1_000
+JOB_HISTORY_MAX = 100
+#: the fields of a history entry, in the order a job's history list stores them
+HISTORY_FIELDS = ("id", "at", "kind", "job", "vm", "op", "state", "by", "detail")
+
+
 def host(name: str) -> str:
     return f"{PREFIX}:host:{name}"
 
@@ -166,6 +245,20 @@ def transfer(job_id: int) -> str:
 
 def token(digest: str) -> str:
     return f"{PREFIX}:token:{digest}"
+
+
+#: the catalog's image names
+IMAGES = f"{PREFIX}:images"
+#: the namespace image jobs are filed under: not a valid namespace name, so no user's
+IMAGES_NS = "_images"
+
+
+def image(name: str) -> str:
+    return f"{PREFIX}:image:{name}"
+
+
+def image_hosts(name: str) -> str:
+    return f"{image(name)}:hosts"
 
 
 def fence(lock_name: str) -> str:
@@ -214,4 +307,19 @@ def lua_patterns() -> dict[str, list[str]]:
     return {"job": pattern(job, 1), "job_children": pattern(job_children, 1),
             "job_dependents": pattern(job_dependents, 1), "vm": pattern(vm, 2), "vm_seq": pattern(vm_seq, 2),
             "vm_mailbox": pattern(vm_mailbox, 2), "events": pattern(events, 1), "host": pattern(host, 1),
-            "host_vms": pattern(host_vms, 1)}
+            "host_vms": pattern(host_vms, 1), "jobs": pattern(jobs, 1), "job_history": pattern(job_history, 1),
+            "vm_history": pattern(vm_history, 2)}
+
+
+def lua_history_caps() -> dict[str, int]:
+    """What ``lua/event.lua`` needs besides the patterns: each history's size."""
+    return {"events": EVENTS_MAX, "vm": VM_HISTORY_MAX, "job": JOB_HISTORY_MAX}
+
+
+#: how long a submission's idempotency key is remembered (a client retrying a timed-out submit)
+IDEMPOTENCY_TTL = 86400
+
+
+def idempotency(key: str) -> str:
+    """The key of a client's idempotency key: hashed, so any printable key makes one safe key name."""
+    return f"{PREFIX}:idem:{hashlib.sha256(key.encode()).hexdigest()}"

@@ -7,22 +7,35 @@ Two URL forms are understood, by every part (worker, API, CLI, Celery):
   that Redis Sentinel names ``NAME``, found through any of the listed sentinels and found
   again after a failover. ``PASSWORD`` is the master's; add ``&sentinel_password=...`` if
   the sentinels themselves ask for one.
+
+Calls under a lease (guarantee 6): inside ``bounded_by(remaining)`` every call this context makes
+through a client of this module ends within ``remaining()`` seconds. Each socket wait (connect,
+send, read) is cut to what is left, and the retries (40, with back-off, to ride over a Redis
+restart) stop when nothing is left, raising ``LeaseExpired`` instead of trying again. The lock
+module sets the bound for as long as a lock is held, so no Redis call can outlive the lease of
+the lock it is made under. Outside a bound the clients behave as configured.
 """
 
 from __future__ import annotations
 
+import contextvars
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from functools import cache
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qs, quote, unquote
 
 from redis import Redis
 from redis.backoff import ExponentialBackoff
+from redis.connection import AbstractConnection, Connection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
-from orchestrator.model.errors import ClusterUnavailable, InvalidInput
+from orchestrator.model.errors import ClusterUnavailable, InvalidInput, LeaseExpired
 
 SENTINEL_SCHEME = "sentinel://"
 
@@ -57,10 +70,14 @@ class SentinelUrl:
         return cls(sentinels, master, db, password, params.get("sentinel_password", [None])[0])
 
     def master_for(self, **kwargs: Any) -> Redis:
-        sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+        sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("socket_") or k == "retry"}
         if self.sentinel_password:
             sentinel_kwargs["password"] = self.sentinel_password
         sentinel = Sentinel(list(self.sentinels), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+        # The sentinels are asked where the master is at each reconnection: bounded like the master.
+        # (Their clients are plain Redis objects, which take no connection class: their pools do.)
+        for asked in sentinel.sentinels:
+            asked.connection_pool.connection_class = _lease_bound(Connection)
         client = sentinel.master_for(self.master, db=self.db, password=self.password,  # type: ignore[no-untyped-call]
                                      **kwargs)
         return cast(Redis, client)
@@ -101,16 +118,156 @@ def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
     return url, {}
 
 
+# -- calls bounded by a lease -----------------------------------------------------------
+
+#: the bound of this context (thread, task): seconds left, read at each step; None: unbounded
+_bound: contextvars.ContextVar[Callable[[], float] | None] = contextvars.ContextVar("vmorch_redis_bound",
+                                                                                    default=None)
+#: a read that starts with nothing left still waits this long: a reply already here is taken, and a
+#: missing one times out (redis-py then drops the connection, whose reply would come out of turn)
+_LAST_READ_S = 0.001
+
+
+@contextmanager
+def bounded_by(remaining: Callable[[], float], *, nested: bool = True) -> Iterator[None]:
+    """Every Redis call of this context inside ends within ``remaining()`` seconds, or raises ``LeaseExpired``.
+
+    ``remaining`` is called at each step (it follows a lease that renewals extend). Nested bounds
+    apply together (the tightest wins) unless ``nested=False``: a release after the lease, say,
+    has its own budget.
+    """
+    outer = _bound.get()
+    bound = remaining if outer is None or not nested else (lambda: min(outer(), remaining()))
+    token = _bound.set(bound)
+    try:
+        yield
+    finally:
+        _bound.reset(token)
+
+
+def budget(seconds: float) -> Callable[[], float]:
+    """A bound of ``seconds`` from now, for ``bounded_by``."""
+    deadline = time.monotonic() + seconds
+    return lambda: deadline - time.monotonic()
+
+
+def bound_left() -> float | None:
+    """Seconds left to this context's Redis calls; None if they are not bounded."""
+    bound = _bound.get()
+    return None if bound is None else bound()
+
+
+def _expired(why: str) -> LeaseExpired:
+    return LeaseExpired(f"a Redis call could not finish within the lease of the lock it was made under ({why})",
+                        hint="Redis did not answer in time; the job runs again once it does")
+
+
+_C = TypeVar("_C", bound=AbstractConnection)
+
+
+class _LeaseBound(AbstractConnection):
+    """Mixed in front of redis-py's connection classes: waits on the socket cut to the bound (``bounded_by``)."""
+
+    def connect(self) -> None:
+        saved = self._cut("connect", starting=True)
+        try:
+            super().connect()  # type: ignore[no-untyped-call]
+        finally:
+            self._restore(saved)
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        saved = self._cut("send", starting=True)
+        try:
+            super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
+        finally:
+            self._restore(saved)
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        saved = self._cut("read", starting=False)
+        try:
+            return super().read_response(*args, **kwargs)
+        finally:
+            self._restore(saved)
+
+    def _cut(self, what: str, *, starting: bool) -> tuple[float | None] | None:
+        """Cut this call's waits to the bound; returns the connect timeout to restore, or None if unbounded.
+
+        Only the socket's own timeout is cut, never ``socket_timeout``: a parser reads that at connect
+        time and would keep the cut value for the connection's life.
+        """
+        left = bound_left()
+        if left is None:
+            return None
+        if left <= 0:
+            if starting:  # nothing sent yet: the connection stays clean
+                raise _expired(f"no time left to {what}")
+            left = _LAST_READ_S
+        saved = self.socket_connect_timeout
+        self.socket_connect_timeout = left if saved is None else min(saved, left)
+        sock = self._sock
+        if sock is not None:
+            sock.settimeout(left if self.socket_timeout is None else min(self.socket_timeout, left))
+        return (saved,)
+
+    def _restore(self, saved: tuple[float | None] | None) -> None:
+        if saved is None:
+            return
+        self.socket_connect_timeout = saved[0]
+        sock = self._sock
+        if sock is not None:
+            sock.settimeout(self.socket_timeout)
+
+
+@cache
+def _lease_bound(cls: type[_C]) -> type[_C]:
+    return cast(type[_C], type(f"LeaseBound{cls.__name__}", (_LeaseBound, cls), {}))
+
+
+class _LeaseRetry(Retry):
+    """redis-py's retry, but with no attempt and no back-off past the bound (``bounded_by``)."""
+
+    def call_with_retry(self, do: Callable[[], Any], fail: Callable[..., Any],
+                        is_retryable: Callable[[Exception], bool] | None = None,
+                        with_failure_count: bool = False) -> Any:
+        if bound_left() is None:
+            return super().call_with_retry(do, fail, is_retryable, with_failure_count)
+        self._backoff.reset()  # type: ignore[no-untyped-call]
+        failures = 0
+        while True:
+            left = bound_left()
+            if left is not None and left <= 0:
+                raise _expired("no time left to try")
+            try:
+                return do()
+            except self._supported_errors as error:
+                if is_retryable and not is_retryable(error):
+                    raise
+                failures += 1
+                if with_failure_count:
+                    fail(error, failures)
+                else:
+                    fail(error)
+                left = bound_left()
+                if left is not None and left <= 0:
+                    raise _expired(f"{type(error).__name__}: {error}") from error
+                if 0 <= self._retries < failures:
+                    raise error
+                backoff = self._backoff.compute(failures)
+                if backoff > 0:
+                    time.sleep(backoff if left is None else min(backoff, left))
+
+
 def _retry(retries: int) -> Retry:
     # Rides over a Redis restart (a few seconds with AOF reload) instead of failing the job.
-    return Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=retries,
-                 supported_errors=(RedisConnectionError, RedisTimeoutError, ConnectionResetError))
+    return _LeaseRetry(ExponentialBackoff(cap=1.0, base=0.05), retries=retries,
+                       supported_errors=(RedisConnectionError, RedisTimeoutError, ConnectionResetError))
 
 
 def _client(url: str, **kwargs: Any) -> Redis:
     if is_sentinel(url):
-        return SentinelUrl.parse(url).master_for(**kwargs)
-    return Redis.from_url(url, **kwargs)
+        return SentinelUrl.parse(url).master_for(connection_class=_lease_bound(SentinelManagedConnection), **kwargs)
+    connection_class = parse_url(url).get("connection_class", Connection)  # type: ignore[no-untyped-call]
+    return Redis.from_url(url, connection_class=_lease_bound(connection_class), **kwargs)
 
 
 def connect(url: str, *, retries: int = 40, decode: bool = True) -> Redis:

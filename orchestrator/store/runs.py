@@ -51,7 +51,10 @@ class RunStore:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
 
-    def save(self, *, name: str, namespace: str, source: str, text: str, by: str, steps: list[RunStep]) -> int:
+    def save(self, *, name: str, namespace: str, source: str, text: str, by: str, steps: list[RunStep],
+             idempotency_key: str | None = None) -> int:
+        """Record a run; with ``idempotency_key``, a second save with the key records nothing and
+        returns the first's id (its steps' jobs are the same: their submits had keys too)."""
         run_id = int(self.redis.incr(keys.RUN_NEXT))
         sec, usec = self.redis.time()
         pipe = self.redis.pipeline()
@@ -60,6 +63,14 @@ class RunStore:
             "started_at": f"{sec + usec / 1e6:.6f}", "steps": json.dumps([s.model_dump() for s in steps])})
         pipe.zadd(keys.runs(namespace), {str(run_id): run_id})
         pipe.execute()
+        if idempotency_key is not None:
+            # After the record: a saver that dies in between leaves a run nobody repeats, never a
+            # key that names a run that was not written.
+            idem = keys.idempotency(idempotency_key)
+            if not self.redis.set(idem, json.dumps([run_id]), nx=True, ex=keys.IDEMPOTENCY_TTL):
+                self.redis.delete(keys.run(run_id))
+                self.redis.zrem(keys.runs(namespace), str(run_id))
+                return int(json.loads(self.redis.get(idem) or "[0]")[0])
         return run_id
 
     def get(self, run_id: int) -> ExperimentRun:

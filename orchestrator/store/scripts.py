@@ -34,16 +34,19 @@ from orchestrator.store import keys, refusals
 
 #: each script and the shared files put in front of it, in this order
 HELPERS: dict[str, tuple[str, ...]] = {
-    "mark_waiting": ("args", "now", "event"),
-    "begin": ("args", "now", "event", "refuse", "fence"),
+    "mark_waiting": ("args", "now", "key", "event"),
+    "begin": ("args", "now", "key", "event", "refuse", "fence"),
     "finish": ("args", "now", "key", "event", "refuse", "fence", "settle"),
     "cancel": ("args", "now", "key", "event", "refuse", "settle"),
-    "update_vm": ("args", "now", "event", "refuse", "fence"),
+    "update_vm": ("args", "now", "key", "event", "refuse", "fence"),
     "vms_json": ("vm_json",),
     "turn": ("args", "vm_json"),
     "submit_batch": ("args", "now", "key", "event", "refuse", "settle"),
     "fail_unsent": ("args", "now", "key", "event", "settle"),
     "release_due": ("args", "now", "key", "event", "settle"),
+    "prune": ("args", "key"),
+    "image_submit": ("args", "now", "key", "event"),
+    "image_done": ("args", "now", "key", "event", "refuse", "fence", "settle"),
 }
 
 
@@ -56,7 +59,7 @@ def source(name: str) -> str:
 
 @cache
 def _constants() -> dict[str, Any]:
-    return {"final": sorted(s.value for s in FINAL_STATES), "p": keys.lua_patterns()}
+    return {"final": sorted(s.value for s in FINAL_STATES), "p": keys.lua_patterns(), "caps": keys.lua_history_caps()}
 
 
 class Keys:

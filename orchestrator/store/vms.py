@@ -96,7 +96,8 @@ class VmStore(HostStore):
         Fencing counters stay: a lock's tokens must never go backwards, even if the name comes back.
         """
         ids = [int(i) for i in cast(list[str], self.redis.zrange(keys.jobs(name), 0, -1))]
-        doomed = [k for i in ids for k in (keys.job(i), keys.job_children(i), keys.job_dependents(i))]
+        doomed = [k for i in ids
+                  for k in (keys.job(i), keys.job_children(i), keys.job_dependents(i), keys.job_history(i))]
         doomed += [keys.jobs(name), keys.events(name), keys.namespace(name), keys.vms(name), keys.runs(name)]
         doomed += [keys.run(int(i)) for i in cast(list[str], self.redis.zrange(keys.runs(name), 0, -1))]
         doomed += list(cast(Iterable[str], self.redis.scan_iter(keys.vm(name, "*"), count=1000)))

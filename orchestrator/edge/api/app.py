@@ -9,7 +9,7 @@ import anyio.to_thread
 from fastapi import FastAPI, Security
 
 from orchestrator.edge import clustermetrics, dashboard
-from orchestrator.edge.api import errors, events, experiments, hosts, jobs, meta, namespaces, vms
+from orchestrator.edge.api import errors, events, experiments, guest, hosts, images, jobs, meta, namespaces, vms
 from orchestrator.edge.api.auth import TokenAuth, bearer
 from orchestrator.edge.api.backend import Backend
 from orchestrator.model.settings import Settings
@@ -37,7 +37,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.open_streams = 0
     app.add_middleware(TokenAuth, backend=backend)
     errors.install(app)
-    for module in (meta, events, jobs, vms, namespaces, hosts, experiments):
+    for module in (meta, events, jobs, vms, guest, namespaces, hosts, experiments, images):
         app.include_router(module.router)
     # Outside /api/v1, so without a token, as Prometheus scrapes by default: cluster-wide
     # aggregates only (hosts, operations, states), never a namespace's or a VM's name.

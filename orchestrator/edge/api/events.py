@@ -1,7 +1,10 @@
-"""``GET /api/v1/jobs/events``: server-sent events, one per job change, in the token's namespaces.
+"""``GET /api/v1/jobs/events``: server-sent events, one per job change, in the token's namespaces; and
+``GET /api/v1/namespaces/{ns}/history``: a VM's, a job's or the namespace's history, with how much
+older history was trimmed.
 
-Async all the way (``redis.asyncio``): a stream holds a Redis connection but no worker
-thread, so open dashboards can't starve the threads that serve ordinary requests.
+The event stream is async all the way (``redis.asyncio``): a stream holds a Redis connection but no
+worker thread, so open dashboards can't starve the threads that serve ordinary requests. It is fed
+by the update channel (``keys.UPDATES``), not by the namespace's history stream.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from orchestrator.edge.api.auth import CurrentToken, authorize, backend
+from orchestrator.edge.api.auth import Client, CurrentToken, ReadNs, authorize, backend
 from orchestrator.edge.api.errors import responses
 from orchestrator.model.errors import ClusterUnavailable
-from orchestrator.model.names import Namespace
+from orchestrator.model.names import Name, Namespace
 from orchestrator.model.records import Job
 from orchestrator.store import keys
+from orchestrator.store.history import History
 from orchestrator.store.tokens import Role
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
@@ -78,3 +82,16 @@ async def job_events(
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/namespaces/{ns}/history", response_model=History, responses=responses(403, 503), tags=["vms"],
+            summary="A VM's or a job's history (or the namespace's), oldest first, and how much older went")
+def history(
+    ns: ReadNs, client: Client,
+    vm: Annotated[Name | None, Query(description="this VM's history")] = None,
+    job_id: Annotated[int | None, Query(ge=1, le=2**62, description="this job's history")] = None,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 100,
+) -> History:
+    """The newest ``limit`` entries. ``trimmed`` counts the older ones no longer kept (each history has a
+    size: ``orchestrator.store.keys``); ``GET .../events`` gives the same entries without it."""
+    return client.history(ns, vm=vm, job_id=job_id, limit=limit)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Response
 
 from orchestrator.edge.api.auth import Client, CurrentToken, authorize, visible_job
 from orchestrator.edge.api.errors import responses
 from orchestrator.edge.api.schemas import Plan, PlanEntry, SubmitRequest
 from orchestrator.model.errors import InvalidInput
+from orchestrator.model.names import Namespace
+from orchestrator.model.operation import SubmitOptions
 from orchestrator.model.records import Job
+from orchestrator.store.retention import PruneReport
 from orchestrator.store.tokens import Role
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
@@ -22,6 +25,33 @@ def job_url(job_id: int) -> str:
     return f"/api/v1/jobs/{job_id}"
 
 
+def idempotency_key(
+        token: CurrentToken,
+        key: Annotated[str | None, Header(
+            alias="Idempotency-Key", min_length=1, max_length=200, pattern=r"^[!-~]+$",
+            description="a key of the client's choosing: submitting again with it (after a timeout, say) "
+                        "returns the jobs of the first submit and makes none; remembered for a day")] = None,
+) -> str | None:
+    """The key, scoped to the token: one tenant's key never finds another's jobs."""
+    return None if key is None else f"token/{token.name}/{key}"
+
+
+IdempotencyKey = Annotated[str | None, Depends(idempotency_key)]
+
+
+def with_key(options: SubmitOptions | None, key: str | None, token_name: str) -> SubmitOptions | None:
+    """The submit options with the request's idempotency key (the header's, or the body's), scoped."""
+    body_key = None if options is None or options.idempotency_key is None \
+        else f"token/{token_name}/{options.idempotency_key}"
+    if key is not None and body_key is not None and key != body_key:
+        raise InvalidInput("the Idempotency-Key header and options.idempotency_key differ",
+                           hint="send the key once, in either place")
+    chosen = key or body_key
+    if chosen is None:
+        return options
+    return (options or SubmitOptions()).model_copy(update={"idempotency_key": chosen})
+
+
 def accepted(response: Response, jobs: list[Job]) -> list[Job]:
     if jobs:
         response.headers["Location"] = job_url(jobs[0].id)
@@ -30,7 +60,8 @@ def accepted(response: Response, jobs: list[Job]) -> list[Job]:
 
 @router.post("/jobs", status_code=202, response_model=list[Job], responses=responses(403, 404, 409, 503),
              summary="Submit operations (all or none)")
-def submit(body: SubmitRequest, response: Response, client: Client, token: CurrentToken) -> list[Job]:
+def submit(body: SubmitRequest, response: Response, client: Client, token: CurrentToken,
+           key: IdempotencyKey) -> list[Job]:
     """Accept operations, each as a job in its VM's order; ``Location`` points to the first job.
 
     Needs role ``operate`` on every namespace of the batch.
@@ -44,7 +75,7 @@ def submit(body: SubmitRequest, response: Response, client: Client, token: Curre
             visible_job(client, token, dep)
         if body.options.retry_of is not None:
             visible_job(client, token, body.options.retry_of)
-    return accepted(response, client.submit(ops, body.options))
+    return accepted(response, client.submit(ops, with_key(body.options, key, token.name)))
 
 
 @router.post("/plan", response_model=Plan, responses=responses(403, 409, 503),
@@ -59,6 +90,19 @@ def plan(body: SubmitRequest, client: Client, token: CurrentToken) -> Plan:
         raise InvalidInput(f"operations.{not_launch[0]}.op: only launches can be planned",
                            hint="send launch operations only")
     return Plan(plan=[PlanEntry(vm=vm, host=host) for vm, host in client.plan(ops).items()])
+
+
+@router.post("/jobs/prune", response_model=PruneReport, responses=responses(403, 503),
+             summary="Remove finished jobs older than the retention (or `older_than`), with their history")
+def prune(client: Client, token: CurrentToken,
+          namespace: Annotated[Namespace | None, Query(description="only this namespace's jobs")] = None,
+          older_than: Annotated[float | None, Query(ge=0, le=100 * 365 * 86400,
+                                                    description="seconds (default: VMORCH_JOB_RETENTION)")] = None,
+          ) -> PruneReport:
+    """Role ``admin`` on the namespace (without one: on every namespace). Jobs are archived first when the
+    API's ``VMORCH_JOB_ARCHIVE_DIR`` is set. Never a job an unfinished job needs."""
+    authorize(token, Role.ADMIN, namespace)
+    return client.prune(namespace, older_than=older_than)
 
 
 # Declared before /jobs/{job_id}: a path segment "wait" must not be read as a job id.

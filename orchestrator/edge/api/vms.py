@@ -9,10 +9,10 @@ from fastapi import APIRouter, Body, Path, Query, Request, Response
 from orchestrator.control.locks import vm_lock
 from orchestrator.edge.api.auth import Client, OperateNs, ReadNs
 from orchestrator.edge.api.errors import responses
-from orchestrator.edge.api.jobs import accepted
+from orchestrator.edge.api.jobs import IdempotencyKey, accepted
 from orchestrator.edge.api.schemas import OperationIn, VmQueue, build_operations
 from orchestrator.model.names import Name, expand_target
-from orchestrator.model.operation import Op
+from orchestrator.model.operation import Op, SubmitOptions
 from orchestrator.model.records import Event, Job, JobState, Vm
 
 router = APIRouter(prefix="/api/v1/namespaces/{ns}", tags=["vms"])
@@ -37,7 +37,7 @@ def vm_queue(ns: ReadNs, name: Annotated[Name, Path(description="VM name")], cli
 
 @router.post("/vms/{target}/{op}", status_code=202, response_model=list[Job],
              responses=responses(403, 404, 409, 503), summary="One operation on a VM or a range such as web[1-3]")
-def operate(ns: OperateNs, client: Client, response: Response,
+def operate(ns: OperateNs, client: Client, response: Response, key: IdempotencyKey,
             target: Annotated[str, Path(max_length=200, description="a VM name or a range such as web[1-10]")],
             op: Annotated[Op, Path(description="the operation")],
             params: Annotated[dict[str, Any] | None, Body(description="the operation's parameters")] = None,
@@ -45,7 +45,7 @@ def operate(ns: OperateNs, client: Client, response: Response,
     """A job per VM of the target, all accepted or none; ``Location`` points to the first."""
     ops = build_operations([OperationIn(op=op, namespace=ns, vm=vm, params=params or {})
                             for vm in expand_target(target)], ("body",), indexed=False)
-    return accepted(response, client.submit(ops))
+    return accepted(response, client.submit(ops, SubmitOptions(idempotency_key=key) if key else None))
 
 
 @router.get("/jobs", response_model=list[Job], responses=responses(403, 503),

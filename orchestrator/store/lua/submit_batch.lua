@@ -1,7 +1,8 @@
 -- A whole batch of jobs, with their parent and dependencies, in one step: all of it or none.
 -- LOCK: for launches the caller holds cmd:<ns>, vms:<ns> and the hosts' locks; for moves cmd:<ns>
 -- and both hosts' locks.
--- K: job_next, namespaces, updates, released, delayed; with a parent: parent_jobs, parent_events.
+-- K: job_next, namespaces, updates, released, delayed; with a parent: parent_jobs, parent_events;
+--    with an idempotency key: idem (its value: the JSON list of the jobs made under it).
 -- A: by, after ([{id, kind = 'ok'|'final', job, dependents}]: a job to wait for, its keys' indices),
 --    after_text (their ids as JSON, stored with each job), delay (seconds once released),
 --    fail_on_failed_dep (a dependency that already failed fails the jobs; else the batch is refused),
@@ -13,9 +14,15 @@
 -- patterns (key.lua).
 -- Returns {parent id or 0, id, seq, host, job hash, id, seq, host, job hash, ...} (seq 0: held until its
 -- dependencies are met; the job hash flat, as HGETALL gives it).
+-- A key used before: {-1, its JSON list of job ids}, and nothing written (A.idem_ttl: how long a
+-- key is kept).
 -- Refused (nothing written): not_found (what = 'dependency' or 'vm'), already_exists (what = 'vm'),
 -- invalid_input (what = 'dependency_failed' or 'moved').
 local by = A.by
+if K.idem then
+  local seen = redis.call('GET', K.idem)
+  if seen then return {-1, seen} end
+end
 -- first every check, then every write
 local waiting = {}
 local failed_dep = nil
@@ -121,6 +128,11 @@ end
 for _, id in ipairs(doomed) do
   redis.call('PUBLISH', K.updates, id .. ' failed')
   settle(id, 'failed', by)  -- nothing waits for it yet: only its parent counts it
+end
+if K.idem then
+  local ids = {}
+  for i = 2, #out, 3 do table.insert(ids, out[i]) end
+  redis.call('SET', K.idem, cjson.encode(ids), 'EX', A.idem_ttl)
 end
 -- each job as accepted, so the submitter needs no second round trip to read them back
 local accepted = {out[1]}
