@@ -12,7 +12,7 @@ from orchestrator.model.operation import Op, Operation
 from orchestrator.services.client import RedisClient
 from orchestrator.store.jobstore import BatchEntry
 
-from .common import require_succeeded
+from .common import launch_hosts, require_succeeded, spread_launches
 from .harness import ROOT, Env, environment, percentile
 from .suite import Row, Sizes
 
@@ -68,15 +68,8 @@ def registered(env: Env, sizes: Sizes) -> list[Row]:
 
 
 def launches(env: Env, sizes: Sizes) -> list[Row]:
-    hosts = [f"l{i}" for i in range(sizes.b5_launch_hosts)]
-    for h in hosts:
-        env.worker(h)
-    env.wait_hosts(*hosts)
-    # the test driver's node is small (3 GiB, 16 CPUs): let placement overcommit it
-    client = RedisClient(env.settings.model_copy(update={"memory_allocation_ratio": 100.0,
-                                                         "cpu_allocation_ratio": 100.0}))
-    ops = [Operation.build(Op.LAUNCH, NS, f"web{i}", memory_mib=16, disk_gib=0, spread=True)
-           for i in range(sizes.b5_launches)]
+    hosts, client = launch_hosts(env, sizes.b5_launch_hosts)
+    ops = spread_launches(NS, sizes.b5_launches)
     t = time.perf_counter()
     jobs = client.submit(ops)  # as 'vmorch vm launch web[1-1000]' does
     submitted = time.perf_counter() - t

@@ -1,9 +1,10 @@
-"""Pieces several benchmarks share: launching VMs through the client, a warmed-up bare Celery app."""
+"""Pieces several benchmarks share: launching VMs through the client, a warmed-up bare Celery app, B1's
+pause/resume round trip, B5's launch hosts."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.model.operation import Op, Operation
@@ -14,6 +15,8 @@ from . import bare_celery
 
 if TYPE_CHECKING:
     from celery import Celery
+
+    from .harness import Env
 
 NS = "bench"
 
@@ -53,3 +56,46 @@ def bare_batch(app: Celery, queues: Sequence[str], n: int) -> float:
     for r in results:
         r.get(timeout=600)
     return time.perf_counter() - t
+
+
+def pause_resume(env: Env, host: str, label: str) -> tuple[Celery, Callable[[], float]]:
+    """B1's setup: a worker ``host`` with a running VM, a bare Celery worker ``bare.<host>`` beside it.
+    Returns the bare app and a function that times one vmorch job, submit→succeeded, pause and resume
+    in turn (``label`` names the benchmark in its error)."""
+    env.worker(host)
+    env.bare_worker(f"bare.{host}")
+    env.wait_hosts(host)
+    client = RedisClient(env.settings)
+    launch(client, ["vm1"], [host])
+    bare = bare_app(env.url, [f"bare.{host}"])
+    ops = [Operation.build(op, NS, "vm1") for op in (Op.PAUSE, Op.RESUME)]
+    turn = 0
+
+    def vmorch_once() -> float:
+        nonlocal turn
+        op, turn = ops[turn % 2], turn + 1
+        t = time.perf_counter()
+        [job] = client.submit([op])
+        [done] = client.wait([job.id])
+        took = time.perf_counter() - t
+        if done.state.value != "succeeded":
+            raise RuntimeError(f"{label} job {done.id} {done.state.value}: {done.error}")
+        return took
+
+    return bare, vmorch_once
+
+
+def launch_hosts(env: Env, n: int) -> tuple[list[str], RedisClient]:
+    """B5's launch setup: ``n`` test-driver hosts up, and a client whose placement may overcommit them
+    (the test driver's node is small: 3 GiB, 16 CPUs)."""
+    hosts = [f"l{i}" for i in range(n)]
+    for h in hosts:
+        env.worker(h)
+    env.wait_hosts(*hosts)
+    return hosts, RedisClient(env.settings.model_copy(update={"memory_allocation_ratio": 100.0,
+                                                              "cpu_allocation_ratio": 100.0}))
+
+
+def spread_launches(ns: str, n: int) -> list[Operation]:
+    """B5's batch: ``n`` small test-driver VMs web0.. spread over the hosts."""
+    return [Operation.build(Op.LAUNCH, ns, f"web{i}", memory_mib=16, disk_gib=0, spread=True) for i in range(n)]

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import time
 
-from orchestrator.model.operation import Op, Operation
-from orchestrator.services.client import RedisClient
-
-from .common import NS, bare_app, bare_round_trip, launch, require_succeeded
+from .common import bare_round_trip, launch_hosts, pause_resume, require_succeeded, spread_launches
 from .harness import Env, environment, percentile, set_appendfsync
 from .suite import Row, Sizes, ms
 
@@ -25,26 +22,7 @@ MODES = ("everysec", "always")
 
 
 def _latency(env: Env, sizes: Sizes) -> list[Row]:
-    env.worker("d1")
-    env.bare_worker("bare.d1")
-    env.wait_hosts("d1")
-    client = RedisClient(env.settings)
-    launch(client, ["vm1"], ["d1"])
-    bare = bare_app(env.url, ["bare.d1"])
-    ops = [Operation.build(op, NS, "vm1") for op in (Op.PAUSE, Op.RESUME)]
-    turn = 0
-
-    def vmorch_once() -> float:
-        nonlocal turn
-        turn += 1
-        t = time.perf_counter()
-        [job] = client.submit([ops[turn % 2]])
-        [done] = client.wait([job.id])
-        took = time.perf_counter() - t
-        if done.state.value != "succeeded":
-            raise RuntimeError(f"D1 job {done.id} {done.state.value}: {done.error}")
-        return took
-
+    bare, vmorch_once = pause_resume(env, "d1", "D1")
     for mode in MODES:  # warm-up both paths under both settings
         set_appendfsync(env.url, mode)
         for _ in range(5):
@@ -70,19 +48,12 @@ def _latency(env: Env, sizes: Sizes) -> list[Row]:
 
 
 def _launches(env: Env, sizes: Sizes) -> list[Row]:
-    hosts = [f"l{i}" for i in range(sizes.b5_launch_hosts)]
-    for h in hosts:
-        env.worker(h)
-    env.wait_hosts(*hosts)
-    # as B5: the test driver's node is small (3 GiB, 16 CPUs), let placement overcommit it
-    client = RedisClient(env.settings.model_copy(update={"memory_allocation_ratio": 100.0,
-                                                         "cpu_allocation_ratio": 100.0}))
+    hosts, client = launch_hosts(env, sizes.b5_launch_hosts)  # as B5
     took = {m: 0.0 for m in MODES}
     accepted = {m: 0.0 for m in MODES}
     for r, mode in enumerate(("everysec", "always", "always", "everysec")):
         set_appendfsync(env.url, mode)
-        ops = [Operation.build(Op.LAUNCH, f"d1r{r}", f"web{i}", memory_mib=16, disk_gib=0, spread=True)
-               for i in range(sizes.b5_launches)]
+        ops = spread_launches(f"d1r{r}", sizes.b5_launches)
         t = time.perf_counter()
         jobs = client.submit(ops)
         accepted[mode] += time.perf_counter() - t

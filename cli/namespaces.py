@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from orchestrator.model.errors import NotFound
+
 from . import completion, render
 from .context import state
 from .waiting import wait as wait_for
@@ -35,6 +37,45 @@ def create(
         render.dump_json(ns)
     else:
         render.out.print(render.namespaces_table([ns]))
+
+
+def _limit(value: str | None, option: str) -> int | None:
+    """An option's limit: None = not given; 0 = clear it (``0`` or ``none``)."""
+    if value is None:
+        return None
+    if value.strip().lower() == "none":
+        return 0
+    try:
+        limit = int(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a whole number or 'none'", param_hint=option) from None
+    if limit < 0:
+        raise typer.BadParameter("a limit can't be negative (0 or 'none' clears it)", param_hint=option)
+    return limit
+
+
+@app.command()
+def quota(
+    ctx: typer.Context, name: NamespaceName,
+    vms: Annotated[str | None, typer.Option("--vms", help="most VMs (0 or none: no limit)")] = None,
+    memory: Annotated[str | None, typer.Option("--memory", help="most memory, MiB, of all its VMs")] = None,
+    vcpus: Annotated[str | None, typer.Option("--vcpus", help="most vCPUs of all its VMs")] = None,
+    disk: Annotated[str | None, typer.Option("--disk", help="most disk, GiB, of all its VMs")] = None,
+) -> None:
+    """Show a namespace's quota, or change some of its limits (0 or none clears one)."""
+    st = state(ctx)
+    given = {"vms": _limit(vms, "--vms"), "memory_mib": _limit(memory, "--memory"),
+             "vcpus": _limit(vcpus, "--vcpus"), "disk_gib": _limit(disk, "--disk")}
+    found = next((ns for ns in st.client.namespaces() if ns.name == name), None)
+    if found is None:
+        raise NotFound(f"no namespace {name!r}", hint="see 'vmorch ns list'")
+    changes = {k: v for k, v in given.items() if v is not None}
+    if changes:
+        found = st.client.set_quota(name, found.quota.model_copy(update=changes))
+    if st.json:
+        render.dump_json(found)
+    else:
+        render.out.print(render.namespaces_table([found]))
 
 
 @app.command()

@@ -269,15 +269,25 @@ def vm_detail(vm: Vm) -> Table:
     table.add_column(style="bold")
     table.add_column()
     for k, v in [("name", vm.name), ("namespace", vm.namespace), ("host", vm.host), ("state", styled(vm_state(vm))),
-                 ("memory", f"{vm.memory_mib} MiB"), ("vcpus", str(vm.vcpus)),
+                 ("memory", f"{vm.memory_mib} MiB{_live(vm, vm.memory_mib_live, ' MiB')}"),
+                 ("vcpus", f"{vm.vcpus}{_live(vm, vm.vcpus_live)}"),
                  ("disk", f"{vm.disk_gib} GiB" if vm.disk_gib else "none"), ("image", escape(vm.image or "-")),
                  ("tags", escape(", ".join(f"{k}={val}" for k, val in sorted(vm.tags.items())) or "-")),
-                 ("snapshots", escape(", ".join(vm.snapshots) or "-")), ("domain", vm.domain),
+                 ("snapshots", escape(", ".join(
+                     f"{d.name} ({_iso(d.created_at)}{f', {d.size_bytes} B' if d.size_bytes is not None else ''})"
+                     for d in vm.snapshot_details) or ", ".join(vm.snapshots) or "-")), ("domain", vm.domain),
                  ("created", _iso(vm.created_at)), ("updated", _iso(vm.updated_at)),
                  ("note", escape(vm_note(vm) or "-")), ("agent", vm.agent),
                  ("addresses", escape(", ".join(f"{a.ip} ({a.mac})" for a in vm.addresses) or "-"))]:
         table.add_row(k, v)
     return table
+
+
+def _live(vm: Vm, live: int | None, unit: str = "") -> str:
+    """What the running VM has, beside what is set (the next boot's), where they differ."""
+    if live is None or vm.state not in (VmState.RUNNING, VmState.PAUSED):
+        return ""
+    return f" set, {live}{unit} live (the set value applies at the next boot)"
 
 
 def hosts_table(hosts: Sequence[Host]) -> Table:
@@ -333,11 +343,14 @@ def _share(used: int, total: int) -> str:
 
 def namespaces_table(namespaces: Sequence[Namespace]) -> Table:
     table = new_table()
-    for col in ("NAME", "STATE", "VMS", "HOSTS", "CREATED"):
+    for col in ("NAME", "STATE", "VMS", "HOSTS", "QUOTA", "CREATED"):
         table.add_column(col, no_wrap=True)
     for ns in namespaces:
+        q = ns.quota
+        limits = [f"{q.vms} VMs" if q.vms else "", f"{q.memory_mib} MiB" if q.memory_mib else "",
+                  f"{q.vcpus} vCPUs" if q.vcpus else "", f"{q.disk_gib} GiB disk" if q.disk_gib else ""]
         table.add_row(ns.name, ns.state, str(ns.vms), ",".join(ns.hosts) if ns.hosts else "(all)",
-                      _iso(ns.created_at))
+                      ", ".join(x for x in limits if x) or "-", _iso(ns.created_at))
     return table
 
 

@@ -143,19 +143,41 @@ _simple(Op.START, "Start shut-off VMs (a running VM is a successful no-op).")
 _simple(Op.KILL, "Power VMs off at once (a shut-off VM is a successful no-op).")
 _simple(Op.PAUSE, "Pause running VMs.")
 _simple(Op.RESUME, "Resume paused VMs.")
-_simple(Op.REBOOT, "Reboot running VMs.")
 _simple(Op.DELETE, "Delete VMs: power off, undefine, remove the storage vmorch created.")
+
+
+Timeout = Annotated[float, typer.Option(
+    "--timeout", min=0, max=3600,
+    help="seconds the guest gets (the request is repeated every 3 s); 0: one request, no wait")]
 
 
 @app.command()
 def stop(
     ctx: typer.Context, target: Target = None, select: Select = None, after: After = None,
-    force: Annotated[bool, typer.Option("--force", help="power off when the guest doesn't shut down in time")] = False,
-    timeout: Annotated[float, typer.Option("--timeout", help="seconds to wait for a graceful shutdown")] = 60.0,
+    force: Annotated[bool, typer.Option("--force", help="power off at once: no shutdown request, no wait")] = False,
+    timeout: Timeout = 60.0,
+    force_after_timeout: Annotated[bool, typer.Option(
+        "--force-after-timeout", help="power off once --timeout passed, instead of failing")] = False,
     wait: Wait = False,
 ) -> None:
-    """Shut VMs down gracefully (ACPI), optionally forcing them off after the timeout."""
-    submit(ctx, Op.STOP, target, wait, select=select, after=after, force=force, timeout_s=timeout)
+    """Shut VMs down: the ACPI power button, pressed again every 3 s until the guest is off. Past
+    --timeout the job fails (with --force-after-timeout: powers off). --force powers off at once;
+    --timeout 0 presses once and does not wait."""
+    if force and force_after_timeout:
+        raise typer.BadParameter("give --force (at once) or --force-after-timeout (after the graceful try), not both")
+    submit(ctx, Op.STOP, target, wait, select=select, after=after, force=force, timeout_s=timeout,
+           force_after_timeout=force_after_timeout)
+
+
+@app.command()
+def reboot(
+    ctx: typer.Context, target: Target = None, select: Select = None, after: After = None,
+    force: Annotated[bool, typer.Option("--force", help="reset at once (no clean shutdown)")] = False,
+    timeout: Timeout = 60.0, wait: Wait = False,
+) -> None:
+    """Reboot running VMs: a reboot request to the guest, repeated every 3 s until it resets; fails if it
+    did not within --timeout. --force resets at once; --timeout 0 asks once and does not wait."""
+    submit(ctx, Op.REBOOT, target, wait, select=select, after=after, force=force, timeout_s=timeout)
 
 
 @app.command(name="set")
@@ -181,6 +203,14 @@ def revert(ctx: typer.Context, target: Target, name: Annotated[str, typer.Argume
            select: Select = None, after: After = None, wait: Wait = False) -> None:
     """Revert VMs to a snapshot (TARGET is required here: use a range, or '-' with --tag)."""
     submit(ctx, Op.REVERT, _dash(target), wait, select=select, after=after, name=name)
+
+
+@app.command(name="snapshot-delete")
+def snapshot_delete(ctx: typer.Context, target: Target,
+                    name: Annotated[str, typer.Argument(help="snapshot name")],
+                    select: Select = None, after: After = None, wait: Wait = False) -> None:
+    """Delete a snapshot of VMs (TARGET is required here: use a range, or '-' with --tag)."""
+    submit(ctx, Op.SNAPSHOT_DELETE, _dash(target), wait, select=select, after=after, name=name)
 
 
 def _dash(target: str | None) -> str | None:

@@ -69,6 +69,12 @@ printf '#cloud-config\nwrite_files:\n  - path: /etc/motd\n    content: "hello fr
 run vm launch 'demo[1-3]' --image guest --disk 1 --memory 192 --cloud-init "$WORK/user-data" --wait
 run vm list
 
+header "Into a guest: its serial console, then a command run through its guest agent (an ordered job)"
+# The guests boot under software emulation here: exec waits for demo2's agent (up to --timeout).
+run vm exec demo2 --timeout 180 -- cat /mnt/cidata/meta-data
+run vm log demo2 --tail 5
+run vm show demo2
+
 header "Change demo1's memory and kill demo1 at the same moment, from two processes"
 # Both submitters open the gate (a fifo) while this shell holds it open for writing, say
 # they are ready, and block reading it. Closing our end gives both EOF at the same instant.

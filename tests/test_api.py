@@ -51,7 +51,8 @@ def test_mutations_answer_202_with_location_and_jobs_are_followed_to_the_end(
         waited = http.get("/api/v1/jobs/wait", params={"ids": ids, "timeout": 20}).json()
         assert [j["state"] for j in waited] == ["succeeded", "succeeded"]
         r = http.post(f"/api/v1/namespaces/{ns}/vms/w1/stop", json={"force": True, "timeout_s": 5})
-        assert r.status_code == 202 and r.json()[0]["params"] == {"force": True, "timeout_s": 5.0}
+        assert r.status_code == 202 and r.json()[0]["params"] == {"force": True, "timeout_s": 5.0,
+                                                                  "force_after_timeout": False}
         vm = http.get(f"/api/v1/namespaces/{ns}/vms/w1").json()
         assert vm["name"] == "w1" and vm["memory_mib"] == 16
         assert [v["name"] for v in http.get(f"/api/v1/namespaces/{ns}/vms").json()] == ["w1", "w2", "w3"]
@@ -293,3 +294,52 @@ def test_server_sent_events_carry_job_changes_of_the_token_namespaces_only(
     assert [e["state"] for e in seen["mine"] if e["id"] == pause.id][-1] == "succeeded"
     assert {e["namespace"] for e in seen["mine"]} == {ns}
     assert seen["other"] == []
+
+
+def test_the_api_does_what_its_document_says(api_server: ApiServer, client: RedisClient, settings: Settings,
+                                             redis: Redis) -> None:
+    """Issue 16: what schemathesis's checks found between /openapi.json and the answers, one case each."""
+    ns = settings.namespace
+    client.wait([j.id for j in client.submit(ops(Op.LAUNCH, ns, "c1", memory_mib=16, disk_gib=0))])
+    before = redis.get(keys.JOB_NEXT)
+    with api_server.http(api_server.admin_token) as http:
+        doc = http.get("/openapi.json").json()
+        paths = doc["paths"]
+        # names: the validators' rules, in the document (a schema-valid name is a valid name)
+        [name] = [p for p in paths["/api/v1/namespaces/{ns}/vms/{name}"]["get"]["parameters"] if p["name"] == "name"]
+        assert name["schema"]["pattern"].startswith("^") and name["schema"]["maxLength"] == 63
+        [nsp] = [p for p in paths["/api/v1/namespaces/{ns}/vms"]["get"]["parameters"] if p["name"] == "ns"]
+        assert "pattern" in nsp["schema"]
+        # the health check is public, and says so; the event stream's type is documented
+        assert paths["/api/v1/health"]["get"].get("security", []) == []
+        assert paths["/api/v1/whoami"]["get"]["security"] == [{"HTTPBearer": []}]
+        assert "text/event-stream" in paths["/api/v1/jobs/events"]["get"]["responses"]["200"]["content"]
+        # a body that isn't even UTF-8: a 422 with the JSON error body, like any other body that isn't JSON
+        r = http.post("/api/v1/jobs", content=b"\x80{", headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "body", r.text
+        # a 405 names every method of the path
+        r = http.request("OPTIONS", "/api/v1/images")
+        assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+        r = http.request("PATCH", f"/api/v1/namespaces/{ns}/schedules/s1")
+        assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET"
+        # POST on a VM's queue (or console) is the wrong method there, not an unknown operation
+        for path in (f"/api/v1/namespaces/{ns}/vms/c1/queue", f"/api/v1/namespaces/{ns}/vms/c1/console"):
+            r = http.post(path)
+            assert r.status_code == 405 and r.headers["allow"] == "GET", (path, r.text)
+            assert r.json()["error"]["code"] == "method_not_allowed"
+        # a bad target is named as the field at fault
+        r = http.post(f"/api/v1/namespaces/{ns}/vms/{'9' * 80}/start")
+        assert r.status_code == 422 and r.json()["error"]["field"] == "path.target", r.text
+        # a job with nothing to retry: its state conflicts (409), the request is fine
+        [job] = client.jobs(ns, limit=1)
+        r = http.post(f"/api/v1/jobs/{job.id}/retry")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "invalid_input", r.text
+        # a quota is integers: JSON false or "5" is not one (pydantic's lax mode took them as 0 and 5)
+        for bad in ({"vms": False}, {"vms": "5"}):
+            r = http.put(f"/api/v1/namespaces/{ns}/quota", json=bad)
+            assert r.status_code == 422 and r.json()["error"]["field"] == "body.vms", r.text
+    # Prometheus's path, with and without the slash, and no redirect
+    for path in ("/metrics", "/metrics/"):
+        r = httpx.get(f"{api_server.url}{path}", timeout=30)
+        assert r.status_code == 200 and "vmorch_redis_up" in r.text, path
+    assert redis.get(keys.JOB_NEXT) == before

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -22,11 +21,11 @@ from orchestrator.store import keys
 from worker import domxml
 
 from .apiserver import ApiServer
-from .conftest import WorkerProc, cleanup_namespace, run_cli, start_worker, wait_hosts_up, wait_until
+from .conftest import WorkerProc, cleanup_namespace, run_cli, wait_until
+from .helpers import qemu_pids, qemu_worker
 from .imageserver import ImageServer, hostile_backed, serving, sha256_of
 from .test_images import remove_ok, store_of
 from .test_operations import ok
-from .test_qemu import qemu_pids
 
 pytestmark = [pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("genisoimage") is None,
                                  reason="qemu-img and genisoimage are needed")]
@@ -150,23 +149,13 @@ def test_disk_and_seed_sources_are_never_relabelled_and_the_seed_is_a_readonly_c
 
 
 # -- real QEMU: what it opens, and whose files it leaves as they were -----------------------------
-# -- real QEMU: what it opens, and whose files it leaves as they were -----------------------------
 
 
 @pytest.fixture(scope="module")
 def qemu_host(base_settings: Settings) -> Iterator[tuple[WorkerProc, Path]]:
     root = Path(tempfile.mkdtemp(prefix="vmcq", dir="/tmp"))  # short: agent socket paths live under it
-    worker = start_worker(base_settings, "cq", f"qemu:///embed?root={root}", concurrency=2)
-    try:
-        wait_hosts_up(base_settings, worker, timeout=90)
+    with qemu_worker(base_settings, "cq", root, up_within=90) as worker:
         yield worker, root
-    finally:
-        worker.stop()
-        leftover = qemu_pids(root)
-        for pid in leftover:
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(root, ignore_errors=True)
-        assert not leftover, f"QEMU processes outlived the test: {leftover}"
 
 
 def _owner(path: Path) -> tuple[int, int, int]:

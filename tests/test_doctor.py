@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,7 @@ from orchestrator.edge import doctor as d
 from orchestrator.model.settings import Settings
 
 from .conftest import RedisServer, free_port, run_cli, running_hosts, start_worker, wait_until
+from .helpers import private_libvirtd
 
 
 def doctor(settings: Settings, *args: str) -> tuple[int, dict[str, Any], str]:
@@ -152,30 +150,10 @@ def test_doctor_without_redis_says_so(tmp_path: Path) -> None:
 # -- a host whose libvirtd goes away ------------------------------------------------------
 
 @pytest.fixture
-def libvirtd(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def libvirtd() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A real libvirtd of this test's own (private mount namespace, own socket): its qemu:///system URI."""
-    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/libvirtd") or shutil.which("unshare") is None:
-        pytest.skip("needs root, libvirtd and unshare")
-    d = Path(f"/tmp/vmd{uuid.uuid4().hex[:8]}")  # the socket path must stay short
-    for sub in ("etc", "lib", "run", "log", "cache"):
-        (d / sub).mkdir(parents=True)
-    (d / "etc" / "libvirtd.conf").write_text(f'auth_unix_rw = "none"\nhost_uuid = "{uuid.uuid4()}"\n'
-                                             f'log_outputs = "3:file:{d}/log/libvirtd.log"\n')
-    (d / "etc" / "qemu.conf").write_text('user = "root"\ngroup = "root"\nsecurity_driver = "none"\n')
-    binds = " && ".join(f"mkdir -p {target} && mount --bind {d / sub} {target}" for sub, target in (
-        ("etc", "/etc/libvirt"), ("lib", "/var/lib/libvirt"), ("run", "/var/run/libvirt"),
-        ("cache", "/var/cache/libvirt")))
-    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                             f"{binds} && exec /usr/sbin/libvirtd -p /var/run/libvirt/libvirtd.pid "
-                             f"-f /etc/libvirt/libvirtd.conf"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: (d / "run" / "libvirt-sock").exists(), timeout=30, what="libvirtd's socket")
-        yield f"qemu:///system?socket={d}/run/libvirt-sock", proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=15)
-        shutil.rmtree(d, ignore_errors=True)
+    with private_libvirtd("vmd") as daemon:
+        yield daemon
 
 
 def plan(settings: Settings, *args: str) -> dict[str, str]:

@@ -10,10 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,9 +24,9 @@ from orchestrator.model.settings import Settings
 from orchestrator.services.client import RedisClient
 
 from .conftest import WorkerProc, ops, start_worker, wait_hosts_up, wait_until
+from .helpers import private_libvirtd, qemu_pids, qemu_worker
 from .test_doctor import check, doctor
 from .test_operations import ok, state
-from .test_qemu import qemu_pids
 
 pytestmark = [
     pytest.mark.qemu,
@@ -60,18 +58,8 @@ def seen(client: RedisClient, vm: str, predicate: object, what: str, since: floa
 def qemu_host(base_settings: Settings) -> Iterator[WorkerProc]:
     """An embedded-QEMU worker whose periodic pass is off: what it sees, it sees through events."""
     root = Path(tempfile.mkdtemp(prefix="dq", dir="/tmp"))  # short: QEMU's socket paths under it must fit
-    worker = start_worker(base_settings, "dq1", f"qemu:///embed?root={root}", concurrency=2,
-                          env={"VMORCH_DRIFT_SYNC_INTERVAL": "0"})
-    try:
-        wait_hosts_up(base_settings, worker, timeout=60)
+    with qemu_worker(base_settings, "dq1", root, env={"VMORCH_DRIFT_SYNC_INTERVAL": "0"}) as worker:
         yield worker
-    finally:
-        worker.stop()
-        leftover = qemu_pids(root)
-        for pid in leftover:
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(root, ignore_errors=True)
-        assert not leftover, f"QEMU processes outlived the test: {leftover}"
 
 
 def test_a_killed_qemu_process_shows_within_seconds(qemu_host: WorkerProc, client: RedisClient) -> None:
@@ -99,28 +87,8 @@ def test_a_killed_qemu_process_shows_within_seconds(qemu_host: WorkerProc, clien
 @pytest.fixture
 def libvirtd() -> Iterator[str]:
     """A real libvirtd of this test's own that runs QEMU (private mount namespace, own socket, no virtlogd)."""
-    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/libvirtd") or shutil.which("unshare") is None:
-        pytest.skip("needs root, libvirtd and unshare")
-    d = Path(f"/tmp/vmq{uuid.uuid4().hex[:8]}")  # the socket path must stay short
-    for sub in ("etc", "lib", "run", "log", "cache"):
-        (d / sub).mkdir(parents=True)
-    (d / "etc" / "libvirtd.conf").write_text(f'auth_unix_rw = "none"\nhost_uuid = "{uuid.uuid4()}"\n'
-                                             f'log_outputs = "3:file:{d}/log/libvirtd.log"\n')
-    (d / "etc" / "qemu.conf").write_text('user = "root"\ngroup = "root"\nsecurity_driver = "none"\n'
-                                         'stdio_handler = "file"\n')
-    binds = " && ".join(f"mkdir -p {target} && mount --bind {d / sub} {target}" for sub, target in (
-        ("etc", "/etc/libvirt"), ("lib", "/var/lib/libvirt"), ("run", "/var/run/libvirt"),
-        ("cache", "/var/cache/libvirt")))
-    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                             f"{binds} && exec /usr/sbin/libvirtd -p /var/run/libvirt/libvirtd.pid "
-                             f"-f /etc/libvirt/libvirtd.conf"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: (d / "run" / "libvirt-sock").exists(), timeout=30, what="libvirtd's socket")
-        yield f"qemu:///system?socket={d}/run/libvirt-sock"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-        shutil.rmtree(d, ignore_errors=True)
+    with private_libvirtd("vmq", qemu_conf='stdio_handler = "file"\n') as (uri, _):
+        yield uri
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ and checks that none is left.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -35,6 +36,7 @@ from orchestrator.model.records import VmState
 from worker import domxml
 from worker.driver import DomainSpec, Driver
 from worker.eventloop import ensure_event_loop
+from worker.presses import Pressed, press_until
 from worker.results import Launched
 
 HOSTILE = "<&\"']]></vmorch:tag><vmorch:fence>999</vmorch:fence>"
@@ -174,10 +176,18 @@ def test_stop(drv: Driver, vmns: str) -> None:
     d = spec(vmns).domain
     drv.launch(spec(vmns))
     calls: list[float] = []
-    result = drv.stop(d, timeout_s=5, force=True, check=lambda: calls.append(time.monotonic()))
-    assert (result.state, result.changed) == ("shutoff", True)
-    assert calls, "check() must be called while polling"
+    started = time.monotonic()
+    result = drv.stop(d, timeout_s=60, force=True, check=lambda: calls.append(time.monotonic()))
+    assert result.to_json() == {"state": "shutoff", "changed": True, "note": "forced off"}
+    assert time.monotonic() - started < 1, "--force must not wait out --timeout"
+    assert calls, "check() must come before the power-off"
     assert drv.stop(d, timeout_s=5, force=False, check=_noop).changed is False
+
+    drv.start(d)  # the test driver's guest obeys the first request
+    result = drv.stop(d, timeout_s=5, force=False, check=lambda: calls.append(time.monotonic()))
+    assert (result.state, result.changed) == ("shutoff", True) and "(1 sent)" in result.note
+    drv.start(d)
+    assert drv.stop(d, timeout_s=0, force=False, check=_noop).state == "shutoff"  # 0: one request, one look
 
     drv.start(d)
 
@@ -186,12 +196,81 @@ def test_stop(drv: Driver, vmns: str) -> None:
 
     with pytest.raises(Canceled):
         drv.stop(d, timeout_s=5, force=True, check=cancel)
+    with pytest.raises(Canceled):
+        drv.stop(d, timeout_s=5, force=False, check=cancel)
+    assert drv.status(d).state == "running"
 
-    drv.start(d)
     drv.pause(d)
     with pytest.raises(InvalidState, match="gracefully: it is paused"):
         drv.stop(d, timeout_s=1, force=False, check=_noop)
-    assert drv.stop(d, timeout_s=1, force=True, check=_noop).state == "shutoff"
+    assert drv.stop(d, timeout_s=1, force=False, force_after_timeout=True, check=_noop).note == \
+        "forced off: it was paused"
+    drv.start(d)
+    drv.pause(d)
+    assert drv.stop(d, timeout_s=1, force=True, check=_noop).to_json() == \
+        {"state": "shutoff", "changed": True, "note": "forced off: it was paused"}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.now += max(seconds, 0.001)
+
+
+def test_press_until_repeats_the_request_until_done_or_the_timeout() -> None:
+    """The loop of stop and reboot: a request at once and every 3 s, a look every 0.2 s, checks before each."""
+    clock = FakeClock()
+    presses: list[float] = []
+    checks: list[float] = []
+
+    def run(timeout_s: float, done_after: float | None = None) -> Pressed:
+        presses.clear()
+        start = clock.now
+        return press_until(lambda: presses.append(clock.now - start),
+                           lambda: done_after is not None and clock.now - start >= done_after,
+                           lambda: checks.append(clock.now), timeout_s=timeout_s, clock=clock, sleep=clock.sleep)
+
+    never = run(10)
+    assert (never.done, never.presses) == (False, 4) and never.seconds == pytest.approx(10, abs=0.01)
+    assert presses == pytest.approx([0, 3, 6, 9], abs=0.01)
+    assert len(checks) >= 10 / 0.2  # one before each look
+
+    # a guest that reacts to the third press (the first two came while it booted)
+    third = run(60, done_after=6.5)
+    assert (third.done, third.presses) == (True, 3) and 6.5 <= third.seconds < 6.8
+    assert presses == pytest.approx([0, 3, 6], abs=0.01)
+
+    once = run(0)  # --timeout 0: one request, one look, no wait
+    assert (once.done, once.presses, once.seconds) == (False, 1, 0)
+    at_once = run(0, done_after=0)
+    assert (at_once.done, at_once.presses) == (True, 1)
+
+    def cancel() -> None:
+        raise Canceled("job canceled")
+
+    with pytest.raises(Canceled):
+        press_until(lambda: presses.append(0), lambda: False, cancel, timeout_s=5, clock=clock, sleep=clock.sleep)
+
+
+def test_reboot_on_the_test_driver(drv: Driver, vmns: str) -> None:
+    d = spec(vmns).domain
+    drv.launch(spec(vmns))
+    assert drv.reboot(d, timeout_s=5, check=_noop).to_json() == \
+        {"state": "running", "changed": True, "note": "rebooted (test driver)"}
+    result = drv.reboot(d, force=True, check=_noop)
+    assert (result.state, result.changed) == ("running", True) and result.note.startswith("reset")
+
+    def cancel() -> None:
+        raise Canceled("job canceled")
+
+    with pytest.raises(Canceled):
+        drv.reboot(d, force=True, check=cancel)
 
 
 def test_set_resources_running(drv: Driver, vmns: str) -> None:
@@ -199,7 +278,8 @@ def test_set_resources_running(drv: Driver, vmns: str) -> None:
     drv.launch(spec(vmns, memory_mib=128, vcpus=1))
 
     result = drv.set_resources(d, memory_mib=96, vcpus=None)  # below the live maximum: balloon
-    assert result.to_json() == {"state": "running", "changed": True, "memory_mib": 96, "vcpus": 1, "live": True}
+    assert result.to_json() == {"state": "running", "changed": True, "memory_mib": 96, "vcpus": 1, "live": True,
+                                "memory_mib_live": 96, "vcpus_live": 1}
 
     # vCPUs: hot-plugged into the running VM, up to the maximum it was defined with (8)
     result = drv.set_resources(d, memory_mib=None, vcpus=2)
@@ -208,6 +288,7 @@ def test_set_resources_running(drv: Driver, vmns: str) -> None:
 
     result = drv.set_resources(d, memory_mib=256, vcpus=12)
     assert (result.memory_mib, result.vcpus, result.live) == (256, 12, False)
+    assert (result.memory_mib_live, result.vcpus_live) == (96, 2)  # read back: the running VM kept them
     assert "memory applies at the next boot" in result.note
     assert "vcpus applies at the next boot (the running VM's maximum is 8)" in result.note
     status = drv.status(d)
@@ -226,7 +307,8 @@ def test_set_resources_shut_off(drv: Driver, vmns: str) -> None:
     drv.launch(spec(vmns, memory_mib=128, vcpus=2))
     drv.kill(d)
     result = drv.set_resources(d, memory_mib=64, vcpus=1)
-    assert result.to_json() == {"state": "shutoff", "changed": True, "memory_mib": 64, "vcpus": 1, "live": False}
+    assert result.to_json() == {"state": "shutoff", "changed": True, "memory_mib": 64, "vcpus": 1, "live": False,
+                                "memory_mib_live": None, "vcpus_live": None}
     # memory: current and maximum both; vCPUs: the current count, the maximum keeps its hot-plug room
     assert domxml.parse_resources(drv.conn.lookupByName(d).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) == (64, 64, 1, 8)
     result = drv.set_resources(d, memory_mib=512, vcpus=4)
@@ -349,7 +431,13 @@ def test_qemu_lifecycle(qdrv: Driver) -> None:
         assert qdrv.pause(d).state == "paused"
         assert qdrv.resume(d).state == "running"
         assert qdrv.snapshot(d, "s1", job_id=2).to_json() == {"state": "running", "changed": True, "snapshot": "s1"}
-        assert qdrv.set_resources(d, memory_mib=48, vcpus=None).live is True  # virtio balloon
+        # a virtio balloon, but no guest driver to inflate it: read back, the running VM still has 64 MiB
+        resized = qdrv.set_resources(d, memory_mib=48, vcpus=2)
+        assert (resized.memory_mib, resized.memory_mib_live, resized.vcpus_live, resized.live) == (48, 64, 2, False)
+        assert "the running guest still has 64 MiB" in resized.note
+        # vCPU hot-unplug needs the guest's help: refused, and the running VM keeps 2
+        resized = qdrv.set_resources(d, memory_mib=None, vcpus=1)
+        assert (resized.vcpus, resized.vcpus_live, resized.live) == (1, 2, False) and "vcpus applies" in resized.note
         assert qdrv.kill(d).state == "shutoff"
         assert qdrv.kill(d).changed is False
         result = qdrv.revert(d, "s1")
@@ -365,21 +453,54 @@ def test_qemu_lifecycle(qdrv: Driver) -> None:
 
 @qemu
 @pytest.mark.qemu
-def test_qemu_stop_timeout(qdrv: Driver) -> None:
+def test_qemu_stop_timeout(qdrv: Driver, caplog: pytest.LogCaptureFixture) -> None:
     # An OS-less guest never answers the ACPI power button: graceful stop can only time out.
     s = DomainSpec(namespace="q", vm="stop", memory_mib=64, vcpus=1, disk_gib=0)
     try:
         qdrv.launch(s)
         checks: list[int] = []
         started = time.monotonic()
-        with pytest.raises(OperationTimeout, match="did not shut down within 1s") as err:
-            qdrv.stop(s.domain, timeout_s=1, force=False, check=lambda: checks.append(1))
+        caplog.set_level(logging.INFO, logger="worker.libvirtconn")
+        with pytest.raises(OperationTimeout, match=r"did not shut down within 4s \(2 shutdown requests, 3s apart\)") \
+                as err:
+            qdrv.stop(s.domain, timeout_s=4, force=False, check=lambda: checks.append(1))
         assert err.value.hint is not None and "--force" in err.value.hint
-        assert 1 <= time.monotonic() - started < 5 and len(checks) >= 3
+        assert 4 <= time.monotonic() - started < 8 and len(checks) >= 10
+        assert sum("libvirt change: shutdown " in r.message for r in caplog.records) == 2  # at 0 and 3 s
         assert qdrv.status(s.domain).state == VmState.RUNNING
 
-        result = qdrv.stop(s.domain, timeout_s=1, force=True, check=_noop)
-        assert result.to_json() == {"state": "shutoff", "changed": True, "note": "forced off after 1s"}
+        result = qdrv.stop(s.domain, timeout_s=0, force=False, check=_noop)  # one press, no wait
+        assert result.to_json() == {"state": "running", "changed": True,
+                                    "note": "shutdown requested; not waited for (--timeout 0)"}
+
+        result = qdrv.stop(s.domain, timeout_s=1, force=False, force_after_timeout=True, check=_noop)
+        assert (result.state, result.note) == ("shutoff", "forced off after 1s: the guest did not shut down "
+                                                          "(1 shutdown request)")
+        qdrv.start(s.domain)
+        started = time.monotonic()
+        assert qdrv.stop(s.domain, timeout_s=60, force=True, check=_noop).note == "forced off"
+        assert time.monotonic() - started < 3
+    finally:
+        qdrv.delete(s.domain)
+
+
+@qemu
+@pytest.mark.qemu
+def test_qemu_reboot_of_a_guest_that_ignores_it_fails(qdrv: Driver) -> None:
+    # No OS: nobody acts on the ACPI request, libvirt reports no reboot. A reset (--force) does happen.
+    s = DomainSpec(namespace="q", vm="reboot", memory_mib=64, vcpus=1, disk_gib=0)
+    try:
+        qdrv.launch(s)
+        started = time.monotonic()
+        with pytest.raises(OperationTimeout) as err:
+            qdrv.reboot(s.domain, timeout_s=4, check=_noop)
+        assert err.value.message == ("reboot did not happen: the guest did not react to the reboot request within "
+                                     "4s (2 reboot requests, 3s apart)")
+        assert err.value.hint is not None and "vm reboot --force" in err.value.hint
+        assert 4 <= time.monotonic() - started < 8
+        assert qdrv.reboot(s.domain, timeout_s=0, check=_noop).note == "reboot requested; not waited for (--timeout 0)"
+        result = qdrv.reboot(s.domain, force=True, check=_noop)
+        assert (result.state, result.changed) == ("running", True)
     finally:
         qdrv.delete(s.domain)
 

@@ -136,21 +136,24 @@ def test_cp_copies_files_in_and_out(booted: GuestCluster, tmp_path: Path) -> Non
     assert cli(booted, "vm", "cp", str(local), str(back))[0] == 2  # neither side in a guest
 
 
-def test_set_memory_then_exec_free_sees_it_after_a_restart(booted: GuestCluster) -> None:
-    """``set`` and ``exec`` run in their order. The test guest has no balloon driver, so a running
-    guest keeps its memory (the record and the definition have the new size); the next boot has it."""
+def test_set_memory_then_exec_free_sees_it_live_and_after_a_restart(booted: GuestCluster) -> None:
+    """``set`` and ``exec`` run in their order: the exec sees the new memory. Shrinking a running
+    guest goes through its balloon driver (virtio_balloon, in the test image), so ``free`` in the
+    guest shows it at once; the next boot has it too (the definition changed)."""
     assert run_cli(booted.settings, "vm", "set", VM, "--memory", "200").returncode == 0  # no --wait
-    code, out, _ = cli(booted, "vm", "exec", VM, "--", "free", "-m")
+    code, out, err = cli(booted, "vm", "exec", VM, "--", "free", "-m")
+    assert code == 0, err
     live_total = int(out.splitlines()[1].split()[1])
-    assert code == 0 and booted.client.vm(booted.namespace, VM).memory_mib == 200
+    assert booted.client.vm(booted.namespace, VM).memory_mib == 200
+    # the kernel keeps some 50 MiB to itself: 256 MiB shows about 204 in free, 200 MiB about 148
+    assert 100 < live_total < 180, live_total
     for args in (("kill", VM, "--wait"), ("start", VM, "--wait")):
         assert cli(booted, "vm", *args)[0] == 0
     booted.wait_console(VM, BOOT_MARKER, count=2)
     code, out, err = cli(booted, "vm", "exec", VM, "--timeout", "120", "--", "free", "-m")
-    total = int(out.splitlines()[1].split()[1])
     assert code == 0, err
-    # the kernel keeps some 50 MiB of 256 to itself: 256 MiB showed about 204, 200 MiB about 148
-    assert 100 < total < live_total - 40, (live_total, total)
+    total = int(out.splitlines()[1].split()[1])
+    assert abs(total - live_total) < 20, (live_total, total)
 
 
 def test_experiment_steps_may_exec() -> None:

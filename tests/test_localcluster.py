@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import libvirt
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -121,6 +122,10 @@ def test_up_detached_starts_redis_and_every_host(running: ClusterInfo, home: Pat
     assert [h.name for h in running.hosts] == ["host1", "host2"]
     assert all(h.libvirt_uri == TEST_URI for h in running.hosts)
     assert _hosts_up(running) == {h.name: h.pid for h in running.hosts}
+    with connect(running.redis_url, retries=0) as client:  # equal shares of one machine: equal hosts
+        hosts = [h for h in Store(client, host_down_after=3.0).hosts() if h.name in ("host1", "host2")]
+    machine = libvirt.open(TEST_URI).getInfo()  # what one test hypervisor reports: the whole "machine"
+    assert {(h.memory_mib, h.cpus) for h in hosts} == {(machine[1] // 2, machine[2] // 2)}
     assert _recorded(home)["redis_url"] == running.redis_url
     with connect(running.redis_url, retries=0) as client:  # an accepted job survives a power loss
         assert client.config_get("appendfsync") == {"appendfsync": "always"}

@@ -10,8 +10,10 @@ import threading
 import time
 import urllib.request
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,6 +25,9 @@ from orchestrator.model.settings import Settings
 from orchestrator.services.client import RedisClient
 
 from .conftest import PYTHON, ROOT, WorkerProc, free_port, ops, running_hosts, settings_env, start_worker, wait_until
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 
 def sample(text: str, name: str, **labels: str) -> float | None:
@@ -49,6 +54,34 @@ def scrape_cluster(settings: Settings) -> str:
             return r.text
 
     return asyncio.run(get())
+
+
+@contextmanager
+def task_events(app: Celery) -> Iterator[dict[str, dict[str, Any]]]:
+    """Celery's task events as a receiver in a thread of this process captures them: {task id: {event type:
+    event}}, filled in as they come. The receiver listens once this is entered, and stops at its end."""
+    seen: dict[str, dict[str, Any]] = defaultdict(dict)
+    ready = threading.Event()
+
+    def on_event(event: dict[str, Any]) -> None:
+        if "uuid" in event:
+            seen[event["uuid"]][event["type"]] = event
+
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": on_event})
+
+        def capture() -> None:
+            ready.set()
+            receiver.capture(limit=None, timeout=None, wakeup=False)
+
+        thread = threading.Thread(target=capture, daemon=True)
+        thread.start()
+        ready.wait(5)
+        try:
+            yield seen
+        finally:
+            receiver.should_stop = True
+            thread.join(timeout=10)
 
 
 def test_worker_metrics_move_when_jobs_run(base_settings: Settings, settings: Settings, client: RedisClient) -> None:
@@ -128,12 +161,6 @@ def test_celery_task_events_are_sent_while_a_monitor_asks_for_them(cluster: list
     """What Flower and 'celery events' consume: received/succeeded from the worker, once a monitor turned them on
     (they cost a third of a worker's busy time while nobody watches). Never task-sent (see queue.py)."""
     app = make_app(settings)
-    seen: dict[str, dict[str, Any]] = defaultdict(dict)
-    ready = threading.Event()
-
-    def on_event(event: dict[str, Any]) -> None:
-        if "uuid" in event:
-            seen[event["uuid"]][event["type"]] = event
 
     def ours() -> list[dict[str, Any]]:
         return [e for e in seen.values() if e.get("task-received", {}).get("name") == RUN_TASK]
@@ -141,16 +168,7 @@ def test_celery_task_events_are_sent_while_a_monitor_asks_for_them(cluster: list
     def run_one(op: Op, **params: object) -> None:
         client.wait([j.id for j in client.submit(ops(op, settings.namespace, "ev1", **params))], timeout=30)
 
-    with app.connection_for_read() as conn:
-        receiver = app.events.Receiver(conn, handlers={"*": on_event})
-
-        def capture() -> None:
-            ready.set()
-            receiver.capture(limit=None, timeout=None, wakeup=False)
-
-        thread = threading.Thread(target=capture, daemon=True)
-        thread.start()
-        ready.wait(5)
+    with task_events(app) as seen:
         try:
             run_one(Op.LAUNCH, memory_mib=64)
             for _ in range(3):
@@ -171,8 +189,6 @@ def test_celery_task_events_are_sent_while_a_monitor_asks_for_them(cluster: list
             assert "task-sent" not in event  # a second broker write per job on the submitter's path
         finally:
             app.control.disable_events()
-            receiver.should_stop = True
-            thread.join(timeout=10)
 
 
 def test_flower_sees_vmorch_tasks_and_their_jobs_outcome(cluster: list[WorkerProc], settings: Settings,
@@ -240,12 +256,6 @@ def test_task_events_stop_when_no_monitor_asks_any_more(base_settings: Settings,
     (Flower asks every 5 s; the lease is 300 s by default, 2 s here)."""
     worker = start_worker(base_settings, "lease1", env={"VMORCH_TASK_EVENTS_LEASE": "2"})
     app = make_app(settings)
-    seen: dict[str, dict[str, Any]] = defaultdict(dict)
-    ready = threading.Event()
-
-    def on_event(event: dict[str, Any]) -> None:
-        if "uuid" in event:
-            seen[event["uuid"]][event["type"]] = event
 
     def events_of(job_id: int) -> list[str]:
         args = str([settings.namespace, "ls1", job_id])
@@ -256,17 +266,8 @@ def test_task_events_stop_when_no_monitor_asks_any_more(base_settings: Settings,
         client.wait([job.id], timeout=30)
         return job.id
 
-    with running_hosts(base_settings, worker), app.connection_for_read() as conn:
+    with running_hosts(base_settings, worker), task_events(app) as seen:
         node = [f"lease1@{socket.gethostname()}"]  # not the session's workers: their lease is the default
-        receiver = app.events.Receiver(conn, handlers={"*": on_event})
-
-        def capture() -> None:
-            ready.set()
-            receiver.capture(limit=None, timeout=None, wakeup=False)
-
-        thread = threading.Thread(target=capture, daemon=True)
-        thread.start()
-        ready.wait(5)
         try:
             client.wait([j.id for j in client.submit(ops(Op.LAUNCH, settings.namespace, "ls1", memory_mib=16,
                                                           host="lease1"))], timeout=30)
@@ -296,5 +297,3 @@ def test_task_events_stop_when_no_monitor_asks_any_more(base_settings: Settings,
             client.wait([j.id for j in client.submit(ops(Op.DELETE, settings.namespace, "ls1"))], timeout=30)
         finally:
             app.control.disable_events(destination=node)
-            receiver.should_stop = True
-            thread.join(timeout=10)

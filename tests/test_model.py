@@ -38,7 +38,8 @@ def test_every_operation_has_params_and_a_handler() -> None:
 @pytest.mark.parametrize("op", list(Op))
 def test_operation_round_trips_through_json(op: Op) -> None:
     params = {Op.LAUNCH: {"memory_mib": 64, "tags": {"role": "web"}}, Op.SET: {"memory_mib": 256},
-              Op.SNAPSHOT: {"name": "s1"}, Op.REVERT: {"name": "s1"}, Op.TAG: {"set": {"a": "b"}},
+              Op.SNAPSHOT: {"name": "s1"}, Op.REVERT: {"name": "s1"}, Op.SNAPSHOT_DELETE: {"name": "s1"},
+              Op.TAG: {"set": {"a": "b"}},
               Op.STOP: {"force": True}, Op.MOVE_OUT: {"to": "h2"}, Op.MOVE_IN: {"source": "h1"},
               Op.EXEC: {"command": ["uname", "-a"], "timeout_s": 5}, Op.CP: {"path": "/tmp/x", "content": "aGk="},
               }.get(op, {})

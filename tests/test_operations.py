@@ -88,7 +88,19 @@ def test_set_changes_the_definition_and_the_running_vm_where_possible(cluster: l
     assert higher.result is not None and higher.result["live"] is False
     assert "next boot" in higher.result["note"]
     vm = client.vm(client.settings.namespace, "res")
-    assert (vm.memory_mib, vm.vcpus) == (96, 2)  # what was set, whatever the guest runs with now
+    assert (vm.memory_mib, vm.vcpus) == (96, 2)  # what was set, for the next boot
+    # and what the running VM has (read back: 96 MiB is above the maximum it was started with)
+    assert (vm.memory_mib_live, vm.vcpus_live) == (48, None), higher.result
+    same = ok(client, Op.SET, "res", memory_mib=48)
+    vm = client.vm(client.settings.namespace, "res")
+    assert same.result is not None and same.result["live"] is True
+    assert (vm.memory_mib, vm.memory_mib_live) == (48, None)  # the same again: no "live" beside it
+    ok(client, Op.SET, "res", memory_mib=96)
+    stopped = ok(client, Op.STOP, "res", timeout_s=0)  # one request, no wait: the test driver obeys at once
+    assert stopped.result is not None and stopped.result["state"] == "shutoff"
+    vm = client.vm(client.settings.namespace, "res")
+    assert (vm.state, vm.memory_mib, vm.memory_mib_live) == (VmState.SHUTOFF, 96, None)  # nothing runs
+    ok(client, Op.START, "res")
     ok(client, Op.KILL, "res")
     off = ok(client, Op.SET, "res", memory_mib=80)
     assert off.result is not None and off.result["memory_mib"] == 80
@@ -203,3 +215,29 @@ def test_a_job_waits_while_another_holder_has_the_vm_lock(cluster: list[WorkerPr
     finally:
         other.close()
 
+
+
+def test_snapshot_delete_is_ordered_idempotent_and_shown_with_its_time(
+        cluster: list[WorkerProc], client: RedisClient, settings: Settings) -> None:
+    import json
+
+    from .conftest import run_cli
+
+    ns = client.settings.namespace
+    ok(client, Op.LAUNCH, "sd", memory_mib=32, disk_gib=0)
+    ok(client, Op.SNAPSHOT, "sd", name="one")
+    ok(client, Op.SNAPSHOT, "sd", name="two")
+    vm = client.vm(ns, "sd")
+    assert vm.snapshots == ["one", "two"] and [d.name for d in vm.snapshot_details] == ["one", "two"]
+    assert all(d.created_at is not None for d in vm.snapshot_details)
+    shown = run_cli(settings, "vm", "show", "sd")
+    assert shown.returncode == 0 and "one (" in shown.stdout, shown.stdout
+    proc = run_cli(settings, "vm", "snapshot-delete", "sd", "one", "--wait")
+    assert proc.returncode == 0, proc.stderr
+    vm = client.vm(ns, "sd")
+    assert vm.snapshots == ["two"] and [d.name for d in vm.snapshot_details] == ["two"]
+    # as a redelivery finds it: already gone, so it succeeds without changing anything
+    again = ok(client, Op.SNAPSHOT_DELETE, "sd", name="one")
+    assert again.result is not None and again.result["changed"] is False
+    data = json.loads(run_cli(settings, "--json", "vm", "show", "sd").stdout)
+    assert data["snapshots"] == ["two"] and data["snapshot_details"][0]["name"] == "two"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Literal, overload
 
 from redis import Redis
 
@@ -36,8 +37,17 @@ def assert_serialized_in_order(jobs: list[Job]) -> None:
     assert [j.seq for j in by_seq] == list(range(by_seq[0].seq, by_seq[0].seq + len(by_seq))), "seq has gaps"
 
 
-def submit_together(settings: Settings, redis: Redis, *commands: list[str]) -> list[Job]:
-    """Each command in its own process, all released at the same moment; returns their jobs by seq."""
+@overload
+def submit_together(settings: Settings, redis: Redis, *commands: list[str],
+                    refusal_ok: Literal[False] = False) -> list[Job]: ...
+@overload
+def submit_together(settings: Settings, redis: Redis, *commands: list[str],
+                    refusal_ok: Literal[True]) -> list[subprocess.CompletedProcess[str]]: ...
+def submit_together(settings: Settings, redis: Redis, *commands: list[str],
+                    refusal_ok: bool = False) -> list[Job] | list[subprocess.CompletedProcess[str]]:
+    """Each ``vmorch`` command in its own process, all released at the same moment; returns their jobs by
+    seq. With ``refusal_ok``, a command may fail (a refusal is an answer): returns the finished processes
+    instead, in the order of ``commands``."""
     barrier = f"test:barrier:{random.getrandbits(32)}"
     procs = [subprocess.Popen([sys.executable, str(BARRIER_SUBMIT), settings.resolved_redis_url(), barrier, "--",
                                "--json", "--namespace", settings.namespace, *cmd],
@@ -46,13 +56,16 @@ def submit_together(settings: Settings, redis: Redis, *commands: list[str]) -> l
     for _ in procs:
         assert redis.blpop([f"{barrier}:ready"], timeout=30), "a submitter never got ready"
     redis.rpush(barrier, *[1] * len(procs))
-    jobs = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
-        jobs.append(Job.model_validate(json.loads(out)))
+    done = []
+    for proc, cmd in zip(procs, commands, strict=True):
+        stdout, stderr = proc.communicate(timeout=60)
+        if not refusal_ok:
+            assert proc.returncode == 0, stderr
+        done.append(subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr))
     redis.delete(barrier, f"{barrier}:ready")
-    return sorted(jobs, key=lambda j: j.seq)
+    if refusal_ok:
+        return done
+    return sorted((Job.model_validate(json.loads(p.stdout)) for p in done), key=lambda j: j.seq)
 
 
 def test_set_memory_and_kill_submitted_together_run_in_acceptance_order(

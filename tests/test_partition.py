@@ -47,19 +47,10 @@ from orchestrator.model.records import HostState, Job, JobState, VmState, domain
 from orchestrator.model.settings import Settings
 from orchestrator.services.client import RedisClient
 
-from .conftest import (
-    RedisServer,
-    WorkerProc,
-    assert_keyspace_clean,
-    free_port,
-    ops,
-    start_worker,
-    wait_hosts_up,
-    wait_until,
-)
+from .conftest import WorkerProc, assert_keyspace_clean, ops, start_worker, wait_hosts_up, wait_until
+from .helpers import private_redis, qemu_pids
 from .netcut import NetCut
 from .test_ordering import assert_serialized_in_order
-from .test_qemu import qemu_pids
 from .test_reliability import qemu_root
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
@@ -135,29 +126,25 @@ class Partition:
 
 @pytest.fixture(scope="module")
 def partition(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Partition]:
-    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis-partition"))
-    server.start()
     workers: list[WorkerProc] = []
-    try:
-        with NetCut(server.port) as cut, qemu_root() as root:
-            settings = Settings(redis_url=server.url, home=tmp_path_factory.mktemp("home-partition"),
-                                lock_expire=EXPIRE, heartbeat_interval=0.5, host_down_after=DOWN_AFTER,
-                                host_down_deadline=DEADLINE, wait_poll_interval=0.5, namespace="part")
-            try:
-                workers.append(start_worker(settings, "pq", f"qemu:///embed?root={root}", concurrency=2,
-                                            env={"VMORCH_REDIS_URL": cut.url}))
-                workers.append(start_worker(settings, "pd"))
-                wait_hosts_up(settings, *workers, timeout=60)
-                redis = Redis.from_url(server.url, decode_responses=True, socket_timeout=None)
-                client = RedisClient(settings)
-                yield Partition(settings, redis, client, cut, workers[0], workers[1], root)
-                redis.close()
-            finally:
-                cut.heal()
-                for w in workers:
-                    w.stop()  # by its PID
-    finally:
-        server.stop()
+    with private_redis(tmp_path_factory.mktemp("redis-partition")) as server, NetCut(server.port) as cut, \
+            qemu_root() as root:
+        settings = Settings(redis_url=server.url, home=tmp_path_factory.mktemp("home-partition"),
+                            lock_expire=EXPIRE, heartbeat_interval=0.5, host_down_after=DOWN_AFTER,
+                            host_down_deadline=DEADLINE, wait_poll_interval=0.5, namespace="part")
+        try:
+            workers.append(start_worker(settings, "pq", f"qemu:///embed?root={root}", concurrency=2,
+                                        env={"VMORCH_REDIS_URL": cut.url}))
+            workers.append(start_worker(settings, "pd"))
+            wait_hosts_up(settings, *workers, timeout=60)
+            redis = Redis.from_url(server.url, decode_responses=True, socket_timeout=None)
+            client = RedisClient(settings)
+            yield Partition(settings, redis, client, cut, workers[0], workers[1], root)
+            redis.close()
+        finally:
+            cut.heal()
+            for w in workers:
+                w.stop()  # by its PID
 
 
 def _wait_jobs(client: RedisClient, ids: list[int], timeout: float) -> list[Job]:
@@ -196,7 +183,7 @@ def test_a_worker_cut_off_from_redis_never_changes_its_vm_after_its_lease(partit
     [qemu] = qemu_pids(p.root)
     watch = ExitWatch(qemu)
     try:
-        [stop] = c.submit(ops(Op.STOP, ns, name, timeout_s=STOP_TIMEOUT_S, force=True))
+        [stop] = c.submit(ops(Op.STOP, ns, name, timeout_s=STOP_TIMEOUT_S, force_after_timeout=True))
         wait_until(lambda: c.job(stop.id).state is JobState.RUNNING, timeout=30, what="the stop running")
         time.sleep(CUT_AFTER_S)
         t_cut = p.cut.blackhole()

@@ -66,3 +66,31 @@ def test_the_least_loaded_host_by_share_gets_the_next_vm_and_a_bigger_host_takes
     chosen = placement.plan([request(f"v{i}") for i in range(16)],
                             [host("s", memory_mib="4096"), host("l", memory_mib="12288")])
     assert list(chosen.values()).count("l") == 12
+
+
+def test_a_disk_goes_only_where_the_store_has_room_for_it_and_the_margin() -> None:
+    gib = 1024**3
+    roomy, tight = host("roomy", store_free_bytes=str(100 * gib)), host("tight", store_free_bytes=str(int(10.5 * gib)))
+    big = placement.Request("a", memory_mib=512, vcpus=1, disk_gib=10)
+    assert placement.plan([big], [tight, roomy]) == {"a": "roomy"}
+    with pytest.raises(NoCapacity, match=r"^host tight has 10\.5 GiB free in its store; the disk needs 10 GiB \+ 1 "):
+        placement.plan([placement.Request("a", memory_mib=512, vcpus=1, disk_gib=10, host="tight")], [tight, roomy])
+    # the disks of one request count against each other; a host that reports nothing is not judged
+    many = [placement.Request(f"v{i}", memory_mib=16, vcpus=1, disk_gib=30) for i in range(4)]
+    with pytest.raises(NoCapacity, match=r"host roomy has 10\.0 GiB free"):
+        placement.plan(many, [roomy])
+    assert placement.plan(many, [host("old")]) == {f"v{i}": "old" for i in range(4)}
+    assert placement.plan([big], [tight], limits=placement.Limits(disk_margin_gib=0)) == {"a": "tight"}
+
+
+def test_the_worker_checks_the_room_again_right_before_making_the_disk(
+        tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    from worker import disks
+
+    monkeypatch.setattr(disks, "STORE_ROOM", disks.StoreRoom("h9", margin_gib=10.0**9))
+    disk = Path(str(tmp_path)) / "vms" / "x.qcow2"
+    with pytest.raises(NoCapacity, match=r"^host h9 has [0-9.]+ GiB free in its store; the disk needs 2 GiB \+ 1e"):
+        disks.create_disk(disk, 2, None)
+    assert not disk.exists()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +14,8 @@ from orchestrator.model.records import JobState, VmState
 from orchestrator.model.settings import Settings
 from orchestrator.services.client import RedisClient
 
-from .conftest import WorkerProc, ops, start_worker, wait_hosts_up, wait_until
+from .conftest import WorkerProc, ops, wait_until
+from .helpers import qemu_pids, qemu_worker
 from .test_operations import ok, one, state
 from .test_ordering import assert_serialized_in_order, submit_together
 
@@ -26,33 +25,10 @@ pytestmark = [
 ]
 
 
-def qemu_pids(root: Path) -> list[int]:
-    """PIDs of QEMU processes started from this embedded root (they outlive the worker)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            if b"qemu-system" in cmdline and str(root).encode() in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
 @pytest.fixture(scope="module")
 def qemu_host(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProc]:
-    root = tmp_path_factory.mktemp("qemu-root")
-    worker = start_worker(base_settings, "q1", f"qemu:///embed?root={root}", concurrency=2)
-    try:
-        wait_hosts_up(base_settings, worker, timeout=60)
+    with qemu_worker(base_settings, "q1", tmp_path_factory.mktemp("qemu-root"), remove_root=False) as worker:
         yield worker
-    finally:
-        worker.stop()
-        leftover = qemu_pids(root)
-        for pid in leftover:  # don't leave them running even when the assertion below fails
-            os.kill(pid, signal.SIGKILL)
-        assert not leftover, f"QEMU processes outlived the test: {leftover}"
 
 
 def test_real_vm_lifecycle(qemu_host: WorkerProc, client: RedisClient) -> None:

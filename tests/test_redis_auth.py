@@ -12,13 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from redis import Redis
 
 from orchestrator.control.queue import broker_ssl
 from orchestrator.model.settings import Settings
 
 from .apiserver import serve
 from .conftest import free_port, run_cli, running_hosts, start_worker, wait_until
+from .helpers import redis_url_pings
 
 PASSWORD = "s3cret-p@ss/word"  # characters a URL must quote
 QUOTED = "s3cret-p%40ss%2Fword"
@@ -30,14 +30,6 @@ def _redis(tmp: Path, *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--dir", str(tmp), "--save", "",
                              "--appendonly", "no", "--logfile", str(tmp / "redis.log"), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _pings(url: str) -> bool:
-    try:
-        with Redis.from_url(url, socket_connect_timeout=0.5) as client:
-            return bool(client.ping())
-    except Exception:
-        return False
 
 
 def _certificate(tmp: Path) -> Path | None:
@@ -68,9 +60,10 @@ def secured_redis(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[st
                       "--requirepass", PASSWORD)
         url = f"rediss://:{QUOTED}@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={cert}"
     try:
-        wait_until(lambda: proc.poll() is None and _pings(url), timeout=10, what=f"{request.param} redis-server")
+        wait_until(lambda: proc.poll() is None and redis_url_pings(url), timeout=10,
+                   what=f"{request.param} redis-server")
         # and without the password (or without TLS), nothing
-        assert not _pings(url.replace(f":{QUOTED}@", "@"))
+        assert not redis_url_pings(url.replace(f":{QUOTED}@", "@"))
         yield url
     finally:
         proc.terminate()

@@ -22,17 +22,8 @@ from orchestrator.model.settings import Settings
 from orchestrator.services.client import RedisClient
 from orchestrator.store import keys
 
-from .conftest import (
-    RedisServer,
-    WorkerProc,
-    assert_keyspace_clean,
-    free_port,
-    ops,
-    start_worker,
-    wait_hosts_up,
-    wait_until,
-)
-from .test_qemu import qemu_pids
+from .conftest import WorkerProc, assert_keyspace_clean, ops, start_worker, wait_hosts_up, wait_until
+from .helpers import private_redis, qemu_pids
 
 pytestmark = [
     pytest.mark.qemu,
@@ -182,7 +173,7 @@ def test_a_sigkilled_worker_s_job_is_rerun_and_changes_the_vm_once(base_settings
     ns = client.settings.namespace
     with qemu_host(base_settings, "qk", client) as host:
         launch(client, "kv", "qk")
-        [stop] = client.submit(ops(Op.STOP, ns, "kv", timeout_s=3, force=True))
+        [stop] = client.submit(ops(Op.STOP, ns, "kv", timeout_s=3, force_after_timeout=True))
         running(client, stop)
         assert host.worker is not None
         host.worker.proc.send_signal(signal.SIGKILL)
@@ -207,7 +198,7 @@ def test_a_sigstopped_worker_loses_its_lock_and_touches_nothing_after(
     ns = client.settings.namespace
     with qemu_host(base_settings, "qp", client) as host:
         launch(client, "pv", "qp")
-        [stop] = client.submit(ops(Op.STOP, ns, "pv", timeout_s=40, force=True))
+        [stop] = client.submit(ops(Op.STOP, ns, "pv", timeout_s=40, force_after_timeout=True))
         running(client, stop)
         assert host.worker is not None
         host.worker.proc.send_signal(signal.SIGSTOP)
@@ -232,7 +223,7 @@ def test_an_injected_renewal_failure_aborts_and_the_job_is_rerun(base_settings: 
     ns = client.settings.namespace
     with qemu_host(base_settings, "qr", client):
         launch(client, "rv", "qr")
-        [stop] = client.submit(ops(Op.STOP, ns, "rv", timeout_s=4, force=True))
+        [stop] = client.submit(ops(Op.STOP, ns, "rv", timeout_s=4, force_after_timeout=True))
         running(client, stop)
         redis.delete(keys.lock_key(vm_lock(ns, "rv").name))  # the lock vanishes under its holder
         [done] = client.wait([stop.id], timeout=60)
@@ -274,9 +265,7 @@ def _signal_pending(pid: int, sig: signal.Signals) -> bool:
 def own_redis(base_settings: Settings, tmp: Path) -> Iterator[tuple[Settings, RedisClient, Redis]]:
     """A Redis of the test's own: no janitor of the session's hosts (their host-down deadline is 4 s)
     fails its jobs while its one worker restarts."""
-    server = RedisServer(free_port(), tmp / "redis")
-    server.start()
-    try:
+    with private_redis(tmp / "redis") as server:
         (tmp / "home").mkdir()
         settings = base_settings.model_copy(update={"redis_url": server.url, "home": tmp / "home",
                                                     "namespace": "own"})
@@ -285,8 +274,6 @@ def own_redis(base_settings: Settings, tmp: Path) -> Iterator[tuple[Settings, Re
             yield settings, RedisClient(settings), redis
         finally:
             redis.close()
-    finally:
-        server.stop()
 
 
 def test_a_kill_interrupted_by_a_worker_crash_records_shutoff(base_settings: Settings, tmp_path: Path) -> None:

@@ -25,7 +25,8 @@ from orchestrator.services.client import RedisClient
 from orchestrator.services.schedules import ScheduleSpec
 from orchestrator.store import keys
 
-from .conftest import PYTHON, ROOT, WorkerProc, ops, run_cli, settings_env, wait_until
+from .conftest import PYTHON, WorkerProc, ops, run_cli, settings_env, wait_until
+from .helpers import process
 
 EXPERIMENT = """\
 name: tiny
@@ -43,19 +44,8 @@ teardown: delete
 @contextmanager
 def scheduler(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     env = {**settings_env(settings), "VMORCH_SCHEDULER_LOCK_TIMEOUT": "3", "VMORCH_SCHEDULER_TICK": "0.5"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen([PYTHON, "-m", "cli", "scheduler"], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    try:
+    with process([PYTHON, "-m", "cli", "scheduler"], env, log) as proc:
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def pause(target: str) -> TargetedOp:
@@ -293,17 +283,18 @@ def test_a_namespace_with_schedules_is_not_deleted(client: RedisClient) -> None:
 @pytest.mark.parametrize(("command", "expected"), [
     (["vm", "launch", "w[1-2]", "-m", "64", "--disk", "0", "--host-label", "rack=a", "-t", "role=web"],
      {"op": "launch", "target": "w[1-2]", "tag": {}, "params": {
-         "memory_mib": 64, "vcpus": 1, "disk_gib": 0, "image": None, "host": None, "host_labels": {"rack": "a"},
-         "colocate": None, "spread": False, "tags": {"role": "web"}}}),
+         "memory_mib": 64, "vcpus": 1, "disk_gib": 0, "image": None, "cloud_init": None, "ssh_keys": [],
+         "host": None, "host_labels": {"rack": "a"}, "colocate": None, "spread": False, "tags": {"role": "web"}}}),
     (["vm", "start", "web1"], {"op": "start", "target": "web1", "tag": {}, "params": {}}),
     (["vm", "kill", "--tag", "role=web"], {"op": "kill", "target": None, "tag": {"role": "web"}, "params": {}}),
     (["vm", "pause", "a,b"], {"op": "pause", "target": "a,b", "tag": {}, "params": {}}),
     (["vm", "resume", "web[1-3]", "-t", "k=v"], {"op": "resume", "target": "web[1-3]", "tag": {"k": "v"},
                                                  "params": {}}),
-    (["vm", "reboot", "x"], {"op": "reboot", "target": "x", "tag": {}, "params": {}}),
+    (["vm", "reboot", "x"], {"op": "reboot", "target": "x", "tag": {}, "params": {"force": False, "timeout_s": 60.0}}),
     (["vm", "delete", "x"], {"op": "delete", "target": "x", "tag": {}, "params": {}}),
     (["vm", "stop", "x", "--force", "--timeout", "5"],
-     {"op": "stop", "target": "x", "tag": {}, "params": {"force": True, "timeout_s": 5.0}}),
+     {"op": "stop", "target": "x", "tag": {}, "params": {"force": True, "timeout_s": 5.0,
+                                                          "force_after_timeout": False}}),
     (["vm", "set", "x", "-m", "256"],
      {"op": "set", "target": "x", "tag": {}, "params": {"memory_mib": 256, "vcpus": None}}),
     (["vm", "snapshot", "web[1-3]", "hourly"],
@@ -329,8 +320,8 @@ def test_every_vm_command_that_makes_jobs_can_be_scheduled() -> None:
     from cli.schedules import parse_vm_command
     from orchestrator.model.operation import COMMANDS
 
-    args = {"snapshot": ["s"], "revert": ["s"], "tag": ["k=v"], "set": ["-m", "64"], "move": ["--to", "h"],
-            "exec": ["--", "uptime", "-p"]}
+    args = {"snapshot": ["s"], "revert": ["s"], "snapshot-delete": ["s"], "tag": ["k=v"], "set": ["-m", "64"],
+            "move": ["--to", "h"], "exec": ["--", "uptime", "-p"]}
     for op, word in COMMANDS.items():
         if word == "cp":
             with pytest.raises(InvalidInput, match="can't schedule 'vm cp'"):

@@ -24,24 +24,21 @@ is readable only by the process's own user and root. The one output meant to sho
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import pytest
-from redis import Redis
 
 from orchestrator.control.queue import make_app
 from orchestrator.model.settings import Settings
 
-from .conftest import PYTHON, ROOT, free_port, run_cli, running_hosts, settings_env, start_worker, wait_until
+from .conftest import PYTHON, free_port, run_cli, running_hosts, settings_env, start_worker, wait_until
+from .helpers import process, redis_url_pings
 
 PASSWORD = "s3cret-p@ss/word"  # characters a URL must quote
 QUOTED = quote(PASSWORD, safe="")
@@ -68,30 +65,6 @@ class Evidence:
                 if at >= 0:
                     found.append(f"{what} in {where}: ...{text[max(0, at - 80):at + len(secret) + 20]!r}...")
         return found
-
-
-def _pings(url: str) -> bool:
-    try:
-        with Redis.from_url(url, socket_connect_timeout=0.5) as client:
-            return bool(client.ping())
-    except Exception:
-        return False
-
-
-@contextmanager
-def process(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def descendants(pids: list[int]) -> list[int]:
@@ -148,8 +121,8 @@ def test_no_password_or_token_secret_in_any_output(tmp_path: Path) -> None:
     evidence = Evidence()
     with ExitStack() as stack:
         redis = stack.enter_context(process(["redis-server", str(conf)], env, tmp_path / "redis.out"))
-        wait_until(lambda: _pings(url), timeout=10, what="redis-server with a password")
-        assert not _pings(f"redis://127.0.0.1:{port}/0")
+        wait_until(lambda: redis_url_pings(url), timeout=10, what="redis-server with a password")
+        assert not redis_url_pings(f"redis://127.0.0.1:{port}/0")
         worker = start_worker(settings, "sec1")
         stack.enter_context(running_hosts(settings, worker))
         scheduler = stack.enter_context(process(

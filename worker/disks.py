@@ -18,11 +18,14 @@ import os
 import secrets
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
+from xml.etree import ElementTree
 
 import libvirt
 
-from orchestrator.model.errors import AlreadyExists, HypervisorError, InvalidInput, NotFound
+from orchestrator.control.placement import GIB, no_store_room
+from orchestrator.model.errors import AlreadyExists, HypervisorError, InvalidInput, NoCapacity, NotFound
 
 from . import domxml
 from .libvirtconn import INSTALL_HINT, LibvirtConnection, state_of, translate, vmorch_error
@@ -31,6 +34,27 @@ from .results import Reverted, Snapshotted
 IMAGES_DIR = "images"
 VMS_DIR = "vms"
 _KEY = ".key"
+
+
+@dataclass
+class StoreRoom:
+    """Which host this process's store is, and the room a disk leaves free beyond its size (GiB):
+    set once by the worker at start (``worker.main``), as its settings say."""
+    host: str = ""
+    margin_gib: float = 1.0
+
+
+STORE_ROOM = StoreRoom()
+
+
+def check_room(store: Path, size_bytes: int) -> None:
+    """Refuse a disk the store has no room for (full size plus the margin): placement checked the
+    host's last heartbeat; this is the last word, right before the disk is made."""
+    free = shutil.disk_usage(store).free
+    if free < size_bytes + STORE_ROOM.margin_gib * GIB:
+        raise NoCapacity(no_store_room(STORE_ROOM.host or "this host", free, -(-size_bytes // GIB),
+                                       STORE_ROOM.margin_gib),
+                         hint="ask for a smaller disk (--disk), free space in the host's store, or add a host")
 
 
 def qemu_img(*args: str) -> str:
@@ -62,6 +86,7 @@ def create_disk(path: Path, size_gib: int, image: str | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     # A leftover from a launch that died before defining the domain: nobody uses it.
     path.unlink(missing_ok=True)
+    check_room(path.parent, size)
     qemu_img(*args, str(path), str(size))
 
 
@@ -142,6 +167,27 @@ class Snapshots(DiskStore):
                 return Snapshotted(state_of(dom), False, "already taken", snapshot=name)
             dom.snapshotCreateXML(domxml.snapshot_xml(name, description), 0)
             return Snapshotted(state_of(dom), True, snapshot=name)
+
+    def delete_snapshot(self, domain: str, name: str) -> Snapshotted:
+        """Delete a snapshot; one already gone (a redelivered job) is changed=False."""
+        dom = self._require(domain)
+        snap = self._snapshot(dom, domain, name)
+        if snap is None:
+            return Snapshotted(state_of(dom), False, "no such snapshot (already deleted)", snapshot=name)
+        with translate(domain, "delete a snapshot of"):
+            snap.delete(0)
+        return Snapshotted(state_of(dom), True, snapshot=name)
+
+    def snapshot_details(self, domain: str) -> list[dict[str, object]]:
+        """Each snapshot's name, when it was taken (epoch seconds) and, where libvirt knows it, its size."""
+        dom = self._require(domain)
+        out: list[dict[str, object]] = []
+        with translate(domain, "list snapshots of"):
+            for snap in dom.listAllSnapshots(0):
+                created = ElementTree.fromstring(snap.getXMLDesc(0)).findtext("creationTime")
+                out.append({"name": snap.getName(), "created_at": float(created) if created else None,
+                            "size_bytes": None})
+        return sorted(out, key=lambda s: str(s["name"]))
 
     def revert(self, domain: str, name: str) -> Reverted:
         dom = self._require(domain)

@@ -31,6 +31,7 @@ from orchestrator.model.operation import (
     Op,
     Operation,
     Params,
+    RebootParams,
     SetParams,
     SnapshotParams,
     StopParams,
@@ -117,20 +118,24 @@ class Handler(Generic[P]):
         return Context(job, op, op.params, vm, driver, check, fence_token, store, blobs, move_max_mib)
 
 
-def _state_update(result: DriverResult, **more: Any) -> dict[str, Any]:
+def _state_update(result: DriverResult, *, fresh: bool = False, **more: Any) -> dict[str, Any]:
     """What a job writes on the VM record. A no-op's answer ("already running") is this job's
     result, not news about the VM: it leaves the VM's note (a change pending at next boot, say) as it was."""
     update = {"state": result.state.value, **more}
     if result.changed:
         update["note"] = result.note or ""
+    if result.state in (VmState.SHUTOFF, VmState.CRASHED) or (fresh and result.changed):
+        # off, or started afresh (a new QEMU process boots with what is set): no live value differs
+        update.update(memory_mib_live="", vcpus_live="")
     return update
 
 
-def _simple(method: Callable[[Driver, str], DriverResult]) -> Handler[NoParams]:
+def _simple(method: Callable[[Driver, str], DriverResult], *, fresh: bool = False) -> Handler[NoParams]:
+    """``fresh``: the operation starts a new QEMU process (start), which boots with what is set."""
     def run(ctx: Context[NoParams]) -> Outcome:
         ctx.check()
         result = method(ctx.driver, ctx.vm.domain)
-        return Outcome(result, _state_update(result))
+        return Outcome(result, _state_update(result, fresh=fresh))
 
     return Handler(NoParams, run)
 
@@ -168,8 +173,18 @@ def _launch(ctx: Context[LaunchParams]) -> Outcome:
 
 def _stop(ctx: Context[StopParams]) -> Outcome:
     ctx.check()
-    result = ctx.driver.stop(ctx.vm.domain, timeout_s=ctx.params.timeout_s, force=ctx.params.force, check=ctx.check)
+    p = ctx.params
+    result = ctx.driver.stop(ctx.vm.domain, timeout_s=p.timeout_s, force=p.force, check=ctx.check,
+                             force_after_timeout=p.force_after_timeout)
     return Outcome(result, _state_update(result))
+
+
+def _reboot(ctx: Context[RebootParams]) -> Outcome:
+    ctx.check()
+    result = ctx.driver.reboot(ctx.vm.domain, timeout_s=ctx.params.timeout_s, force=ctx.params.force,
+                               check=ctx.check)
+    # The VM's note stays: the same QEMU process runs on, so a change pending for the next boot still is.
+    return Outcome(result, {"state": result.state.value})
 
 
 def _delete(ctx: Context[NoParams]) -> Outcome:
@@ -195,15 +210,28 @@ def _cp(ctx: Context[CpParams]) -> Outcome:
 def _set(ctx: Context[SetParams]) -> Outcome:
     ctx.check()
     result = ctx.driver.set_resources(ctx.vm.domain, memory_mib=ctx.params.memory_mib, vcpus=ctx.params.vcpus)
-    # The record shows what was set (the persistent definition), not what a guest ballooned to.
-    return Outcome(result, _state_update(result, memory_mib=result.memory_mib, vcpus=result.vcpus))
+    # The record shows what is set (the persistent definition) and, where the running VM has something
+    # else (read back from libvirt), that too; "" clears it.
+    live: dict[str, Any] = {
+        "memory_mib_live": result.memory_mib_live if result.memory_mib_live not in (None, result.memory_mib) else "",
+        "vcpus_live": result.vcpus_live if result.vcpus_live not in (None, result.vcpus) else ""}
+    return Outcome(result, _state_update(result, memory_mib=result.memory_mib, vcpus=result.vcpus, **live))
 
 
 def _snapshot(ctx: Context[SnapshotParams]) -> Outcome:
     ctx.check()
     result = ctx.driver.snapshot(ctx.vm.domain, ctx.params.name, job_id=ctx.job.id)
     snapshots = ctx.driver.status(ctx.vm.domain).snapshots
-    return Outcome(result, _state_update(result, snapshots=snapshots))
+    return Outcome(result, _state_update(result, snapshots=snapshots,
+                                         snapshot_details=ctx.driver.snapshot_details(ctx.vm.domain)))
+
+
+def _snapshot_delete(ctx: Context[SnapshotParams]) -> Outcome:
+    ctx.check()
+    result = ctx.driver.delete_snapshot(ctx.vm.domain, ctx.params.name)
+    snapshots = ctx.driver.status(ctx.vm.domain).snapshots
+    return Outcome(result, _state_update(result, snapshots=snapshots,
+                                         snapshot_details=ctx.driver.snapshot_details(ctx.vm.domain)))
 
 
 def _revert(ctx: Context[SnapshotParams]) -> Outcome:
@@ -302,16 +330,17 @@ def _move_out_gives_back(ctx: Context[MoveOutParams]) -> Adjust:
 
 HANDLERS: dict[Op, Handler[Any]] = {
     Op.LAUNCH: Handler(LaunchParams, _launch, failure_deletes_vm=True),
-    Op.START: _simple(Driver.start),
+    Op.START: _simple(Driver.start, fresh=True),
     Op.STOP: Handler(StopParams, _stop),
     Op.KILL: _simple(Driver.kill),
     Op.PAUSE: _simple(Driver.pause),
     Op.RESUME: _simple(Driver.resume),
-    Op.REBOOT: _simple(Driver.reboot),
+    Op.REBOOT: Handler(RebootParams, _reboot),
     Op.DELETE: Handler(NoParams, _delete, leaves_domain_here=False),
     Op.SET: Handler(SetParams, _set),
     Op.SNAPSHOT: Handler(SnapshotParams, _snapshot),
     Op.REVERT: Handler(SnapshotParams, _revert),
+    Op.SNAPSHOT_DELETE: Handler(SnapshotParams, _snapshot_delete),
     Op.TAG: Handler(TagParams, _tag),
     Op.MOVE_OUT: Handler(MoveOutParams, _move_out, lambda ctx: _both_hosts(ctx, ctx.params.to),
                          leaves_domain_here=False, failure_adjust=_move_out_gives_back),

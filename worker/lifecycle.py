@@ -32,6 +32,7 @@ from orchestrator.model.records import VmState, domain_name
 from . import domxml
 from .disks import create_disk
 from .libvirtconn import LibvirtConnection, state_of, translate
+from .presses import PRESS_EVERY_S, RebootWatch, press_until
 from .results import Deleted, DriverResult, Launched, Resized
 
 _IT_IS = {
@@ -43,7 +44,8 @@ _IT_IS = {
     VmState.UNKNOWN: "its state is unknown",
 }
 UNDEFINE_FLAGS = libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-_POLL_S = 0.2
+#: how long a resize waits for a guest's balloon driver to give memory back (or take it)
+BALLOON_SETTLE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,35 @@ def _powered_off(dom: libvirt.virDomain, changed: bool, note: str = "") -> Drive
     if not changed and was is not VmState.SHUTOFF:
         note = f"{note} (libvirt says: {was.value})" if note else f"libvirt says: {was.value}"
     return DriverResult(VmState.SHUTOFF, changed, note)
+
+
+def _request(dom: libvirt.virDomain, call: Callable[[], object]) -> None:
+    """One shutdown or reboot request; none needed if the domain went off since the last look."""
+    try:
+        call()
+    except libvirt.libvirtError:
+        if dom.isActive():
+            raise
+
+
+def _requests(count: int, what: str) -> str:
+    return f"{count} {what} request{'s' if count != 1 else ''}"
+
+
+def _live_mib(dom: libvirt.virDomain) -> int:
+    return int(dom.info()[2]) // 1024
+
+
+def _settled_mib(dom: libvirt.virDomain, wanted: int) -> int:
+    """The running VM's memory once its balloon reached ``wanted``, or after ``BALLOON_SETTLE_S``."""
+    deadline = time.monotonic() + BALLOON_SETTLE_S
+    while (mib := _live_mib(dom)) != wanted and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return mib
+
+
+def _nothing() -> None:
+    return None
 
 
 def _wake(dom: libvirt.virDomain) -> None:
@@ -183,39 +214,45 @@ class Lifecycle(LibvirtConnection):
             domain, "start", (VmState.SHUTOFF, VmState.CRASHED), VmState.RUNNING, _create, "; use resume"
         )
 
-    def stop(self, domain: str, *, timeout_s: float, force: bool, check: Callable[[], None]) -> DriverResult:
+    def stop(self, domain: str, *, timeout_s: float, force: bool, check: Callable[[], None],
+             force_after_timeout: bool = False) -> DriverResult:
+        """``force``: power off at once. Else a shutdown request (ACPI power button, or the guest agent
+        where libvirt has one), repeated until the guest is off or ``timeout_s`` passed (``press_until``);
+        then a timeout error, or with ``force_after_timeout`` a power-off. ``timeout_s`` 0: one request
+        and no wait (the result says whether it is off yet)."""
         dom = self._require(domain)
         with translate(domain, "stop"):
-            state = state_of(dom)
             if not dom.isActive():
                 return _powered_off(dom, False, "already off")
-            if state == VmState.PAUSED:
+            paused = state_of(dom) == VmState.PAUSED
+            if force or (paused and force_after_timeout):
+                return self._force_off(dom, check, "forced off: it was paused" if paused else "forced off")
+            if paused:
                 # QEMU refuses shutdown() of a paused domain: its guest can't see the ACPI event.
-                if not force:
-                    raise InvalidState(
-                        f"cannot stop {domain} gracefully: it is paused", hint="resume it, or use --force"
-                    )
-                dom.destroy()
-                return _powered_off(dom, True, "forced off: it was paused")
-            dom.shutdown()
-            deadline = time.monotonic() + timeout_s
-            while True:
-                check()  # each step: the lease (a libvirt change comes next), the time limit, a cancel
-                if not dom.isActive():
-                    return _powered_off(dom, True)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                time.sleep(min(_POLL_S, remaining))
-            if not force:
-                raise OperationTimeout(
-                    f"{domain} did not shut down within {timeout_s:g}s",
-                    hint="the guest ignored the ACPI power button; use --force to power it off",
-                )
-            check()
-            with contextlib.suppress(libvirt.libvirtError):  # it may have gone off just now
-                dom.destroy()
-            return _powered_off(dom, True, f"forced off after {timeout_s:g}s")
+                raise InvalidState(f"cannot stop {domain} gracefully: it is paused", hint="resume it, or use --force")
+            pressed = press_until(lambda: _request(dom, dom.shutdown), lambda: not dom.isActive(), check,
+                                  timeout_s=timeout_s)
+            if pressed.done:
+                return _powered_off(dom, True, f"shut down {pressed.seconds:.1f}s after the first shutdown request "
+                                               f"({pressed.presses} sent)")
+            if force_after_timeout:
+                return self._force_off(dom, check, f"forced off after {timeout_s:g}s: the guest did not shut down "
+                                                   f"({_requests(pressed.presses, 'shutdown')})")
+            if timeout_s == 0:
+                return DriverResult(state_of(dom), True, "shutdown requested; not waited for (--timeout 0)")
+            raise OperationTimeout(
+                f"{domain} did not shut down within {timeout_s:g}s ({_requests(pressed.presses, 'shutdown')}, "
+                f"{PRESS_EVERY_S:g}s apart)",
+                hint="the guest ignored the ACPI power button; 'vm stop --force' powers it off at once, "
+                     "'--force-after-timeout' after the graceful try",
+            )
+
+    @staticmethod
+    def _force_off(dom: libvirt.virDomain, check: Callable[[], None], note: str) -> DriverResult:
+        check()
+        with contextlib.suppress(libvirt.libvirtError):  # it may have gone off just now
+            dom.destroy()
+        return _powered_off(dom, True, note)
 
     def kill(self, domain: str) -> DriverResult:
         dom = self._lookup(domain)
@@ -239,12 +276,41 @@ class Lifecycle(LibvirtConnection):
     def resume(self, domain: str) -> DriverResult:
         return self._transition(domain, "resume", (VmState.PAUSED,), VmState.RUNNING, _wake)
 
-    def reboot(self, domain: str) -> DriverResult:
-        # An ACPI request, like `virsh reboot`: the guest OS carries it out (an OS-less guest ignores it).
-        result = self._transition(
-            domain, "reboot", (VmState.RUNNING,), None, lambda dom: dom.reboot(0), "; resume it first"
-        )
-        return DriverResult(result.state, result.changed, "reboot requested from the guest")
+    def reboot(self, domain: str, *, timeout_s: float = 60.0, force: bool = False,
+               check: Callable[[], None] = _nothing) -> DriverResult:
+        """``force``: a reset (the power-cycle of the machine, no shutdown). Else a reboot request
+        (ACPI, or the guest agent), repeated like stop's, until libvirt reports that the guest reset
+        (its reboot event), or a clear failure once ``timeout_s`` passed (0: one request, no wait)."""
+        dom = self._require(domain)
+        with translate(domain, "reboot"):
+            state = state_of(dom)
+            if state != VmState.RUNNING:
+                advice = "; resume it first" if state == VmState.PAUSED else ""
+                raise InvalidState(f"cannot reboot {domain}: {_IT_IS[state]}{advice}")
+            if force:
+                check()
+                dom.reset(0)
+                return DriverResult(state_of(dom), True, "reset: the guest restarted at once, without shutting down")
+            if self.virt_type == "test":  # no guest and no reboot event: libvirt's test driver reboots in the call
+                check()
+                dom.reboot(0)
+                return DriverResult(state_of(dom), True, "rebooted (test driver)")
+            with RebootWatch(self.conn, dom) as watch:
+                pressed = press_until(lambda: _request(dom, dom.reboot), lambda: watch.happened() or not dom.isActive(),
+                                      check, timeout_s=timeout_s)
+                rebooted = watch.happened()
+            if rebooted:
+                return DriverResult(state_of(dom), True, f"rebooted: the guest reset {pressed.seconds:.1f}s after the "
+                                                         f"first reboot request ({pressed.presses} sent)")
+            if not dom.isActive():
+                raise InvalidState(f"reboot did not happen: {domain} powered off instead", hint="start it: vm start")
+            if timeout_s == 0:
+                return DriverResult(state_of(dom), True, "reboot requested; not waited for (--timeout 0)")
+            raise OperationTimeout(
+                f"reboot did not happen: the guest did not react to the reboot request within {timeout_s:g}s "
+                f"({_requests(pressed.presses, 'reboot')}, {PRESS_EVERY_S:g}s apart)",
+                hint="'vm reboot --force' resets it (no clean shutdown); or 'vm stop --force' then 'vm start'",
+            )
 
     def delete(self, domain: str) -> Deleted:
         dom = self._lookup(domain)
@@ -272,15 +338,18 @@ class Lifecycle(LibvirtConnection):
     # -- resources ----------------------------------------------------------------------
 
     def set_resources(self, domain: str, *, memory_mib: int | None, vcpus: int | None) -> Resized:
+        """The definition always; the running VM where libvirt can. What the running VM has is read back
+        from libvirt afterwards: only that is reported live (a balloon request the guest ignores is not)."""
         if (memory_mib is not None and memory_mib <= 0) or (vcpus is not None and vcpus <= 0):
             raise InvalidInput(f"cannot resize {domain}: memory and vcpus must be positive")
         dom = self._require(domain)
         notes: list[str] = []
-        applied_live = False
+        ballooned = False
         config, live_flag = libvirt.VIR_DOMAIN_AFFECT_CONFIG, libvirt.VIR_DOMAIN_AFFECT_LIVE
         with translate(domain, "resize"):
             old_mem, old_max_mem, old_vcpus, old_max_vcpus = domxml.parse_resources(self._config(dom))
             active = bool(dom.isActive())
+            was_live = (_live_mib(dom), int(dom.vcpusFlags(live_flag))) if active else None
             if memory_mib is not None and (memory_mib, memory_mib) != (old_mem, old_max_mem):
                 # Maximum first: that also clamps current memory, and the next boot gets exactly this much.
                 dom.setMemoryFlags(memory_mib * 1024, config | libvirt.VIR_DOMAIN_MEM_MAXIMUM)
@@ -291,19 +360,29 @@ class Lifecycle(LibvirtConnection):
                 if vcpus > old_max_vcpus:
                     dom.setVcpusFlags(vcpus, config | libvirt.VIR_DOMAIN_VCPU_MAXIMUM)
                 dom.setVcpusFlags(vcpus, config)
-            if active and memory_mib is not None and int(dom.info()[2]) != memory_mib * 1024:
+            if active and memory_mib is not None and _live_mib(dom) != memory_mib:
                 live_max = int(dom.maxMemory()) // 1024
                 if memory_mib > live_max:  # the balloon can only give back what QEMU was started with
                     notes.append(f"memory applies at the next boot (the running VM's maximum is {live_max} MiB)")
                 else:
-                    applied_live |= _try_live(notes, "memory", lambda: dom.setMemoryFlags(memory_mib * 1024, live_flag))
+                    ballooned = _try_live(notes, "memory", lambda: dom.setMemoryFlags(memory_mib * 1024, live_flag))
             if active and vcpus is not None and int(dom.vcpusFlags(live_flag)) != vcpus:
                 live_max_vcpus = int(dom.vcpusFlags(live_flag | libvirt.VIR_DOMAIN_VCPU_MAXIMUM))
                 if vcpus > live_max_vcpus:  # hot-plug only up to the maximum QEMU was started with
                     notes.append(f"vcpus applies at the next boot (the running VM's maximum is {live_max_vcpus})")
                 else:
-                    applied_live |= _try_live(notes, "vcpus", lambda: dom.setVcpusFlags(vcpus, live_flag))
+                    _try_live(notes, "vcpus", lambda: dom.setVcpusFlags(vcpus, live_flag))
             new_mem, _, new_vcpus, _ = domxml.parse_resources(self._config(dom))
-        changed = (new_mem, new_vcpus) != (old_mem, old_vcpus) or applied_live
-        live = active and not notes
-        return Resized(state_of(dom), changed, "; ".join(notes), memory_mib=new_mem, vcpus=new_vcpus, live=live)
+            now_live = None
+            if active:
+                # the balloon is the guest's to inflate: libvirt reports what it gave back once it did
+                live_mem = _settled_mib(dom, new_mem) if ballooned else _live_mib(dom)
+                if ballooned and live_mem != new_mem:
+                    notes.append(f"memory applies at the next boot (the running guest still has {live_mem} MiB: "
+                                 "its balloon driver did not act on the request)")
+                now_live = (live_mem, int(dom.vcpusFlags(live_flag)))
+        changed = (new_mem, new_vcpus) != (old_mem, old_vcpus) or now_live != was_live
+        return Resized(state_of(dom), changed, "; ".join(notes), memory_mib=new_mem, vcpus=new_vcpus,
+                       live=now_live == (new_mem, new_vcpus),
+                       memory_mib_live=now_live[0] if now_live else None,
+                       vcpus_live=now_live[1] if now_live else None)

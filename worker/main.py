@@ -19,7 +19,7 @@ from orchestrator.store import keys, layout
 from orchestrator.store.jobstore import Store
 from orchestrator.store.redisconn import connect
 
-from . import agent, domxml, hostaccel, imagejobs
+from . import agent, disks, domxml, hostaccel, imagejobs
 from .console import ConsoleRelay
 from .driver import Driver
 from .guestwatch import GuestWatch
@@ -54,6 +54,7 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
     sockets = agent.socket_dir(libvirt_uri)
     domxml.use_agent_socket_dir(sockets)  # before any domain is defined
     driver = Driver(libvirt_uri, storage_dir or default_storage(settings, host))
+    disks.STORE_ROOM.host, disks.STORE_ROOM.margin_gib = host, settings.disk_margin_gib
     # The machine's name in the owner id makes the pids in this host's lock ids checkable here.
     locks = LockManager(url, owner=f"{host}@{socket.gethostname()}", expire=settings.lock_expire)
     watchdog = Watchdog(store, f"{host}:{os.getpid()}", settings.job_hard_time_limit)
@@ -72,7 +73,8 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
     heartbeat = Heartbeat(store, host, libvirt_uri=libvirt_uri, cpus=cpus, memory_mib=memory_mib,
                           interval=settings.heartbeat_interval, labels=labels, migrate_uri=migrate_uri,
                           shared_storage=shared_storage, status=probe.fields,
-                          extra={"accel": accel.kind, "accel_reason": accel.reason})
+                          extra={"accel": accel.kind, "accel_reason": accel.reason},
+                          storage_dir=driver.storage_dir)
     guests = driver.virt_type != "test"  # the test driver has no consoles and no agents
     relay = ConsoleRelay(driver, store.redis, host)
     guest_watch = GuestWatch(driver, store.redis, host, interval=max(2.0, settings.heartbeat_interval * 2))

@@ -49,8 +49,11 @@ class Resized(DriverResult):
     #: as the persistent definition has them now
     memory_mib: int
     vcpus: int
-    #: whether the running VM has them too
+    #: whether the running VM has them too (read back from libvirt)
     live: bool
+    #: what the running VM has, read back from libvirt (None: not running)
+    memory_mib_live: int | None = None
+    vcpus_live: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

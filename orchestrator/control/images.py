@@ -43,8 +43,11 @@ def check_source(source: str, *, allow_file: bool) -> str:
     check_text(source, "source")
     if len(source) > SOURCE_MAX:
         raise InvalidInput(f"source: longer than {SOURCE_MAX} characters", hint="give a shorter URL")
-    parts = urlsplit(source)
-    scheme = parts.scheme.lower()
+    try:
+        parts = urlsplit(source)
+        scheme, _ = parts.scheme.lower(), parts.hostname  # hostname parses the host part: "[x" raises
+    except ValueError as exc:
+        raise InvalidInput(f"source: not a URL: {exc}", hint="give http://HOST/PATH or https://HOST/PATH") from None
     if scheme in ("http", "https"):
         if not parts.hostname:
             raise InvalidInput(f"source: {source!r} names no host", hint="give http://HOST/PATH or https://HOST/PATH")

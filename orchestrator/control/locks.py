@@ -1,5 +1,9 @@
 """The lock hierarchy: the only module that imports ``redis_lock``.
 
+``LockManager`` (here) takes, renews and releases the locks; the levels, lock names and order
+checks are in ``lockhierarchy``, the lease and ``Holding`` in ``locklease``. Every name of the
+three is importable from here.
+
 Levels, after minimega's ``cmdLock > vmLock > VM.lock > all other locks``:
 
 =====  =========  ===============================  =====================================
@@ -53,19 +57,41 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from enum import IntEnum
 
 import redis_lock
 from redis.exceptions import RedisError
 
 from orchestrator.model import metrics
-from orchestrator.model.errors import LeaseExpired, LockError, LockLost, LockOrderError, LockTimeout
+from orchestrator.model.errors import LeaseExpired, LockError, LockTimeout
 from orchestrator.store import keys
 from orchestrator.store.jobstore import Fence
 from orchestrator.store.redisconn import bounded_by, budget, connect_for_locks
+
+from .lockhierarchy import (
+    Declared,
+    Level,
+    LockName,
+    _held,
+    _log_fields,
+    check_order,
+    cmd_lock,
+    declared_names,
+    held,
+    host_lock,
+    other_lock,
+    require,
+    vm_lock,
+    vms_lock,
+)
+from .locklease import CLOCK_RATE_DRIFT, LEASE_MARGIN_S, HeldLock, Holding, lease_seconds
+
+__all__ = [
+    "CLOCK_RATE_DRIFT", "LEASE_MARGIN_S", "RELEASE_BUDGET_S", "RENEWALS_PER_EXPIRY", "WAIT_SLICE_S", "Declared",
+    "HeldLock", "Holding", "Level", "LockManager", "LockName", "check_order", "cmd_lock", "declared_names", "held",
+    "host_lock", "lease_seconds", "other_lock", "require", "vm_lock", "vms_lock",
+]
 
 log = logging.getLogger(__name__)
 
@@ -105,166 +131,10 @@ return current
 #: expiry + this, not after a whole second BLPOP of the expiry (the library's default)
 WAIT_SLICE_S = 1
 
-#: the lease's margin, relative: clock rate drift between a host and Redis (NTP slews at most 0.05 %)
-CLOCK_RATE_DRIFT = 0.01
-#: the lease's margin, absolute (s): a check to its libvirt call, and that call's own time
-LEASE_MARGIN_S = 1.0
 #: renewals per expiry: a renewal is sent every ``expire / RENEWALS_PER_EXPIRY`` seconds
 RENEWALS_PER_EXPIRY = 3
 #: the most a release may take (s); past it the lock expires by itself
 RELEASE_BUDGET_S = 2.0
-
-
-def lease_seconds(expire: float) -> float:
-    """How long after sending a successful acquisition or renewal a holder may act (see the module)."""
-    return expire * (1 - CLOCK_RATE_DRIFT) - LEASE_MARGIN_S
-
-
-class Level(IntEnum):
-    CMD = 1
-    VMS = 2
-    VM = 3
-    OTHER = 4
-
-
-@dataclass(frozen=True, order=True)
-class LockName:
-    level: Level
-    name: str
-
-    def __str__(self) -> str:
-        return self.name
-
-
-def cmd_lock(namespace: str) -> LockName:
-    return LockName(Level.CMD, f"{keys.PREFIX}:cmd:{namespace}")
-
-
-def vms_lock(namespace: str) -> LockName:
-    return LockName(Level.VMS, f"{keys.PREFIX}:vms:{namespace}")
-
-
-def vm_lock(namespace: str, vm: str) -> LockName:
-    return LockName(Level.VM, f"{keys.PREFIX}:vm:{namespace}:{vm}")
-
-
-def host_lock(host: str) -> LockName:
-    return LockName(Level.OTHER, f"{keys.PREFIX}:host:{host}")
-
-
-def other_lock(name: str) -> LockName:
-    return LockName(Level.OTHER, f"{keys.PREFIX}:{name}")
-
-
-# What the current context (thread, or asyncio task) holds, in acquisition order.
-_held: contextvars.ContextVar[tuple[LockName, ...]] = contextvars.ContextVar("vmorch_held_locks", default=())
-
-
-def _log_fields(name: LockName) -> dict[str, str]:
-    return {"lock": name.name, "lock_level": name.level.name.lower()}
-
-
-def held() -> tuple[LockName, ...]:
-    return _held.get()
-
-
-def require(*names: LockName) -> None:
-    """For internal functions that assume locks (minimega's ``// LOCK:`` made checkable).
-
-    Cheap: it reads this context's held set, no Redis round trip. Raises ``LockOrderError`` if one is not held.
-    """
-    current = _held.get()
-    for name in names:
-        if name not in current:
-            raise LockOrderError(f"{name} must be held here", hint="call the exported function that takes it")
-
-
-#: the locks one handler needs, by level (Ganeti's ``needed_locks``): ``{Level.VM: [vm_lock(ns, vm)], ...}``
-Declared = Mapping[Level, Sequence[LockName]]
-
-
-def declared_names(declared: Declared) -> list[LockName]:
-    """The declared locks in the order they are taken: level by level, names sorted within a level."""
-    names: set[LockName] = set()
-    for level, at_level in declared.items():
-        for name in at_level:
-            if name.level is not level:
-                raise LockOrderError(f"{name} is a lock of level {name.level.name.lower()}, declared at "
-                                     f"{Level(level).name.lower()}", hint="declare each lock at its own level")
-            names.add(name)
-    return sorted(names)
-
-
-def check_order(wanted: list[LockName]) -> None:
-    """Raise ``LockOrderError`` unless ``wanted`` (sorted) may be taken after what is held."""
-    current = _held.get()
-    if not current or not wanted:
-        return
-    top = max(current)
-    first = wanted[0]
-    if first <= top:
-        why = "is already held" if first in current else f"sorts before {top} ({top.level.name.lower()}), which is held"
-        raise LockOrderError(
-            f"lock order violation: {first} ({first.level.name.lower()}) {why}",
-            hint="declare every lock up front; the hierarchy is cmd > vms > vm > other, names sorted",
-        )
-
-
-@dataclass(eq=False)
-class HeldLock:
-    name: LockName
-    lock: redis_lock.Lock
-    fence: Fence
-    #: time.monotonic() when the acquisition or the last successful renewal was *sent*
-    renewed_at: float
-    lost: str | None = None
-    #: whether the lock was taken when first asked for
-    waited: bool = False
-    acquired_at: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class Holding:
-    """What ``LockManager.hold`` yields: the held locks, their fences, and the loss check."""
-
-    locks: tuple[HeldLock, ...]
-    expire: int
-    _by_name: dict[LockName, HeldLock] = field(init=False)
-    #: seconds after a successful acquisition or renewal was sent that the holder may act (``lease_seconds``)
-    lease: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._by_name = {h.name: h for h in self.locks}
-        self.lease = lease_seconds(self.expire)
-
-    def fence(self, name: LockName) -> Fence:
-        return self._by_name[name].fence
-
-    def lease_ends_at(self) -> float:
-        """The ``time.monotonic()`` at which the first of these leases ends (-inf if a lock is known lost).
-
-        Known locally: no Redis round trip.
-        """
-        if any(h.lost for h in self.locks):
-            return float("-inf")
-        return min((h.renewed_at + self.lease for h in self.locks), default=float("inf"))
-
-    def lease_remaining(self) -> float:
-        """Seconds the holder may still act on what these locks protect; <= 0: stop."""
-        return self.lease_ends_at() - time.monotonic()
-
-    def check(self) -> None:
-        """Raise ``LockLost`` if a held lock was lost, ``LeaseExpired`` if its lease ran out.
-
-        Call before each side effect. Local: no Redis round trip.
-        """
-        now = time.monotonic()
-        for h in self.locks:
-            if h.lost:
-                raise LockLost(f"lost lock {h.name}: {h.lost}")
-            if now >= h.renewed_at + self.lease:
-                raise LeaseExpired(f"the lease of lock {h.name} ran out: not renewed for {now - h.renewed_at:.1f}s, "
-                                   f"it may have expired", hint="Redis did not answer in time; the job runs again")
 
 
 class LockManager:

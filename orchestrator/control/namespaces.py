@@ -7,7 +7,7 @@ from orchestrator.control.submit import Submitting
 from orchestrator.model.errors import AlreadyExists, ExecError, InvalidInput, NotFound
 from orchestrator.model.names import check_namespace
 from orchestrator.model.operation import Op, Operation
-from orchestrator.model.records import Job, Namespace
+from orchestrator.model.records import Job, Namespace, Quota
 from orchestrator.store.jobstore import BatchEntry
 
 
@@ -27,6 +27,17 @@ class Namespaces(Submitting):
             if self.store.namespace(name) is not None:
                 raise AlreadyExists(f"namespace {name!r} already exists", hint="see 'vmorch ns list'")
             return self.store.create_namespace(name, hosts)  # LOCK: cmd
+
+    def set_quota(self, name: str, quota: Quota) -> Namespace:
+        """Replace a namespace's limits (0 or None: no limit). Launches already accepted stay; the next
+        ones are checked against it, atomically, by the submit script."""
+        with self.locks.hold(cmd_lock(name), timeout=self.settings.submit_lock_timeout):
+            if self.store.namespace(name) is None:
+                raise NotFound(f"no namespace {name!r}", hint="see 'vmorch ns list'")
+            self.store.set_namespace_quota(name, quota.cleared())  # LOCK: cmd
+            found = self.store.namespace(name)
+        assert found is not None
+        return found
 
     def delete_namespace(self, name: str, *, force: bool) -> list[Job]:
         """Start deleting a namespace: its VMs go through ordinary delete jobs.

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from orchestrator.model.errors import InvalidInput, NoCapacity
 from orchestrator.model.records import Host, HostState
 
+GIB = 1024**3
+
 
 @dataclass(frozen=True)
 class Request:
@@ -34,6 +36,8 @@ class Request:
     #: a catalog image the VM's disk is made from, and the hosts where it is ready (None: no image)
     image: str | None = None
     image_hosts: frozenset[str] | None = None
+    #: the disk made for it (GiB): it needs that much room, plus a margin, in the host's store
+    disk_gib: int = 0
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,8 @@ class Limits:
 
     memory_ratio: float = 1.0
     cpu_ratio: float = 8.0
+    #: room a disk leaves free in the host's store beyond its full size (GiB)
+    disk_margin_gib: float = 1.0
 
 
 @dataclass
@@ -52,9 +58,16 @@ class _Room:
     #: what may be committed in all (size x allocation ratio)
     memory_cap: int = 0
     vcpus_cap: int = 0
+    #: free bytes in its store, less the disks placed there in this request (None: not reported)
+    store_free: int | None = None
+    margin_gib: float = 1.0
 
     def fits(self, r: Request) -> bool:
-        return self.memory_mib >= r.memory_mib and self.vcpus >= r.vcpus
+        return self.memory_mib >= r.memory_mib and self.vcpus >= r.vcpus and self.disk_fits(r)
+
+    def disk_fits(self, r: Request) -> bool:
+        return (not r.disk_gib or self.store_free is None
+                or self.store_free >= (r.disk_gib + self.margin_gib) * GIB)
 
     def load(self) -> tuple[float, float, str]:
         """How full the host is, as shares of what it may take: the least loaded gets the next VM."""
@@ -69,7 +82,8 @@ def plan(requests: Sequence[Request], hosts: Sequence[Host], *, allowed: set[str
     rooms = {}
     for h in hosts:
         memory_cap, vcpus_cap = int(h.memory_mib * limits.memory_ratio), int(h.cpus * limits.cpu_ratio)
-        rooms[h.name] = _Room(h, memory_cap - h.committed_mib, vcpus_cap - h.committed_vcpus, memory_cap, vcpus_cap)
+        rooms[h.name] = _Room(h, memory_cap - h.committed_mib, vcpus_cap - h.committed_vcpus, memory_cap, vcpus_cap,
+                              h.store_free_bytes, limits.disk_margin_gib)
     placement: dict[str, str] = {}
     turn = 0
     for r in requests:
@@ -97,6 +111,8 @@ def plan(requests: Sequence[Request], hosts: Sequence[Host], *, allowed: set[str
                 chosen = min(fitting, key=_Room.load)
         chosen.memory_mib -= r.memory_mib
         chosen.vcpus -= r.vcpus
+        if chosen.store_free is not None:
+            chosen.store_free -= r.disk_gib * GIB
         placement[r.vm] = chosen.host.name
     return placement
 
@@ -153,7 +169,18 @@ def _candidates(r: Request, rooms: Iterable[_Room], allowed: set[str] | None) ->
     return answering
 
 
+def no_store_room(host: str, free_bytes: int, disk_gib: int, margin_gib: float) -> str:
+    """The one wording of a store without room for a disk (placement's refusal, the worker's error)."""
+    return (f"host {host} has {max(free_bytes, 0) / GIB:.1f} GiB free in its store; the disk needs "
+            f"{disk_gib} GiB + {margin_gib:g} GiB")
+
+
 def _no_room(r: Request, rooms: Sequence[_Room]) -> NoCapacity:
+    fit_otherwise = [room for room in rooms if room.memory_mib >= r.memory_mib and room.vcpus >= r.vcpus]
+    if fit_otherwise and not any(room.disk_fits(r) for room in fit_otherwise):
+        most = max(fit_otherwise, key=lambda room: room.store_free or 0)
+        return NoCapacity(no_store_room(most.host.name, most.store_free or 0, r.disk_gib, most.margin_gib),
+                          hint="ask for a smaller disk (--disk), free space in the host's store, or add a host")
     most_memory = max((room.memory_mib for room in rooms), default=0)
     most_vcpus = max((room.vcpus for room in rooms), default=0)
     if most_memory < r.memory_mib:

@@ -251,9 +251,10 @@ class Submitting(Connection):
             assert isinstance(p, LaunchParams)
             colocate_host = self.store.get_vm(ns, p.colocate).host if p.colocate else None
             requests.append(placement.Request(op.vm, p.memory_mib, p.vcpus, p.host, p.host_labels, colocate_host,
-                                              p.image, ready.get(p.image or "")))
+                                              p.image, ready.get(p.image or ""), p.disk_gib))
             spread = spread or p.spread
-        limits = placement.Limits(self.settings.memory_allocation_ratio, self.settings.cpu_allocation_ratio)
+        limits = placement.Limits(self.settings.memory_allocation_ratio, self.settings.cpu_allocation_ratio,
+                                  self.settings.disk_margin_gib)
         allowed = set(info.hosts) if info is not None and info.hosts else None
         chosen = placement.plan(requests, hosts, allowed=allowed, spread=spread, limits=limits)
         unlocked = sorted(set(chosen.values()) - locked) if locked is not None else []

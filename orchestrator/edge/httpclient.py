@@ -17,7 +17,7 @@ from pydantic import TypeAdapter
 
 from orchestrator.model.errors import ClusterUnavailable, InvalidInput, VmorchError
 from orchestrator.model.operation import Op, Operation, SubmitOptions
-from orchestrator.model.records import Event, Host, Job, JobState, Namespace, Vm
+from orchestrator.model.records import Event, Host, Job, JobState, Namespace, Quota, Vm
 from orchestrator.model.settings import Settings
 from orchestrator.services.client import OnUpdate
 from orchestrator.services.schedules import Schedule, ScheduleSpec
@@ -176,6 +176,10 @@ class HttpClient:
 
     def create_namespace(self, name: str, hosts: list[str] | None) -> Namespace:
         return Namespace.model_validate(self._call("POST", "/api/v1/namespaces", json={"name": name, "hosts": hosts}))
+
+    def set_quota(self, name: str, quota: Quota) -> Namespace:
+        return Namespace.model_validate(self._call("PUT", f"{_ns(name)}/quota",
+                                                   json=quota.model_dump()))
 
     def delete_namespace(self, name: str, *, force: bool) -> list[Job]:
         return _LIST_JOB.validate_python(self._call("POST", f"{_ns(name)}/deletion",

@@ -128,7 +128,9 @@ class Supervisor:
         self.api = Child("API", api_argv(self.api_port), env, self.paths.logs / "api.log", self.paths.home)
         self.api.start()
         for name, uri in self.plan:
-            argv = [sys.executable, "-m", "worker", "--host", name, "--libvirt-uri", uri]
+            # The hosts share this machine: each offers an equal part of it, so placement sees equal hosts.
+            argv = [sys.executable, "-m", "worker", "--host", name, "--libvirt-uri", uri,
+                    "--share", str(len(self.plan))]
             child = Child(f"{name} worker", argv, env, self.paths.host_log(name), self.paths.home)
             child.start()
             self.workers[name] = child

@@ -40,6 +40,8 @@ class Op(StrEnum):
     SET = "set"
     SNAPSHOT = "snapshot"
     REVERT = "revert"
+    #: delete one snapshot (``vm snapshot-delete``); a missing one is already deleted (changed=false)
+    SNAPSHOT_DELETE = "snapshot-delete"
     TAG = "tag"
     #: ``vm move`` is two jobs in the VM's order: out on the source host, in on the target
     MOVE_OUT = "move-out"
@@ -112,9 +114,13 @@ class LaunchParams(Params):
         return [_as_value_error(check_ssh_key, line, f"SSH key {i}") for i, line in enumerate(lines, 1)]
 
 
-class StopParams(Params):
-    force: bool = False
-    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+class RebootParams(Params):
+    force: bool = False  # at once: a reboot resets, a stop powers off (no request, no wait)
+    timeout_s: float = Field(default=60.0, ge=0, le=3600)  # the request repeated every few s till then; 0: once
+
+
+class StopParams(RebootParams):
+    force_after_timeout: bool = False  # once timeout_s passed: power off instead of failing
 
 
 class SetParams(Params):
@@ -223,7 +229,7 @@ def _typed_params(data: Any) -> Any:
         raw = data.get("params")
         if raw is None or isinstance(raw, dict):
             data = {**data, "params": model.model_validate(raw or {})}
-        elif not isinstance(raw, model):
+        elif type(raw) is not model:  # exactly: a StopParams is a RebootParams too
             raise ValueError(f"params of {data['op']} must be {model.__name__}")
     return data
 
@@ -249,11 +255,12 @@ PARAMS: dict[Op, type[Params]] = {
     Op.KILL: NoParams,
     Op.PAUSE: NoParams,
     Op.RESUME: NoParams,
-    Op.REBOOT: NoParams,
+    Op.REBOOT: RebootParams,
     Op.DELETE: NoParams,
     Op.SET: SetParams,
     Op.SNAPSHOT: SnapshotParams,
     Op.REVERT: SnapshotParams,
+    Op.SNAPSHOT_DELETE: SnapshotParams,
     Op.TAG: TagParams,
     Op.MOVE_OUT: MoveOutParams,
     Op.MOVE_IN: MoveInParams,

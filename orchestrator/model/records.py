@@ -13,7 +13,7 @@ from enum import StrEnum
 from functools import cache
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, field_serializer, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_serializer, field_validator
 
 from orchestrator.model.operation import Op
 
@@ -173,9 +173,15 @@ AgentState = Literal["connected", "absent"]
 class Address(BaseModel):
     """One address of a guest's network interface."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     ip: str
     mac: str
+
+
+class SnapshotInfo(_Record):
+    name: str
+    created_at: datetime | None = None
+    size_bytes: int | None = None
 
 
 class Vm(_Record):
@@ -185,10 +191,16 @@ class Vm(_Record):
     state: VmState
     memory_mib: int
     vcpus: int
+    #: what the running VM has where it differs from what is set (``memory_mib``, ``vcpus``: the
+    #: definition, for the next boot), as the last ``vm set`` read it back; None: the same, or not running
+    memory_mib_live: int | None = None
+    vcpus_live: int | None = None
     tags: dict[str, str] = {}
     disk_gib: int = 0
     image: str | None = None
     snapshots: list[str] = []
+    #: each snapshot's name, when it was taken and its size if known, as its host's worker last wrote them
+    snapshot_details: list[SnapshotInfo] = []
     domain: str
     created_at: datetime | None = None
     updated_at: datetime | None = None
@@ -255,6 +267,8 @@ class Host(_Record):
     accel_reason: str = ""
     #: its worker shut down cleanly (a down host that was not stopped has crashed or lost Redis)
     stopped: bool = False
+    #: free bytes in its storage directory, at its last heartbeat (None: an older worker)
+    store_free_bytes: int | None = None
 
     @classmethod
     def from_hash(cls, h: dict[str, str], *, now: float, down_after: float, vms: int) -> Host:
@@ -273,6 +287,7 @@ class Host(_Record):
             labels=json.loads(h.get("labels") or "{}"),
             migrate_uri=h.get("migrate_uri", ""),
             shared_storage=bool(h.get("shared_storage")),
+            store_free_bytes=int(h["store_free_bytes"]) if h.get("store_free_bytes") else None,
             hostname=h.get("hostname", ""),
             version=h.get("version", ""),
             clock_offset=float(h["clock_offset"]) if h.get("clock_offset") else None,
@@ -304,6 +319,28 @@ class Event(_Record):
                    state=f.get("state", ""), by=f.get("by", ""), detail=f.get("detail", ""))
 
 
+#: a namespace quota's limits, each stored as the namespace hash's field ``quota_<name>``
+QUOTA_FIELDS = ("vms", "memory_mib", "vcpus", "disk_gib")
+
+
+class Quota(BaseModel):
+    """A namespace's limits: None (or 0 when setting one) = no limit. Checked atomically at acceptance."""
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+
+    vms: int | None = Field(default=None, ge=0, le=10**9)
+    memory_mib: int | None = Field(default=None, ge=0, le=10**12)
+    vcpus: int | None = Field(default=None, ge=0, le=10**9)
+    disk_gib: int | None = Field(default=None, ge=0, le=10**12)
+
+    def cleared(self) -> Quota:
+        """The same limits, with 0 meaning none."""
+        return Quota(**{f: getattr(self, f) or None for f in QUOTA_FIELDS})
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Quota:
+        return cls(**{f: int(h[f"quota_{f}"]) for f in QUOTA_FIELDS if h.get(f"quota_{f}")})
+
+
 class Namespace(_Record):
     name: str
     #: the hosts its VMs may be placed on; None = every host
@@ -311,11 +348,14 @@ class Namespace(_Record):
     state: str  # "active" or "deleting"
     created_at: datetime | None
     vms: int
+    #: its limits (``vmorch ns quota``)
+    quota: Quota = Field(default_factory=lambda: Quota())
 
     @classmethod
     def from_hash(cls, name: str, h: dict[str, str], *, vms: int) -> Namespace:
         return cls(name=name, hosts=json.loads(h["hosts"]) if h.get("hosts") else None,
-                   state=h.get("state") or "active", created_at=ts(h.get("created_at")), vms=vms)
+                   state=h.get("state") or "active", created_at=ts(h.get("created_at")), vms=vms,
+                   quota=Quota.from_hash(h))
 
 
 def host_state(h: dict[str, str], *, now: float, down_after: float) -> HostState:

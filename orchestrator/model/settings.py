@@ -46,6 +46,8 @@ class Settings(BaseModel):
     #: placement may commit a host's memory and CPUs up to these multiples of its size (as Nova's ratios)
     memory_allocation_ratio: float = Field(default=1.0, gt=0)
     cpu_allocation_ratio: float = Field(default=8.0, gt=0)
+    #: a disk is made only where the host's store has room for its full size plus this (GiB)
+    disk_margin_gib: float = Field(default=1.0, ge=0)
     #: the largest image source 'vmorch image import' fetches (MiB), and what its conversion may write
     image_max_mib: int = Field(default=16384, gt=0)
     #: the largest disk 'vm move' carries through Redis (Redis must have the memory for it meanwhile)

@@ -17,7 +17,10 @@ P:released                      zset     jobs whose dependencies were just met, 
                                          removed once their wake-up is sent (the janitor
                                          re-sends those left behind by a crash)
 P:ns                            set      the namespaces
-P:namespace:<ns>                hash     a namespace: its hosts (JSON list; empty = all), state
+P:namespace:<ns>                hash     a namespace: its hosts (JSON list; empty = all), state, and its
+                                         quota: quota_vms, quota_memory_mib, quota_vcpus, quota_disk_gib
+                                         (absent = no limit; submit_batch.lua checks them against the
+                                         sums of the namespace's VM records, atomically)
 P:vms:<ns>                      set      the VM registry of a namespace (names)
 P:vm:<ns>:<name>                hash     one VM record; its fields ``agent`` and ``addresses`` (JSON) are
                                          what its host's worker last saw of the guest agent, written

@@ -16,7 +16,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from orchestrator.model import metrics
-from orchestrator.model.errors import AlreadyExists, FencedOut, InvalidInput, NotFound, VmorchError
+from orchestrator.model.errors import AlreadyExists, FencedOut, InvalidInput, NoCapacity, NotFound, VmorchError
 
 #: how a script's error reply starts (a Redis error reply's first word is its kind)
 MARK = "VMORCH "
@@ -41,6 +41,17 @@ def _dependency_failed(d: dict[str, Any]) -> VmorchError:
                         hint=f"retry it first ('vmorch job retry {d['job']}'), or drop it from --after")
 
 
+_QUOTA_UNITS = {"vms": ("VMs", ""), "memory_mib": ("MiB of memory", " MiB"), "vcpus": ("vCPUs", ""),
+                "disk_gib": ("GiB of disk", " GiB")}
+
+
+def _quota(d: dict[str, Any]) -> VmorchError:
+    what, unit = _QUOTA_UNITS.get(str(d["resource"]), (str(d["resource"]), ""))
+    return NoCapacity(f"quota: namespace {d['namespace']} allows {d['limit']} {what}; it has {d['has']}{unit} "
+                      f"and this asks for {d['asks']}{unit}",
+                      hint=f"delete VMs, or have an admin raise it ('vmorch ns quota {d['namespace']}')")
+
+
 #: every (code, what) a script refuses with, and the error it becomes
 REFUSALS: dict[tuple[str, str], Callable[[dict[str, Any]], VmorchError]] = {
     ("fenced_out", "lock"): _fenced_out,
@@ -52,6 +63,7 @@ REFUSALS: dict[tuple[str, str], Callable[[dict[str, Any]], VmorchError]] = {
         hint="pick another name, or delete it first with 'vmorch vm delete'"),
     ("invalid_input", "moved"): _moved,
     ("invalid_input", "dependency_failed"): _dependency_failed,
+    ("no_capacity", "quota"): _quota,
 }
 
 

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
-from orchestrator.model.records import HostState, Namespace, Vm, vms_from_json
+from orchestrator.model.records import QUOTA_FIELDS, HostState, Namespace, Quota, Vm, vms_from_json
 from orchestrator.store import keys
 from orchestrator.store.entries import Fence, as_hash, no_vm
 from orchestrator.store.hosts import HostStore
@@ -84,6 +84,20 @@ class VmStore(HostStore):
         created = self.namespace(name)
         assert created is not None
         return created
+
+    def set_namespace_quota(self, name: str, quota: Quota) -> None:
+        """Replace a namespace's limits (``quota_<field>``; a field left out = no limit).
+
+        # LOCK: the caller holds cmd:<name>. The submit script reads them atomically at acceptance.
+        """
+        pipe = self.redis.pipeline()
+        for f in QUOTA_FIELDS:
+            value = getattr(quota, f)
+            if value:
+                pipe.hset(keys.namespace(name), f"quota_{f}", value)
+            else:
+                pipe.hdel(keys.namespace(name), f"quota_{f}")
+        pipe.execute()
 
     def mark_namespace_deleting(self, name: str) -> None:
         """# LOCK: the caller holds cmd:<name>."""

@@ -7,6 +7,8 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from fastapi import FastAPI, Security
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator.edge import clustermetrics, dashboard
 from orchestrator.edge.api import errors, events, experiments, guest, hosts, images, jobs, meta, namespaces, vms
@@ -31,16 +33,30 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="vmorch", version=API_VERSION, lifespan=lifespan,
                   description="VM operations queued, ordered and locked across a cluster. Every `/api/v1` route "
-                              "but `/api/v1/health` needs `Authorization: Bearer <token>`.",
-                  dependencies=[Security(bearer)])
+                              "but `/api/v1/health` needs `Authorization: Bearer <token>`.")
     app.state.backend = backend
     app.state.open_streams = 0
     app.add_middleware(TokenAuth, backend=backend)
     errors.install(app)
+    app.include_router(meta.public)
     for module in (meta, events, jobs, vms, guest, namespaces, hosts, experiments, images):
-        app.include_router(module.router)
+        # documents the scheme on every route but the public ones (TokenAuth does the checking)
+        app.include_router(module.router, dependencies=[Security(bearer)])
     # Outside /api/v1, so without a token, as Prometheus scrapes by default: cluster-wide
     # aggregates only (hosts, operations, states), never a namespace's or a VM's name.
-    app.mount("/metrics", clustermetrics.asgi_app(settings))
+    # At /metrics and /metrics/ alike: no redirect from one to the other.
+    metrics = clustermetrics.asgi_app(settings)
+    app.router.routes.append(Route("/metrics", _Asgi(metrics), methods=["GET"], include_in_schema=False))
+    app.mount("/metrics", metrics)
     dashboard.install(app)
     return app
+
+
+class _Asgi:
+    """An ASGI app as a route's endpoint (Starlette would call a plain function with a Request)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)

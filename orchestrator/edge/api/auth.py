@@ -24,8 +24,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator.edge.api.backend import Backend
 from orchestrator.edge.api.errors import vmorch_error_response
+from orchestrator.edge.api.schemas import Namespace
 from orchestrator.model.errors import ClusterUnavailable, Forbidden, NotFound, Unauthorized, VmorchError
-from orchestrator.model.names import Namespace
 from orchestrator.model.records import Job
 from orchestrator.services.client import RedisClient
 from orchestrator.store.tokens import ALL, Role, Token, lookup_async

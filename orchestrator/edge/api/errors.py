@@ -7,6 +7,9 @@ so ``HttpClient`` raises the very class the ``RedisClient`` would have raised.
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -76,6 +79,35 @@ def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorBody, "description": _DESCRIPTIONS[c]} for c in sorted({401, 422, *codes})}
 
 
+class Refusal(Exception):
+    """A vmorch error answered with what only the route knows: the field at fault (``path.target``), or a
+    status (409: it is the resource's state that refuses, not the request). Same code, message and hint."""
+
+    def __init__(self, error: VmorchError, *, status: int | None = None, field: str | None = None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.status = status or status_of(error)
+        self.field = field
+
+
+@contextmanager
+def at_field(field: str) -> Iterator[None]:
+    """``InvalidInput`` raised inside is answered as a 422 whose ``field`` is ``field``."""
+    try:
+        yield
+    except InvalidInput as exc:
+        raise Refusal(exc, field=field) from None
+
+
+@contextmanager
+def state_conflict() -> Iterator[None]:
+    """``InvalidInput`` raised inside is about the target's state (a job with nothing to retry): a 409."""
+    try:
+        yield
+    except InvalidInput as exc:
+        raise Refusal(exc, status=409) from None
+
+
 def status_of(exc: VmorchError) -> int:
     for cls, status in STATUS:
         if isinstance(exc, cls):
@@ -102,9 +134,55 @@ async def _vmorch(request: Request, exc: Exception) -> JSONResponse:
     return vmorch_error_response(exc)
 
 
+_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+
+
+def _documented_paths(app: FastAPI) -> list[tuple[re.Pattern[str], int, frozenset[str]]]:
+    """The OpenAPI document's paths: each as a regex over a request's path, its parameter count, its methods."""
+    paths: list[tuple[re.Pattern[str], int, frozenset[str]]] | None = getattr(app.state, "documented_paths", None)
+    if paths is None:
+        paths = []
+        for template, item in app.openapi()["paths"].items():
+            parts = re.split(r"(\{[^}]*\})", template)
+            regex = "".join("[^/]+" if part.startswith("{") else re.escape(part) for part in parts)
+            paths.append((re.compile(regex), len(parts) // 2, frozenset(m.upper() for m in item if m in _METHODS)))
+        app.state.documented_paths = paths
+    return paths
+
+
+def _resource(request: Request) -> tuple[int, list[str]] | None:
+    """The resource the request's path names, as documented: of the paths that take it, those with the fewest
+    parameters (``.../vms/web1/queue`` is ``GET .../vms/{name}/queue``, though ``POST .../vms/{target}/{op}``
+    takes it too), as their parameter count and methods; None for a path the document doesn't have."""
+    found = [(n, methods) for regex, n, methods in _documented_paths(request.app)
+             if regex.fullmatch(request.scope["path"])]
+    if not found:
+        return None
+    fewest = min(n for n, _ in found)
+    return fewest, sorted({m for n, methods in found if n == fewest for m in methods})
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods of the resource the request's path names: the ``Allow`` of a 405."""
+    resource = _resource(request)
+    return resource[1] if resource else []
+
+
+def _method_not_allowed(request: Request, allow: list[str]) -> JSONResponse:
+    return error_response(405, "method_not_allowed", f"{request.method} {request.url.path}: Method Not Allowed",
+                          hint=f"this path takes {', '.join(allow)}; the API's routes and methods are listed at /docs",
+                          headers={"Allow": ", ".join(allow)})
+
+
 async def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
+    if any(e.get("loc", ())[:1] == ("path",) for e in errors):
+        resource = _resource(request)
+        if resource is not None and len(request.path_params) > resource[0] and request.method not in resource[1]:
+            # POST .../vms/web1/queue reached POST .../vms/{target}/{op}, whose op it isn't: the path is
+            # another resource's, which doesn't take the method
+            return _method_not_allowed(request, resource[1])
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     field = ".".join(str(p) for p in first.get("loc", ()))
     msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
@@ -113,8 +191,22 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
                           hint="see the API's OpenAPI document at /docs for valid values", field=field or None)
 
 
+async def _refusal(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Refusal)
+    return error_response(exc.status, exc.error.code, exc.error.message, hint=exc.error.hint, field=exc.field)
+
+
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:  # Starlette's Allow names one route's methods: the path may have several
+        given = (getattr(exc, "headers", None) or {}).get("Allow", "")
+        return _method_not_allowed(request, allowed_methods(request) or [m.strip() for m in given.split(",")])
+    if exc.status_code == 400:
+        # FastAPI's, for a body it can't even decode (not UTF-8, nested too deep): invalid input like any
+        # other body that isn't JSON (which FastAPI already refuses with a 422)
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        return error_response(422, InvalidInput.code, f"body: not readable as JSON{cause}"[:300],
+                              hint="send a UTF-8 JSON body (Content-Type: application/json)", field="body")
     codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}
     return error_response(exc.status_code, codes.get(exc.status_code, "bad_request"),
                           f"{request.method} {request.url.path}: {exc.detail}",
@@ -136,6 +228,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     app.add_exception_handler(VmorchError, _vmorch)
     app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(Refusal, _refusal)
     app.add_exception_handler(HTTPException, _http)
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)

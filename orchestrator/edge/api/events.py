@@ -10,7 +10,7 @@ by the update channel (``keys.UPDATES``), not by the namespace's history stream.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated, cast
+from typing import Annotated, Any, cast
 
 import anyio
 from fastapi import APIRouter, Query, Request
@@ -18,8 +18,8 @@ from fastapi.responses import StreamingResponse
 
 from orchestrator.edge.api.auth import Client, CurrentToken, ReadNs, authorize, backend
 from orchestrator.edge.api.errors import responses
+from orchestrator.edge.api.schemas import Name, Namespace
 from orchestrator.model.errors import ClusterUnavailable
-from orchestrator.model.names import Name, Namespace
 from orchestrator.model.records import Job
 from orchestrator.store import keys
 from orchestrator.store.history import History
@@ -33,7 +33,12 @@ KEEPALIVE_S = 15.0
 MAX_STREAMS = 200
 
 
-@router.get("/jobs/events", response_class=StreamingResponse, responses=responses(403, 503),
+_STREAM: dict[int | str, dict[str, Any]] = {200: {
+    "description": "Server-sent events, until the client goes",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+@router.get("/jobs/events", response_class=StreamingResponse, responses={**_STREAM, **responses(403, 503)},
             summary="Server-sent events: every job change in the token's namespaces (or one of them)")
 async def job_events(
     request: Request, token: CurrentToken,

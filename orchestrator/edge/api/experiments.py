@@ -13,10 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.edge.api.auth import Client, CurrentToken, OperateNs, ReadNs, authorize
-from orchestrator.edge.api.errors import responses
+from orchestrator.edge.api.errors import at_field, responses
+from orchestrator.edge.api.schemas import Name
 from orchestrator.model import experiment
 from orchestrator.model.errors import NotFound
-from orchestrator.model.names import Name
 from orchestrator.model.operation import PARAMS, Op
 from orchestrator.services.schedules import MAX_OPERATIONS, Schedule, ScheduleSpec
 from orchestrator.store.runs import ExperimentRun
@@ -71,8 +71,9 @@ class ScheduleIn(BaseModel):
     missed: str = Field(default="once", pattern="^(once|skip)$")
 
 
-def _experiment_namespace(text: str, ns: str, token: CurrentToken) -> None:
-    exp = experiment.load(text)
+def _experiment_namespace(text: str, field: str, token: CurrentToken) -> None:
+    with at_field(field):
+        exp = experiment.load(text)
     if exp.namespace is not None:
         authorize(token, Role.OPERATE, exp.namespace)
 
@@ -82,7 +83,7 @@ def _experiment_namespace(text: str, ns: str, token: CurrentToken) -> None:
 def run_experiment(ns: OperateNs, body: ExperimentIn, client: Client, token: CurrentToken,
                    response: Response) -> ExperimentRun:
     """Needs role ``operate`` (on the file's own ``namespace`` too, if it names one)."""
-    _experiment_namespace(body.text, ns, token)
+    _experiment_namespace(body.text, "body.text", token)
     run = client.run_experiment(body.text, namespace=ns, source=body.source)
     response.headers["Location"] = f"/api/v1/namespaces/{run.namespace}/experiments/{run.id}"
     return run
@@ -110,7 +111,7 @@ def add_schedule(ns: OperateNs, body: ScheduleIn, client: Client, token: Current
                  response: Response) -> Schedule:
     """Needs role ``operate``; an experiment naming another namespace needs it there too."""
     if body.experiment is not None:
-        _experiment_namespace(body.experiment, ns, token)
+        _experiment_namespace(body.experiment, "body.experiment", token)
     try:
         spec = ScheduleSpec.model_validate({**body.model_dump(), "namespace": ns})
     except ValidationError as exc:  # what the body's own schema lets through: a bad time, or two of cron/every/at

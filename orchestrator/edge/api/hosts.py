@@ -8,8 +8,8 @@ from fastapi import APIRouter, Path
 
 from orchestrator.edge.api.auth import Client, CurrentToken, authorize
 from orchestrator.edge.api.errors import responses
+from orchestrator.edge.api.schemas import HostName as ValidHostName
 from orchestrator.model.errors import NotFound
-from orchestrator.model.names import HostName as ValidHostName
 from orchestrator.model.records import Host
 from orchestrator.store.tokens import Role
 

@@ -8,13 +8,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator.control.images import SOURCE_MAX
+from orchestrator.control.images import SOURCE_MAX, check_source
 from orchestrator.edge.api.auth import Client, CurrentToken, authorize
 from orchestrator.edge.api.errors import responses
 from orchestrator.edge.api.jobs import accepted
+from orchestrator.edge.api.schemas import NAME_RULE, HostName
 from orchestrator.model.errors import InvalidInput
 from orchestrator.model.guestdata import check_image_name
-from orchestrator.model.names import HostName, refuse_bad_text
+from orchestrator.model.names import refuse_bad_text
 from orchestrator.model.records import Job
 from orchestrator.store.images import Image
 from orchestrator.store.tokens import Role, Token
@@ -29,8 +30,18 @@ def _image_name(value: str) -> str:
         raise ValueError(f"{exc.message} ({exc.hint})") from None
 
 
-ImageName = Annotated[str, AfterValidator(_image_name)]
-PathName = Annotated[str, Path(max_length=200, description="image name")]
+def _source(value: str) -> str:
+    try:
+        return check_source(value, allow_file=True)  # the routes that take one are for admins of every namespace
+    except InvalidInput as exc:
+        raise ValueError(f"{exc.message.removeprefix('source: ')} ({exc.hint})") from None
+    except ValueError as exc:  # urlsplit's: "http://[x" is no URL at all
+        raise ValueError(f"{value[:80]!r} is not a URL: {exc}") from None
+
+
+#: check_image_name refuses exactly what a VM name's rule refuses (a path can't match it either)
+ImageName = Annotated[str, AfterValidator(_image_name), NAME_RULE]
+PathName = Annotated[ImageName, Path(description="image name")]
 
 
 def cluster_admin(token: CurrentToken) -> Token:
@@ -47,7 +58,7 @@ class ImageImport(BaseModel):
 
     name: ImageName
     #: http(s)://... ; file:///PATH (an admin's: it reads the worker's own file)
-    source: str = Field(max_length=SOURCE_MAX)
+    source: Annotated[str, AfterValidator(_source)] = Field(max_length=SOURCE_MAX)
     #: of the source's bytes; checked on every host (and then the image's identity)
     sha256: str | None = Field(default=None, max_length=64)
     #: where to import it; null or absent: every host that is up
@@ -66,7 +77,7 @@ def list_images(client: Client) -> list[Image]:
 
 @router.get("/{name}", response_model=Image, responses=responses(404, 503), summary="One image, and where it is ready")
 def get_image(name: PathName, client: Client) -> Image:
-    return client.image(_checked(name))
+    return client.image(name)
 
 
 @router.post("", status_code=202, response_model=list[Job], responses=responses(403, 409, 503),
@@ -80,12 +91,4 @@ def import_image(body: ImageImport, response: Response, client: Client, token: C
 @router.delete("/{name}", status_code=202, response_model=list[Job], responses=responses(403, 404, 503),
                summary="Remove an image no VM uses: one job per host that has it (admin of every namespace)")
 def remove_image(name: PathName, response: Response, client: Client, token: ClusterAdmin) -> list[Job]:
-    return accepted(response, client.remove_image(_checked(name)))
-
-
-def _checked(name: str) -> str:
-    """A path's image name, refused as a 422 naming it (the path can't carry a RequestValidationError's loc)."""
-    try:
-        return check_image_name(name)
-    except InvalidInput as exc:
-        raise InvalidInput(f"name: {exc.message}", hint=exc.hint) from None
+    return accepted(response, client.remove_image(name))

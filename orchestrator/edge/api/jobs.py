@@ -7,10 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Path, Query, Response
 
 from orchestrator.edge.api.auth import Client, CurrentToken, authorize, visible_job
-from orchestrator.edge.api.errors import responses
-from orchestrator.edge.api.schemas import Plan, PlanEntry, SubmitRequest
+from orchestrator.edge.api.errors import responses, state_conflict
+from orchestrator.edge.api.schemas import Namespace, Plan, PlanEntry, SubmitRequest
 from orchestrator.model.errors import InvalidInput
-from orchestrator.model.names import Namespace
 from orchestrator.model.operation import SubmitOptions
 from orchestrator.model.records import Job
 from orchestrator.store.retention import PruneReport
@@ -140,13 +139,15 @@ def children(job_id: JobId, client: Client, token: CurrentToken) -> list[Job]:
     return client.children(job_id)
 
 
-@router.post("/jobs/{job_id}/retry", status_code=202, response_model=list[Job], responses=responses(403, 404, 503),
+@router.post("/jobs/{job_id}/retry", status_code=202, response_model=list[Job], responses=responses(403, 404, 409, 503),
              summary="Run a failed job again; for a parent job, its failed children under a new parent")
 def retry(job_id: JobId, response: Response, client: Client, token: CurrentToken) -> list[Job]:
-    """Needs role ``operate``. ``Location`` points to the first new job (the new parent, if any)."""
+    """Needs role ``operate``. ``Location`` points to the first new job (the new parent, if any). 409 for a job
+    with nothing to retry: not final yet, succeeded, or a parent none of whose children failed."""
     job = visible_job(client, token, job_id)
     authorize(token, Role.OPERATE, job.namespace)
-    jobs = client.retry(job_id)
+    with state_conflict():
+        jobs = client.retry(job_id)
     first = jobs[0].parent if jobs and jobs[0].parent is not None else (jobs[0].id if jobs else None)
     if first is not None:
         response.headers["Location"] = job_url(first)

@@ -10,9 +10,11 @@ from orchestrator.edge.api.schemas import Health
 from orchestrator.store.tokens import Token
 
 router = APIRouter(prefix="/api/v1", tags=["meta"])
+#: routes without a token (auth.PUBLIC_PATHS): included without the bearer scheme, so OpenAPI shows no lock
+public = APIRouter(prefix="/api/v1", tags=["meta"])
 
 
-@router.get("/health", response_model=Health, responses={503: responses(503)[503]},
+@public.get("/health", response_model=Health, responses={503: responses(503)[503]},
             summary="Whether the API reaches Redis (no token needed)")
 def health(request: Request) -> Health:
     backend(request).client().redis.ping()

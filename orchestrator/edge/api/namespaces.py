@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from orchestrator.edge.api.auth import AdminNs, Client, CurrentToken, ReadNs, authorize
-from orchestrator.edge.api.errors import responses
+from orchestrator.edge.api.errors import at_field, responses
 from orchestrator.edge.api.jobs import accepted
-from orchestrator.edge.api.schemas import NamespaceCreate, NamespaceDeleted
+from orchestrator.edge.api.schemas import NamespaceCreate, NamespaceDeleted, QuotaIn
 from orchestrator.model.errors import NotFound
 from orchestrator.model.records import Job, Namespace
 from orchestrator.store.tokens import Role
@@ -28,7 +28,8 @@ def list_namespaces(client: Client, token: CurrentToken) -> list[Namespace]:
 def create_namespace(body: NamespaceCreate, client: Client, token: CurrentToken, response: Response) -> Namespace:
     """Needs role ``admin`` on that namespace."""
     authorize(token, Role.ADMIN, body.name)
-    created = client.create_namespace(body.name, body.hosts)
+    with at_field("body.hosts"):  # its one invalid input: a host the cluster doesn't have
+        created = client.create_namespace(body.name, body.hosts)
     client.store.add_event(body.name, kind="namespace", state="created", by=client.actor,
                            detail=f"hosts {','.join(body.hosts)}" if body.hosts else "all hosts")
     response.headers["Location"] = f"/api/v1/namespaces/{body.name}"
@@ -40,6 +41,17 @@ def get_namespace(ns: ReadNs, client: Client) -> Namespace:
     found = client.store.namespace(ns)
     if found is None:
         raise NotFound(f"no namespace {ns!r}", hint="see 'vmorch ns list'")
+    return found
+
+
+@router.put("/{ns}/quota", response_model=Namespace, responses=responses(403, 404, 503),
+            summary="Set a namespace's quota (its limits; null or 0 = no limit)")
+def set_quota(body: QuotaIn, ns: AdminNs, client: Client) -> Namespace:
+    """Replaces every limit: a field left out is no limit. Checked atomically when launches are accepted
+    (409 ``no_capacity`` naming what ran out). Role ``admin``."""
+    found = client.set_quota(ns, body)
+    client.store.add_event(ns, kind="namespace", state="quota", by=client.actor,
+                           detail=", ".join(f"{k} {v}" for k, v in found.quota.model_dump().items() if v) or "none")
     return found
 
 

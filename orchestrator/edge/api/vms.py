@@ -8,10 +8,10 @@ from fastapi import APIRouter, Body, Path, Query, Request, Response
 
 from orchestrator.control.locks import vm_lock
 from orchestrator.edge.api.auth import Client, OperateNs, ReadNs
-from orchestrator.edge.api.errors import responses
+from orchestrator.edge.api.errors import at_field, responses
 from orchestrator.edge.api.jobs import IdempotencyKey, accepted
-from orchestrator.edge.api.schemas import OperationIn, VmQueue, build_operations
-from orchestrator.model.names import Name, expand_target
+from orchestrator.edge.api.schemas import Name, OperationIn, VmQueue, build_operations
+from orchestrator.model.names import expand_target
 from orchestrator.model.operation import Op, SubmitOptions
 from orchestrator.model.records import Event, Job, JobState, Vm
 
@@ -43,8 +43,10 @@ def operate(ns: OperateNs, client: Client, response: Response, key: IdempotencyK
             params: Annotated[dict[str, Any] | None, Body(description="the operation's parameters")] = None,
             ) -> list[Job]:
     """A job per VM of the target, all accepted or none; ``Location`` points to the first."""
-    ops = build_operations([OperationIn(op=op, namespace=ns, vm=vm, params=params or {})
-                            for vm in expand_target(target)], ("body",), indexed=False)
+    with at_field("path.target"):
+        vms = expand_target(target)
+    ops = build_operations([OperationIn(op=op, namespace=ns, vm=vm, params=params or {}) for vm in vms], ("body",),
+                           indexed=False)
     return accepted(response, client.submit(ops, SubmitOptions(idempotency_key=key) if key else None))
 
 

@@ -17,7 +17,8 @@
 -- A key used before: {-1, its JSON list of job ids}, and nothing written (A.idem_ttl: how long a
 -- key is kept).
 -- Refused (nothing written): not_found (what = 'dependency' or 'vm'), already_exists (what = 'vm'),
--- invalid_input (what = 'dependency_failed' or 'moved').
+-- invalid_input (what = 'dependency_failed' or 'moved'), no_capacity (what = 'quota': a namespace's
+-- quota, P:namespace:<ns>'s quota_* fields, would be exceeded by its launches).
 local by = A.by
 if K.idem then
   local seen = redis.call('GET', K.idem)
@@ -48,6 +49,41 @@ for _, j in ipairs(A.jobs) do
     return refuse('invalid_input', {what = 'moved', namespace = j.ns, vm = j.vm, host = j.source})
   end
   count = count + (j.t == 'move' and 2 or 1)
+end
+
+-- quotas: each namespace's limits against the sums of its VM records plus this batch's launches, read
+-- here so two concurrent launches can't both take the last of one (the records are only read when a
+-- limit is set: the namespace's VM keys come from keys.py's pattern, key.lua)
+local asked = {}
+for _, j in ipairs(A.jobs) do
+  if j.t == 'launch' then
+    local a = asked[j.ns] or {K = j.K, vms = 0, memory_mib = 0, vcpus = 0, disk_gib = 0}
+    asked[j.ns] = a
+    a.vms = a.vms + 1
+    a.memory_mib = a.memory_mib + j.mib
+    a.vcpus = a.vcpus + j.vcpus
+    a.disk_gib = a.disk_gib + j.disk
+  end
+end
+local QUOTA = {'vms', 'memory_mib', 'vcpus', 'disk_gib'}
+for ns, a in pairs(asked) do
+  local q = redis.call('HMGET', a.K.namespace, 'quota_vms', 'quota_memory_mib', 'quota_vcpus', 'quota_disk_gib')
+  if q[1] or q[2] or q[3] or q[4] then
+    local has = {vms = 0, memory_mib = 0, vcpus = 0, disk_gib = 0}
+    for _, name in ipairs(redis.call('SMEMBERS', a.K.vms)) do
+      local r = redis.call('HMGET', key(P.vm, ns, name), 'memory_mib', 'vcpus', 'disk_gib')
+      has.vms = has.vms + 1
+      has.memory_mib = has.memory_mib + (tonumber(r[1]) or 0)
+      has.vcpus = has.vcpus + (tonumber(r[2]) or 0)
+      has.disk_gib = has.disk_gib + (tonumber(r[3]) or 0)
+    end
+    for i, f in ipairs(QUOTA) do
+      if q[i] and has[f] + a[f] > tonumber(q[i]) then
+        return refuse('no_capacity', {what = 'quota', namespace = ns, resource = f, limit = tonumber(q[i]),
+          has = has[f], asks = a[f]})
+      end
+    end
+  end
 end
 
 local parent = ''

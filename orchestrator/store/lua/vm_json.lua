@@ -10,7 +10,7 @@ local function vm_json(vm_key)
   for i = 1, #h, 2 do
     local f, v = h[i], h[i + 1]
     if v ~= '' then
-      if f == 'tags' or f == 'snapshots' then
+      if f == 'tags' or f == 'snapshots' or f == 'snapshot_details' then
         table.insert(parts, '"' .. f .. '":' .. v)
       else
         table.insert(parts, cjson.encode(f) .. ':' .. cjson.encode(v))

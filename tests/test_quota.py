@@ -1,0 +1,92 @@
+"""Namespace quotas: set and shown by the CLI and the API, checked atomically by the submit script."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from redis import Redis
+
+from orchestrator.model.operation import Op
+from orchestrator.model.records import Quota
+from orchestrator.model.settings import Settings
+from orchestrator.services.client import RedisClient
+from orchestrator.store import keys
+
+from .apiserver import ApiServer
+from .conftest import WorkerProc, ops, run_cli
+from .test_ordering import submit_together
+
+
+def test_two_launches_that_fit_alone_but_not_together_race_and_one_wins(
+        cluster: list[WorkerProc], client: RedisClient, settings: Settings, redis: Redis) -> None:
+    ns = settings.namespace
+    client.wait([j.id for j in client.submit(ops(Op.LAUNCH, ns, "q0", memory_mib=16, disk_gib=0))])
+    client.set_quota(ns, Quota(vms=2, memory_mib=200))
+    for round_ in range(3):
+        a, b = f"a{round_}", f"b{round_}"
+        results = submit_together(settings, redis, ["vm", "launch", a, "--memory", "16", "--disk", "0"],
+                                  ["vm", "launch", b, "--memory", "16", "--disk", "0"], refusal_ok=True)
+        codes = sorted(r.returncode for r in results)
+        assert codes == [0, 2], [(r.returncode, r.stdout, r.stderr) for r in results]
+        refused = next(r for r in results if r.returncode == 2)
+        assert "quota: namespace" in refused.stderr and "allows 2 VMs; it has 2 and this asks for 1" in refused.stderr
+        assert redis.scard(keys.vms(ns)) == 2
+        winner = a if results[0].returncode == 0 else b
+        done = client.wait([j.id for j in client.submit(ops(Op.DELETE, ns, winner))])
+        assert done[0].state.value == "succeeded"
+
+
+def test_cli_sets_shows_clears_and_refuses(cluster: list[WorkerProc], client: RedisClient,
+                                           settings: Settings, redis: Redis) -> None:
+    ns = settings.namespace
+    client.wait([j.id for j in client.submit(ops(Op.LAUNCH, ns, "c[1-3]", memory_mib=16, disk_gib=1))])
+    proc = run_cli(settings, "--json", "ns", "quota", ns, "--vms", "4", "--memory", "1024", "--disk", "10")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["quota"] == {"vms": 4, "memory_mib": 1024, "vcpus": None, "disk_gib": 10}
+    assert redis.hget(keys.namespace(ns), "quota_vms") == "4"
+    refused = run_cli(settings, "vm", "launch", "d[1-2]", "--memory", "16", "--disk", "0")
+    assert refused.returncode == 2, refused.stderr
+    assert f"quota: namespace {ns} allows 4 VMs; it has 3 and this asks for 2" in refused.stderr
+    refused = run_cli(settings, "vm", "launch", "d1", "--memory", "16", "--disk", "8")
+    assert refused.returncode == 2 and "allows 10 GiB of disk; it has 3 GiB and this asks for 8 GiB" in refused.stderr
+    assert redis.scard(keys.vms(ns)) == 3
+    shown = run_cli(settings, "ns", "quota", ns)
+    assert shown.returncode == 0 and "4 VMs" in shown.stdout and "10 GiB disk" in shown.stdout
+    listed = run_cli(settings, "--json", "ns", "list")
+    [mine] = [n for n in json.loads(listed.stdout) if n["name"] == ns]
+    assert mine["quota"]["vms"] == 4
+    proc = run_cli(settings, "--json", "ns", "quota", ns, "--vms", "none", "--disk", "0")
+    assert json.loads(proc.stdout)["quota"] == {"vms": None, "memory_mib": 1024, "vcpus": None, "disk_gib": None}
+    assert run_cli(settings, "ns", "quota", ns, "--vms", "-1").returncode == 2
+    ok = run_cli(settings, "vm", "launch", "d[1-2]", "--memory", "16", "--disk", "0")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_api_sets_the_quota_and_refuses_with_409(api_server: ApiServer, client: RedisClient,
+                                                 settings: Settings) -> None:
+    ns = settings.namespace
+    client.wait([j.id for j in client.submit(ops(Op.LAUNCH, ns, "e1", memory_mib=16, disk_gib=0))])
+    reader = api_server.token(f"{ns}-reader", "read", [ns])
+    with api_server.http(reader) as http:
+        assert http.put(f"/api/v1/namespaces/{ns}/quota", json={"vcpus": 1}).status_code == 403
+    with api_server.http(api_server.admin_token) as http:
+        r = http.put(f"/api/v1/namespaces/{ns}/quota", json={"vcpus": 2})
+        assert r.status_code == 200 and r.json()["quota"]["vcpus"] == 2, r.text
+        assert http.get(f"/api/v1/namespaces/{ns}").json()["quota"]["vcpus"] == 2
+        assert http.put(f"/api/v1/namespaces/{ns}/quota", json={"cpus": 2}).status_code == 422
+        body = {"operations": [{"op": "launch", "namespace": ns, "vm": "e2",
+                                "params": {"memory_mib": 16, "disk_gib": 0, "vcpus": 2}}]}
+        r = http.post("/api/v1/jobs", json=body)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "no_capacity", r.text
+        assert "allows 2 vCPUs; it has 1 and this asks for 2" in r.json()["error"]["message"]
+        assert http.put("/api/v1/namespaces/nosuch-ns/quota", json={}).status_code == 404
+
+
+def test_a_launch_whose_disk_no_store_has_room_for_is_refused_naming_the_host(
+        cluster: list[WorkerProc], client: RedisClient, settings: Settings, redis: Redis) -> None:
+    assert all(h.store_free_bytes for h in client.hosts() if h.name in ("t1", "t2"))
+    proc = run_cli(settings, "vm", "launch", "huge", "--memory", "16", "--disk", "16384", "--host", "t1")
+    assert proc.returncode == 2, proc.stderr
+    assert re.search(r"host t1 has \d+\.\d GiB free in its store; the disk needs 16384 GiB \+ 1 GiB", proc.stderr)
+    assert not redis.exists(keys.vm(settings.namespace, "huge"))
