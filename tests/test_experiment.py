@@ -125,3 +125,11 @@ def test_a_failing_step_fails_what_follows_and_the_teardown_still_runs(cluster: 
     assert client.vms(settings.namespace) == []
     status = run_cli(settings, "experiment", "status", str(run_id))
     assert status.returncode == 0 and "teardown" in status.stdout and "1 of 2 jobs failed" in status.stdout
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_experiment_is_valid(path: Path) -> None:
+    from orchestrator.model.experiment import load
+
+    exp = load(path.read_text())
+    assert exp.vms and exp.steps, path

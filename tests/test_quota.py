@@ -90,3 +90,19 @@ def test_a_launch_whose_disk_no_store_has_room_for_is_refused_naming_the_host(
     assert proc.returncode == 2, proc.stderr
     assert re.search(r"host t1 has \d+\.\d GiB free in its store; the disk needs 16384 GiB \+ 1 GiB", proc.stderr)
     assert not redis.exists(keys.vm(settings.namespace, "huge"))
+
+
+def test_a_resize_is_checked_against_the_quota_too(cluster: list[WorkerProc], client: RedisClient,
+                                                   settings: Settings) -> None:
+    ns = settings.namespace
+    client.wait([j.id for j in client.submit(ops(Op.LAUNCH, ns, "r[1-2]", memory_mib=64, vcpus=1, disk_gib=0))])
+    client.set_quota(ns, Quota(memory_mib=256, vcpus=3))
+    refused = run_cli(settings, "vm", "set", "r1", "--memory", "256")  # 64 + 256 > 256
+    assert refused.returncode == 2, refused.stderr
+    assert f"quota: namespace {ns} allows 256 MiB" in refused.stderr
+    assert run_cli(settings, "vm", "set", "r1", "--vcpus", "3").returncode == 2  # 1 + 3 > 3
+    grow = client.wait([j.id for j in client.submit(ops(Op.SET, ns, "r1", memory_mib=192))])  # 64 + 192 = 256
+    assert grow[0].state.value == "succeeded", grow[0].error
+    client.set_quota(ns, Quota(memory_mib=100))  # lowered below what is used: shrinking still goes
+    shrink = client.wait([j.id for j in client.submit(ops(Op.SET, ns, "r1", memory_mib=32))])
+    assert shrink[0].state.value == "succeeded", shrink[0].error

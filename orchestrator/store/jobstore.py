@@ -74,6 +74,8 @@ class Store(VmStore, HistoryStore):
                           host_vms=ks.at(keys.host_vms(e.host)))
                 entry.update(t="launch", host=e.host, mib=p.memory_mib, vcpus=p.vcpus, disk=p.disk_gib,
                              image=p.image or "", tags=json.dumps(p.tags), domain=domain_name(ns, vm))
+            elif o.op is Op.SET:  # checked against the namespace's quota, as a launch is
+                at.update(vms=ks.at(keys.vms(ns)), namespace=ks.at(keys.namespace(ns)))
             elif o.op is Op.MOVE_OUT:
                 at.update(target=ks.at(keys.host(e.host)))
                 entry.update(t="move", source=e.source, target=e.host,

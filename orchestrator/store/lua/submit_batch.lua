@@ -63,6 +63,16 @@ for _, j in ipairs(A.jobs) do
     a.memory_mib = a.memory_mib + j.mib
     a.vcpus = a.vcpus + j.vcpus
     a.disk_gib = a.disk_gib + j.disk
+  elseif j.op == 'set' and j.K.namespace then
+    -- a resize asks for the difference to what its VM's record holds now
+    local a = asked[j.ns] or {K = j.K, vms = 0, memory_mib = 0, vcpus = 0, disk_gib = 0}
+    asked[j.ns] = a
+    local want = cjson.decode(j.params)
+    local now_has = redis.call('HMGET', j.K.vm, 'memory_mib', 'vcpus')
+    if type(want.memory_mib) == 'number' then
+      a.memory_mib = a.memory_mib + want.memory_mib - (tonumber(now_has[1]) or 0)
+    end
+    if type(want.vcpus) == 'number' then a.vcpus = a.vcpus + want.vcpus - (tonumber(now_has[2]) or 0) end
   end
 end
 local QUOTA = {'vms', 'memory_mib', 'vcpus', 'disk_gib'}
@@ -78,7 +88,8 @@ for ns, a in pairs(asked) do
       has.disk_gib = has.disk_gib + (tonumber(r[3]) or 0)
     end
     for i, f in ipairs(QUOTA) do
-      if q[i] and has[f] + a[f] > tonumber(q[i]) then
+      -- only what grows is judged: shrinking never exceeds a quota, even one lowered below use
+      if q[i] and a[f] > 0 and has[f] + a[f] > tonumber(q[i]) then
         return refuse('no_capacity', {what = 'quota', namespace = ns, resource = f, limit = tonumber(q[i]),
           has = has[f], asks = a[f]})
       end
