@@ -343,3 +343,16 @@ def test_the_api_does_what_its_document_says(api_server: ApiServer, client: Redi
         r = httpx.get(f"{api_server.url}{path}", timeout=30)
         assert r.status_code == 200 and "vmorch_redis_up" in r.text, path
     assert redis.get(keys.JOB_NEXT) == before
+
+
+def test_a_query_parameter_the_route_does_not_take_is_refused_naming_it(
+        api_server: ApiServer, client: RedisClient, settings: Settings) -> None:
+    ns = settings.namespace
+    with api_server.http(api_server.admin_token) as http:
+        typo = http.post(f"/api/v1/namespaces/{ns}/deletion", params={"forse": "true"})
+        assert typo.status_code == 422, typo.text
+        assert typo.json()["error"]["field"] == "query.forse" and "force" in typo.json()["error"]["hint"]
+        assert http.get("/api/v1/hosts", params={"x": "1"}).status_code == 422
+        assert http.get("/api/v1/health", params={"x": "1"}).status_code == 422
+        assert http.get(f"/api/v1/namespaces/{ns}/jobs", params={"limit": "5"}).status_code == 200
+    assert client.jobs(ns) == []

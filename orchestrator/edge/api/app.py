@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
-from fastapi import FastAPI, Security
+from fastapi import Depends, FastAPI, Security
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -38,10 +38,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.open_streams = 0
     app.add_middleware(TokenAuth, backend=backend)
     errors.install(app)
-    app.include_router(meta.public)
+    strict_query = Depends(errors.no_unknown_query)
+    app.include_router(meta.public, dependencies=[strict_query])
     for module in (meta, events, jobs, vms, guest, namespaces, hosts, experiments, images):
         # documents the scheme on every route but the public ones (TokenAuth does the checking)
-        app.include_router(module.router, dependencies=[Security(bearer)])
+        app.include_router(module.router, dependencies=[Security(bearer), strict_query])
     # Outside /api/v1, so without a token, as Prometheus scrapes by default: cluster-wide
     # aggregates only (hosts, operations, states), never a namespace's or a VM's name.
     # At /metrics and /metrics/ alike: no redirect from one to the other.

@@ -13,8 +13,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -233,3 +235,28 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
     app.add_exception_handler(Exception, _unexpected)
+
+
+def no_unknown_query(request: Request) -> None:
+    """Refuse a query parameter the route does not take (422 naming it), as a body field it doesn't
+    take is refused: ``?forse=true`` is a typo to report, not an option to ignore."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    resource = _resource(request)
+    if resource is not None and len(request.path_params) > resource[0] and request.method not in resource[1]:
+        return  # the path is another resource's, which doesn't take the method: a 405 (``_validation``)
+    known = _query_names(route.dependant)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise Refusal(InvalidInput(f"unknown query parameter {unknown[0]!r}",
+                                   hint=f"this route takes: {', '.join(sorted(known)) or 'no query parameters'}"),
+                      field=f"query.{unknown[0]}")
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    """The query parameters a route takes, its dependencies' included."""
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
