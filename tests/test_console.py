@@ -22,7 +22,7 @@ from orchestrator.model.settings import Settings
 from orchestrator.store import console, keys
 
 from .apiserver import ApiServer, serve
-from .conftest import PYTHON, ROOT, settings_env
+from .conftest import PYTHON, ROOT, settings_env, wait_until
 from .guestvm import BOOT_MARKER, GuestCluster, guest_cluster
 
 VM = "c1"
@@ -87,6 +87,9 @@ class Attached:
 
 def round_trip(env: dict[str, str], cluster: GuestCluster) -> None:
     word = f"hello-{secrets.randbelow(10**9)}"
+    # A writer that was killed (an earlier test's, say) holds the lease until it expires (10 s)
+    wait_until(lambda: not cluster.redis.get(keys.vm_console_writer(cluster.namespace, VM)), timeout=20,
+               what="the console's writer lease to be free")
     follow = subprocess.Popen([PYTHON, "-m", "cli", "--namespace", cluster.namespace, "vm", "log", VM, "--follow"],
                               cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL)
