@@ -28,7 +28,7 @@ from orchestrator.model.operation import Op, Operation
 from orchestrator.model.records import HostState
 from orchestrator.model.settings import Settings
 from orchestrator.services.client import RedisClient
-from orchestrator.store import keys
+from orchestrator.store import keys, layout
 from orchestrator.store.jobstore import BatchEntry, Submitted
 
 from .apiserver import ApiServer, serve
@@ -102,6 +102,10 @@ def _pings(client: Redis) -> bool:
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
     server.start()
+    # As the first client of a new cluster would: tests that write through the store's scripts
+    # directly (test_scripts.py) must not leave a Redis that looks like an older, unversioned one.
+    with Redis(port=server.port) as first:
+        layout.check(first)
     yield server
     server.stop()
 
