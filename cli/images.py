@@ -9,11 +9,10 @@ import typer
 
 from orchestrator.model.guestdata import check_image_name
 from orchestrator.model.names import check_text
-from orchestrator.model.records import Job
 
 from . import render
 from .context import state
-from .waiting import wait as wait_for
+from .waiting import report_jobs
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -43,7 +42,7 @@ def import_(
     st = state(ctx)
     # Talking to Redis directly is an admin's way in already: file:// is allowed; the API asks the token.
     jobs = st.client.import_image(name, source, sha256=sha256, hosts=host or None, allow_file=True)
-    _print_jobs(ctx, jobs, wait)
+    report_jobs(state(ctx), jobs, wait)
 
 
 @app.command(name="list")
@@ -87,23 +86,7 @@ def remove(ctx: typer.Context, name: ImageName, wait: Wait = False) -> None:
         else:
             render.out.print(f"image {name} removed (no host had it)")
         return
-    _print_jobs(ctx, jobs, wait)
-
-
-def _print_jobs(ctx: typer.Context, jobs: Sequence[Job], wait: bool) -> None:
-    st = state(ctx)
-    done = list(jobs)
-    parent = st.client.job(done[0].parent) if done and done[0].parent is not None else None
-    if wait:
-        done = wait_for(st.client, done, parent=parent)
-        parent = st.client.job(parent.id) if parent is not None else None
-    if st.json:
-        render.dump_json(done[0] if len(done) == 1 else done)
-    else:
-        for job in ([parent] if parent is not None else []) + done:
-            render.out.print(render.job_line(job))
-    if wait and render.any_failed(done):
-        raise typer.Exit(1)
+    report_jobs(state(ctx), jobs, wait)
 
 
 def _mib(size: int) -> str:

@@ -15,7 +15,7 @@ from orchestrator.model.records import HostState, Job
 
 from . import completion, launchfiles, render
 from .context import state
-from .waiting import wait as wait_for
+from .waiting import report_jobs
 
 if TYPE_CHECKING:
     from orchestrator.services.client import Client
@@ -45,19 +45,7 @@ def submit(ctx: typer.Context, op: Op, target: str | None, wait: bool, *, select
     jobs = st.client.submit(ops, SubmitOptions(after=parse_ids(after), label=label,
                                                idempotency_key=st.idempotency_key))
     warn_down_hosts(st.client, jobs, st.settings.host_down_deadline)
-    parent = st.client.job(jobs[0].parent) if jobs[0].parent is not None else None
-    if wait:
-        jobs = wait_for(st.client, jobs, parent=parent)
-        parent = st.client.job(parent.id) if parent is not None else None
-    if st.json:
-        render.dump_json(jobs[0] if len(jobs) == 1 else jobs)
-    else:
-        if parent is not None:
-            render.out.print(render.job_line(parent))
-        for job in jobs:
-            render.out.print(render.job_line(job))
-    if wait and render.any_failed(jobs):
-        raise typer.Exit(1)
+    report_jobs(st, jobs, wait)
 
 
 def parse_ids(value: str | None) -> list[int]:

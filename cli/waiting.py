@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import typer
+
 from orchestrator.model.records import Job
 
 from . import render
 
 if TYPE_CHECKING:
     from orchestrator.services.client import Client
+
+    from .context import State
 
 
 def wait(client: Client, jobs: Sequence[Job], *, timeout: float | None = None, parent: Job | None = None) -> list[Job]:
@@ -41,3 +45,20 @@ def _describe(jobs: Sequence[Job]) -> str:
     for j in jobs:
         counts[j.state.value] = counts.get(j.state.value, 0) + 1
     return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+
+def report_jobs(st: State, jobs: Sequence[Job], wait_: bool) -> None:
+    """What a mutating command prints: its parent job (if any) and its jobs, after waiting for them
+    with ``--wait``; exits 1 if one failed."""
+    done = list(jobs)
+    parent = st.client.job(done[0].parent) if done and done[0].parent is not None else None
+    if wait_:
+        done = wait(st.client, done, parent=parent)
+        parent = st.client.job(parent.id) if parent is not None else None
+    if st.json:
+        render.dump_json(done[0] if len(done) == 1 else done)
+    else:
+        for job in ([parent] if parent is not None else []) + done:
+            render.out.print(render.job_line(job))
+    if wait_ and render.any_failed(done):
+        raise typer.Exit(1)
