@@ -12,10 +12,6 @@ from orchestrator.model.errors import InvalidInput
 from .context import LogFormat, state
 
 
-def register(app: typer.Typer) -> None:
-    app.command(name="api")(serve)
-
-
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -15,11 +15,30 @@ from orchestrator.model.errors import InvalidInput, VmorchError
 from orchestrator.model.names import check_namespace
 from orchestrator.model.settings import Settings
 
-from . import api, cluster, completion, experiments, guest, hosts, jobs, namespaces, prune, schedules, tokens, vms
+from . import completion
 from .context import State
-from .doctor import doctor
-from .images import app as images_app
+from .lazy import lazy_group
 from .render import error
+
+#: every command, in the order '--help' lists them, and where it is defined ("module:attribute", a Typer
+#: app for a group): a run imports and builds only the command it runs (start-up time)
+COMMANDS = {
+    "scheduler": "cli.schedules:scheduler",
+    "up": "cli.cluster:up",
+    "down": "cli.cluster:down",
+    "worker": "cli.cluster:worker",
+    "api": "cli.api:serve",
+    "doctor": "cli.doctor:doctor",
+    "vm": "cli.vmcommands:app",
+    "job": "cli.jobs:app",
+    "host": "cli.hosts:app",
+    "image": "cli.images:app",
+    "net": "cli.networks:app",
+    "ns": "cli.namespaces:app",
+    "experiment": "cli.experiments:app",
+    "schedule": "cli.schedules:app",
+    "token": "cli.tokens:app",
+}
 
 app = typer.Typer(
     name="vmorch",
@@ -28,21 +47,8 @@ app = typer.Typer(
     add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    cls=lazy_group(COMMANDS),
 )
-app.add_typer(vms.app, name="vm")
-guest.register(vms.app)  # vm log, console, exec, cp
-app.add_typer(jobs.app, name="job")
-jobs.app.command(name="prune")(prune.prune)
-app.add_typer(hosts.app, name="host")
-app.add_typer(images_app, name="image")
-app.add_typer(namespaces.app, name="ns")
-app.add_typer(experiments.app, name="experiment")
-app.add_typer(schedules.app, name="schedule")
-app.add_typer(tokens.app, name="token")
-app.command(name="scheduler")(schedules.scheduler)
-cluster.register(app)
-api.register(app)
-app.command()(doctor)
 
 
 @app.callback()

@@ -7,17 +7,12 @@ from typing import Annotated
 
 import typer
 
+from orchestrator.model.errors import InvalidInput
 from orchestrator.model.names import check_name
 
 from . import render
 from .context import LogFormat, state
 from .vms import parse_tags
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(up)
-    app.command()(down)
-    app.command()(worker)
 
 
 def up(
@@ -59,6 +54,18 @@ def down(
     localcluster.down(state(ctx).settings, purge=purge, on_event=lambda line: render.err.print(line))
 
 
+def check_underlay(value: str) -> str:
+    import ipaddress
+
+    if not value:
+        return ""
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise InvalidInput(f"--underlay: {value[:60]!r} is not an IPv4 address",
+                           hint="give this host's address on the network between hosts, e.g. 10.0.0.11") from None
+
+
 def worker(
     ctx: typer.Context,
     host: Annotated[str, typer.Option("--host", help="this host's name in the cluster")],
@@ -81,6 +88,10 @@ def worker(
     share: Annotated[int, typer.Option(
         "--share", min=1, max=1024, show_default=False,
         help="this host is one of N sharing one machine: offer 1/N of its memory and CPUs to placement")] = 1,
+    underlay: Annotated[str, typer.Option(
+        "--underlay", show_default=False,
+        help="this host's address between hosts, for vmorch networks' VXLAN (UDP 4789; default: the address "
+             "it reaches Redis from)")] = "",
 ) -> None:
     """Run the worker of one host (consumes the queue host.<name>)."""
     from orchestrator.model import logs
@@ -89,4 +100,5 @@ def worker(
     logs.setup(log_format, loglevel)
     run(state(ctx).settings, check_name(host, "host name"), libvirt_uri, concurrency=concurrency,
         storage_dir=storage_dir, loglevel=loglevel.upper(), labels=parse_tags(label), migrate_uri=migrate_uri,
-        shared_storage=shared_storage, metrics_port=metrics_port, task_events=task_events, share=share)
+        shared_storage=shared_storage, metrics_port=metrics_port, task_events=task_events, share=share,
+        underlay=check_underlay(underlay))

@@ -11,6 +11,7 @@ from orchestrator.model.records import JobState
 
 from . import completion, render
 from .context import state
+from .prune import prune
 from .waiting import wait as wait_for
 
 JobId = Annotated[int, typer.Argument(metavar="ID", autocompletion=completion.job_ids)]
@@ -112,3 +113,6 @@ def cancel(ctx: typer.Context, job_id: JobId) -> None:
         render.out.print(f"job {job.id} is running; it stops at its next step ({render.job_line(job)})")
     else:
         render.out.print(render.job_line(job))
+
+
+app.command(name="prune")(prune)  # defined apart: it is the janitors' work, run now

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from orchestrator.model.errors import NotFound
+from orchestrator.model.records import Quota
 
 from . import completion, render
 from .context import state
@@ -64,14 +65,17 @@ def quota(
 ) -> None:
     """Show a namespace's quota, or change some of its limits (0 or none clears one)."""
     st = state(ctx)
-    given = {"vms": _limit(vms, "--vms"), "memory_mib": _limit(memory, "--memory"),
-             "vcpus": _limit(vcpus, "--vcpus"), "disk_gib": _limit(disk, "--disk")}
-    found = next((ns for ns in st.client.namespaces() if ns.name == name), None)
-    if found is None:
-        raise NotFound(f"no namespace {name!r}", hint="see 'vmorch ns list'")
-    changes = {k: v for k, v in given.items() if v is not None}
-    if changes:
-        found = st.client.set_quota(name, found.quota.model_copy(update=changes))
+    changes = Quota(vms=_limit(vms, "--vms"), memory_mib=_limit(memory, "--memory"),
+                    vcpus=_limit(vcpus, "--vcpus"), disk_gib=_limit(disk, "--disk"))
+    if changes != Quota():
+        # only the limits given, merged on the server in one step: a concurrent change of another
+        # limit is not overwritten with what this command would have read before it
+        found = st.client.update_quota(name, changes)
+    else:
+        shown = next((ns for ns in st.client.namespaces() if ns.name == name), None)
+        if shown is None:
+            raise NotFound(f"no namespace {name!r}", hint="see 'vmorch ns list'")
+        found = shown
     if st.json:
         render.dump_json(found)
     else:

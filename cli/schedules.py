@@ -13,7 +13,7 @@ from typer.main import get_command
 from orchestrator.model.errors import InvalidInput
 from orchestrator.model.operation import COMMANDS, TargetedOp, invalid_input
 
-from . import launchfiles, render, vms
+from . import launchfiles, render, vmcommands, vms
 from .context import LogFormat, state
 from .experiments import read
 
@@ -68,7 +68,7 @@ def add(
 _NOT_PARAMS = frozenset({"target", "select", "after", "wait", "dry_run"})
 #: a vm command's option -> its operation's param (the rest have the same name)
 _RENAMED = {"memory": "memory_mib", "disk": "disk_gib", "timeout": "timeout_s", "host_label": "host_labels",
-            "tag": "tags", "pairs": "set", "stdin": "input"}
+            "tag": "tags", "pairs": "set", "stdin": "input", "net": "nets"}
 #: vm commands that make jobs but can't be scheduled, and why
 _UNSCHEDULABLE = {"cp": "it copies between this machine and a guest; schedule 'vm exec' in the guest instead"}
 #: params given as key=value pairs
@@ -82,7 +82,7 @@ def parse_vm_command(command: list[str]) -> TargetedOp:
     ops = {word: op for op, word in COMMANDS.items()}
     if len(command) < 2 or command[0] != "vm":
         raise InvalidInput(f"can't schedule {' '.join(command)!r}", hint="give a vm command: -- vm snapshot web1 s1")
-    group: Any = get_command(vms.app)  # typer's own (vendored) click group
+    group: Any = get_command(vmcommands.app)  # typer's own (vendored) click group
     sub = group.get_command(typer.Context(group), command[1])
     if sub is None:
         raise InvalidInput(f"no vm command {command[1]!r}", hint="see 'vmorch vm --help'")
@@ -122,6 +122,9 @@ def _params(parsed: dict[str, Any]) -> dict[str, Any]:
         params["cloud_init"] = launchfiles.user_data(cloud_init)
     if ssh_key:
         params["ssh_keys"] = launchfiles.ssh_keys(ssh_key)
+    shaping = vms.shaping(parsed.pop("delay", None), parsed.pop("loss", None), parsed.pop("rate", None))
+    if shaping is not None:
+        params["shaping"] = shaping
     for key, value in parsed.items():
         if key not in _NOT_PARAMS and value is not None:
             param = _RENAMED.get(key, key)

@@ -94,6 +94,9 @@ def launch(
     colocate: Annotated[str | None, typer.Option("--colocate", help="on the same host as this VM")] = None,
     spread: Annotated[bool, typer.Option("--spread", help="a range goes round the hosts")] = False,
     tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="key=value, repeatable")] = None,
+    net: Annotated[list[str] | None, typer.Option(
+        "--net", help="a NIC on this network ('vmorch net list'); repeatable, in order (default: a user-mode NIC)")
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print where the VMs would go; change nothing")] = False,
     wait: Wait = False,
 ) -> None:
@@ -103,7 +106,7 @@ def launch(
     params: dict[str, Any] = dict(memory_mib=memory, vcpus=vcpus, disk_gib=disk, image=image, host=host,
                                   host_labels=parse_tags(host_label), colocate=colocate, spread=spread,
                                   tags=parse_tags(tag), cloud_init=launchfiles.user_data(cloud_init),
-                                  ssh_keys=launchfiles.ssh_keys(ssh_key))
+                                  ssh_keys=launchfiles.ssh_keys(ssh_key), nets=net or [])
     if dry_run:
         st = state(ctx)
         ops = [Operation.build(Op.LAUNCH, st.namespace, name, **params) for name in expand_target(target)]
@@ -173,10 +176,28 @@ def set_(
     ctx: typer.Context, target: Target = None, select: Select = None, after: After = None,
     memory: Annotated[int | None, typer.Option("--memory", "-m", help="memory in MiB")] = None,
     vcpus: Annotated[int | None, typer.Option("--vcpus", "-c", help="virtual CPUs")] = None,
+    nic: Annotated[int | None, typer.Option("--nic", help="the NIC (0, 1, ... as 'vm show' lists them) whose "
+                                                          "link emulation --delay, --loss, --rate set")] = None,
+    delay: Annotated[str | None, typer.Option("--delay", help="delay towards the guest, e.g. 20ms (0: none)")] = None,
+    loss: Annotated[str | None, typer.Option("--loss", help="loss towards the guest, e.g. 1% (0: none)")] = None,
+    rate: Annotated[str | None, typer.Option("--rate", help="rate towards the guest, e.g. 10mbit (0: none)")] = None,
     wait: Wait = False,
 ) -> None:
-    """Change memory or vCPUs: always in the definition, live too where libvirt allows."""
-    submit(ctx, Op.SET, target, wait, select=select, after=after, memory_mib=memory, vcpus=vcpus)
+    """Change memory or vCPUs (always in the definition, live too where libvirt allows), or a NIC's link
+    emulation (tc on its host: recorded, applied now if it runs and at every start)."""
+    submit(ctx, Op.SET, target, wait, select=select, after=after, memory_mib=memory, vcpus=vcpus, nic=nic,
+           shaping=shaping(delay, loss, rate))
+
+
+def shaping(delay: str | None, loss: str | None, rate: str | None) -> dict[str, Any] | None:
+    """``vm set``'s --delay, --loss and --rate as the operation's ``shaping`` (None: none given)."""
+    from orchestrator.model.network import parse_delay, parse_loss, parse_rate
+
+    if delay is None and loss is None and rate is None:
+        return None
+    return {"delay_ms": parse_delay(delay) if delay is not None else None,
+            "loss_pct": parse_loss(loss) if loss is not None else None,
+            "rate_kbit": parse_rate(rate) if rate is not None else None}
 
 
 @app.command()

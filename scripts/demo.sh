@@ -64,9 +64,13 @@ kill "$http_pid"
 http_pid=
 run image list
 
-header "Launch three VMs from the catalog image (placed across the hosts), with cloud-init"
+header "A network for them: one L2 segment across the hosts, with DHCP (no NAT: nothing leaves this machine)"
+run net create lan --subnet 10.42.0.0/24
+run net list
+
+header "Launch three VMs from the catalog image (placed across the hosts), with cloud-init, on the network"
 printf '#cloud-config\nwrite_files:\n  - path: /etc/motd\n    content: "hello from vmorch"\n' >"$WORK/user-data"
-run vm launch 'demo[1-3]' --image guest --disk 1 --memory 192 --cloud-init "$WORK/user-data" --wait
+run vm launch 'demo[1-3]' --image guest --disk 1 --memory 192 --cloud-init "$WORK/user-data" --net lan --wait
 run vm list
 
 header "Into a guest: its serial console, then a command run through its guest agent (an ordered job)"
@@ -74,6 +78,14 @@ header "Into a guest: its serial console, then a command run through its guest a
 run vm exec demo2 --timeout 180 -- cat /mnt/cidata/meta-data
 run vm log demo2 --tail 5
 run vm show demo2
+demo3_ip=
+for _ in $(seq 1 60); do  # its DHCP lease, as its guest agent reports it (bounded: 60 tries, 1 s apart)
+    demo3_ip=$("$VMORCH" --json vm show demo3 | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["nics"][0]["ip"] or "")')
+    [ -n "$demo3_ip" ] && break
+    sleep 1
+done
+header "demo2 pings demo3 over the network (placement may have put them on different hosts)"
+run vm exec demo2 --timeout 60 -- ping -c 3 -W 2 "${demo3_ip:-10.42.0.254}" || echo "(the ping failed: see above)"
 
 header "Change demo1's memory and kill demo1 at the same moment, from two processes"
 # Both submitters open the gate (a fifo) while this shell holds it open for writing, say
@@ -155,5 +167,6 @@ run job list
 
 header "Tear down"
 run vm delete 'demo[1-3]' --wait
+run net delete lan
 run image remove guest --wait
 run down --purge

@@ -15,6 +15,8 @@ PACKAGES=(python3-venv python3-dev gcc pkg-config libvirt-dev libvirt-daemon lib
           qemu-system-x86 qemu-utils redis-server iproute2
           dosfstools mtools syslinux  # the bootable test/demo guest image (orchestrator/localcluster/guestimage.py)
           genisoimage                 # cloud-init NoCloud seeds (ISO 9660, label cidata)
+          dnsmasq-base tcpdump nftables  # vmorch networks: DHCP, 'net capture', isolation and NAT
+          udhcpc iputils-ping            # the network tests' DHCP client and ping (tests/test_netdev.py)
           docker-compose  # the tests validate compose/docker-compose.yml (no Docker engine needed)
           chromium)       # the dashboard's browser tests (driven by playwright, no browser download)
 VENV=.venv

@@ -134,7 +134,7 @@ def test_a_schedule_the_body_schema_lets_through_but_the_spec_refuses_is_a_422(
                 assert error["field"].endswith(field), error
         bad_op = {"name": "s1", "every": "1h", "operations": [{"op": "set", "target": "x", "params": {}}]}
         r = http.post(f"/api/v1/namespaces/{ns}/schedules", json=bad_op)
-        assert r.status_code == 422 and "give --memory and/or --vcpus" in r.json()["error"]["message"], r.text
+        assert r.status_code == 422 and "give --memory, --vcpus and/or --nic" in r.json()["error"]["message"], r.text
         schema = http.get("/openapi.json").json()["components"]["schemas"]
         body = schema["ScheduleIn"]["properties"]
         assert "operations" in body and "command" not in body

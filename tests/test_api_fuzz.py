@@ -82,6 +82,19 @@ EXCLUDED: dict[tuple[str, str], dict[str, str]] = {
                                     "(control.images.check_source): to the document, a string"},
     ("POST", "/api/v1/namespaces"): {
         "positive_data_acceptance": "hosts must be hosts of the cluster, which the document can't know"},
+    ("POST", "/api/v1/namespaces/{ns}/networks"): {
+        "positive_data_acceptance": "subnet is an IPv4 network, /16 to /29, host bits zero, overlapping none of the "
+                                    "namespace's (model.network.check_subnet), and a gateway host must be up: to the "
+                                    "document, a string"},
+    ("POST", "/api/v1/namespaces/{ns}/networks/{name}/capture"): {
+        "positive_data_acceptance": "a network without a gateway host is captured on a VM's NIC (vm), and the VM "
+                                    "must have one on it: state the document can't know"},
+    ("POST", "/api/v1/namespaces/{ns}/deletion"): {
+        "positive_data_acceptance": "a namespace with VMs (without force), schedules or networks is kept, and says "
+                                    "why: state the document can't know"},
+    ("DELETE", "/api/v1/namespaces/{ns}/networks/{name}"): {
+        "positive_data_acceptance": "a network with VMs on it is kept (the VMs are named): state the document "
+                                    "can't know"},
 }
 #: a namespace that isn't there has empty collections (a first launch creates its namespace), so a list under
 #: one just deleted is a 200 with [], not the 404 use_after_free expects

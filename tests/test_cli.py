@@ -100,7 +100,7 @@ def test_a_failed_job_exits_1_with_the_reason(cluster: list[WorkerProc], client:
     (["vm", "launch", "neg", "--memory", "-5"], 2, "memory_mib"),
     (["vm", "launch", "nohost", "--host", "atlantis"], 2, "unknown host 'atlantis'"),
     (["vm", "launch", "r[3-1]"], 2, "empty range"),
-    (["vm", "set", "x"], 2, "give --memory and/or --vcpus"),
+    (["vm", "set", "x"], 2, "give --memory, --vcpus and/or --nic"),
     (["vm", "tag", "x", "novalue"], 2, "key=value"),
     (["--namespace", "Bad_NS", "vm", "list"], 2, "invalid namespace"),
     (["vm", "frobnicate", "x"], 2, "No such command"),

@@ -34,6 +34,7 @@ from orchestrator.model.errors import (
 )
 from orchestrator.model.records import VmState
 from worker import domxml
+from worker.disks import qcow2_snapshot_sizes, qemu_img
 from worker.driver import DomainSpec, Driver
 from worker.eventloop import ensure_event_loop
 from worker.presses import Pressed, press_until
@@ -332,10 +333,28 @@ def test_snapshot_and_revert(drv: Driver, vmns: str) -> None:
     assert drv.status(d).snapshots == ["s1"]
 
     result = drv.revert(d, "s1")
-    assert result.to_json() == {"state": "running", "changed": True, "snapshot": "s1", "memory_mib": 64, "vcpus": 1}
+    assert result.to_json() == {"state": "running", "changed": True, "snapshot": "s1", "memory_mib": 64, "vcpus": 1,
+                                "memory_mib_live": None, "vcpus_live": None}  # the guest runs what is set
     # The VM goes back; vmorch's own bookkeeping (tags, fence) does not.
     meta = drv.status(d).metadata
     assert (meta["tags"], meta["fence"]) == ({"after": "snapshot"}, 9)
+
+
+@pytest.mark.skipif(not HAVE_QEMU_IMG, reason="qemu-img is not installed")
+def test_snapshot_sizes_are_read_from_the_qcow2_and_unknown_on_the_test_driver(drv: Driver, vmns: str,
+                                                                               tmp_path: Path) -> None:
+    # qemu-img alone: an internal snapshot of a disk no guest runs on saves no guest state
+    alone = tmp_path / "alone.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(alone), "1M")
+    qemu_img("snapshot", "-c", "cold", str(alone))
+    assert qcow2_snapshot_sizes(alone) == {"cold": 0}
+    # the test driver keeps snapshots as libvirt metadata only: the VM's disk is there but holds none
+    s = spec(vmns, disk_gib=1)
+    drv.launch(s)
+    assert drv.disk_path(s.domain).is_file()
+    drv.snapshot(s.domain, "s1", job_id=2)
+    [detail] = drv.snapshot_details(s.domain)
+    assert (detail["name"], detail["size_bytes"]) == ("s1", None) and detail["created_at"]
 
 
 def test_tag_metadata_update_round_trips_through_libvirt(drv: Driver, vmns: str) -> None:
@@ -449,6 +468,28 @@ def test_qemu_lifecycle(qdrv: Driver) -> None:
     assert result.changed is True and result.disks_removed == (str(disk),)
     assert not disk.exists()
     assert qdrv.status(d).state == VmState.MISSING
+
+
+@qemu
+@pytest.mark.qemu
+def test_qemu_snapshot_sizes_are_the_guest_state_saved(qdrv: Driver) -> None:
+    s = DomainSpec(namespace="q", vm="sz", memory_mib=64, vcpus=1, disk_gib=1, job_id=1)
+    try:
+        qdrv.launch(s)
+        # 48 MiB set for the next boot; the guest (no balloon driver) keeps its 64
+        assert qdrv.set_resources(s.domain, memory_mib=48, vcpus=None).memory_mib_live == 64
+        qdrv.snapshot(s.domain, "hot", job_id=2)  # the running guest's RAM and devices go in with it
+        qdrv.kill(s.domain)
+        qdrv.snapshot(s.domain, "cold", job_id=3)  # qemu-img snapshot: the disk alone
+        sizes = {str(d["name"]): d["size_bytes"] for d in qdrv.snapshot_details(s.domain)}
+        assert sizes == qcow2_snapshot_sizes(qdrv.disk_path(s.domain))
+        hot = sizes["hot"]
+        assert sizes["cold"] == 0 and isinstance(hot, int) and 0 < hot < 2 * 64 * 2**20, sizes
+        # back to the running guest of that time: what is set then, and what it ran with, read back
+        reverted = qdrv.revert(s.domain, "hot")
+        assert (reverted.state, reverted.memory_mib, reverted.memory_mib_live) == ("running", 48, 64), reverted
+    finally:
+        qdrv.delete(s.domain)
 
 
 @qemu

@@ -19,6 +19,7 @@ from orchestrator.model.operation import Op, Operation
 from orchestrator.model.records import JobState, VmState
 from orchestrator.model.settings import Settings
 from orchestrator.services.client import RedisClient
+from orchestrator.store import keys
 from worker import domxml
 
 from .conftest import WorkerProc, run_cli, start_worker, wait_hosts_up
@@ -55,6 +56,8 @@ def remove_ok(client: RedisClient, name: str) -> None:
     assert all(j.state is JobState.SUCCEEDED for j in done), [(j.host, j.error) for j in done]
     with pytest.raises(NotFound):
         client.image(name)
+    # its history went in the same step as its record: no key of a removed image is left
+    assert not client.redis.exists(keys.image(name), keys.image_hosts(name), keys.image_history(name))
 
 
 def store_of(settings: Settings, host: str) -> Path:
@@ -111,6 +114,7 @@ def test_import_launch_by_name_and_remove(cluster: list[WorkerProc], client: Red
     assert image.hosts == {"t1": "ready", "t2": "ready"} and image.sha256 == sha256_of(guest_image), image
     assert image.format == "qcow2" and image.size_bytes > 0 and image.virtual_size_bytes > 0
     assert name in [i.name for i in client.images()]
+    assert client.redis.xlen(keys.image_history(name)) >= 2  # its own history: its two import jobs at least
     stored = store_of(base_settings, "t1") / "images" / f"{image.sha256}.qcow2"
     assert stored.is_file() and sha256_of(stored) == image.sha256 and stored.stat().st_mode & 0o777 == 0o444
     print(f"imported {image.size_bytes / 2**20:.1f} MiB to two hosts in {took:.2f}s")

@@ -40,7 +40,11 @@ def test_real_vm_lifecycle(qemu_host: WorkerProc, client: RedisClient) -> None:
     assert state(client, "real") is VmState.PAUSED
     ok(client, Op.RESUME, "real")
     ok(client, Op.SNAPSHOT, "real", name="s1")
-    assert client.vm(client.settings.namespace, "real").snapshots == ["s1"]
+    vm = client.vm(client.settings.namespace, "real")
+    assert vm.snapshots == ["s1"]
+    # its size, measured in the VM's qcow2: the running guest's saved state
+    [detail] = vm.snapshot_details
+    assert detail.name == "s1" and detail.size_bytes is not None and detail.size_bytes > 0, detail
     ok(client, Op.PAUSE, "real")
     ok(client, Op.REVERT, "real", name="s1")
     assert state(client, "real") is VmState.RUNNING
@@ -72,3 +76,25 @@ def test_seed_scenario_on_real_qemu(qemu_host: WorkerProc, client: RedisClient, 
     assert state(client, "seedq") is VmState.SHUTOFF
     launches = client.submit(ops(Op.LAUNCH, settings.namespace, "multi[1-3]", memory_mib=64, host="q1"))
     assert all(j.state is JobState.SUCCEEDED for j in client.wait([j.id for j in launches], timeout=120))
+
+
+def test_the_host_reserves_the_larger_of_set_and_live(qemu_host: WorkerProc, client: RedisClient) -> None:
+    """A real guest that keeps more than is set (no balloon driver; no vCPU unplug without the guest's
+    help): the host's reservation is what it really has, until it is off."""
+    def committed() -> tuple[int, int]:
+        [h] = [h for h in client.hosts() if h.name == "q1"]
+        return h.committed_mib, h.committed_vcpus
+
+    base = committed()
+    ok(client, Op.LAUNCH, "rsv", memory_mib=64, vcpus=1, host="q1")
+    ok(client, Op.SET, "rsv", vcpus=2)  # hot-plugged: live and set agree
+    ok(client, Op.SET, "rsv", memory_mib=48, vcpus=1)  # the guest keeps 64 MiB and 2 vCPUs
+    vm = client.vm(client.settings.namespace, "rsv")
+    assert (vm.memory_mib, vm.memory_mib_live, vm.vcpus, vm.vcpus_live) == (48, 64, 1, 2), vm
+    assert committed() == (base[0] + 64, base[1] + 2)
+    ok(client, Op.SET, "rsv", memory_mib=96)  # above what QEMU started with: for the next boot
+    assert committed() == (base[0] + 96, base[1] + 2)
+    ok(client, Op.KILL, "rsv")  # off: only what is set stays reserved
+    assert committed() == (base[0] + 96, base[1] + 1)
+    ok(client, Op.DELETE, "rsv")
+    assert committed() == base

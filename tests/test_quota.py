@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from redis import Redis
 
+from orchestrator.edge.httpclient import HttpClient
 from orchestrator.model.operation import Op
 from orchestrator.model.records import Quota
 from orchestrator.model.settings import Settings
@@ -81,6 +85,23 @@ def test_api_sets_the_quota_and_refuses_with_409(api_server: ApiServer, client: 
         assert r.status_code == 409 and r.json()["error"]["code"] == "no_capacity", r.text
         assert "allows 2 vCPUs; it has 1 and this asks for 2" in r.json()["error"]["message"]
         assert http.put("/api/v1/namespaces/nosuch-ns/quota", json={}).status_code == 404
+        # PATCH changes only the limits it names (0 clears one); PUT replaced them all
+        r = http.patch(f"/api/v1/namespaces/{ns}/quota", json={"vms": 5})
+        assert r.status_code == 200 and r.json()["quota"] == {"vms": 5, "memory_mib": None, "vcpus": 2,
+                                                              "disk_gib": None}, r.text
+        r = http.patch(f"/api/v1/namespaces/{ns}/quota", json={"vcpus": 0, "disk_gib": None})
+        assert r.status_code == 200 and r.json()["quota"]["vcpus"] is None and r.json()["quota"]["vms"] == 5
+        for bad in ({"cpus": 2}, {"vms": "5"}, {"vms": -1}):
+            assert http.patch(f"/api/v1/namespaces/{ns}/quota", json=bad).status_code == 422, bad
+        assert http.patch("/api/v1/namespaces/nosuch-ns/quota", json={"vms": 1}).status_code == 404
+    with api_server.http(reader) as http:
+        assert http.patch(f"/api/v1/namespaces/{ns}/quota", json={"vms": 1}).status_code == 403
+    # the CLI's client over the API changes the limits it is given, and only them
+    over_http = HttpClient(settings.model_copy(update={"api_url": api_server.url, "token": api_server.admin_token}))
+    try:
+        assert over_http.update_quota(ns, Quota(disk_gib=7)).quota == Quota(vms=5, disk_gib=7)
+    finally:
+        over_http.close()
 
 
 def test_a_launch_whose_disk_no_store_has_room_for_is_refused_naming_the_host(
@@ -106,3 +127,47 @@ def test_a_resize_is_checked_against_the_quota_too(cluster: list[WorkerProc], cl
     client.set_quota(ns, Quota(memory_mib=100))  # lowered below what is used: shrinking still goes
     shrink = client.wait([j.id for j in client.submit(ops(Op.SET, ns, "r1", memory_mib=32))])
     assert shrink[0].state.value == "succeeded", shrink[0].error
+
+
+FIELDS = ("vms", "memory_mib", "vcpus", "disk_gib")
+
+
+def test_concurrent_changes_of_different_limits_all_hold(client: RedisClient, settings: Settings) -> None:
+    """Four writers, one limit each, released together round after round: the server merges each
+    change in one step, so after every round all four hold (a client that read the quota, changed its
+    field and wrote the whole quota back would lose the others' changes made in between)."""
+    ns = settings.namespace
+    client.create_namespace(ns, None)
+    rounds, seen = 30, []
+    clients = [RedisClient(settings) for _ in FIELDS]
+    start = threading.Barrier(len(FIELDS))
+    done = threading.Barrier(len(FIELDS), action=lambda: seen.append(client.store.namespace(ns)))
+
+    def writer(i: int) -> None:
+        for r in range(1, rounds + 1):
+            start.wait(timeout=30)
+            clients[i].update_quota(ns, Quota(**{FIELDS[i]: 100 * r + i}))
+            done.wait(timeout=30)
+
+    with ThreadPoolExecutor(len(FIELDS)) as pool:
+        list(pool.map(writer, range(len(FIELDS))))
+    expected = [Quota(**{f: 100 * r + i for i, f in enumerate(FIELDS)}) for r in range(1, rounds + 1)]
+    assert [n.quota if n else None for n in seen] == expected
+
+
+def test_concurrent_cli_quota_changes_all_hold(client: RedisClient, settings: Settings) -> None:
+    """The same through ``vmorch ns quota``, one process per limit, all started at once."""
+    ns = settings.namespace
+    client.create_namespace(ns, None)
+    client.set_quota(ns, Quota(vms=1, memory_mib=1, vcpus=1, disk_gib=1))
+    options = {"vms": "--vms", "memory_mib": "--memory", "vcpus": "--vcpus", "disk_gib": "--disk"}
+    for r in (2, 3):
+        with ThreadPoolExecutor(len(FIELDS)) as pool:
+            procs = list(pool.map(lambda args: run_cli(settings, *args),
+                                  [("ns", "quota", ns, options[f], str(r)) for f in FIELDS]))
+        assert all(p.returncode == 0 for p in procs), [p.stderr for p in procs]
+        found = client.store.namespace(ns)
+        assert found is not None and found.quota == Quota(vms=r, memory_mib=r, vcpus=r, disk_gib=r)
+    missing = run_cli(settings, "ns", "quota", f"{ns}-none", "--vms", "1")
+    assert isinstance(missing, subprocess.CompletedProcess) and missing.returncode == 3, missing.stderr
+

@@ -284,7 +284,8 @@ def test_a_namespace_with_schedules_is_not_deleted(client: RedisClient) -> None:
     (["vm", "launch", "w[1-2]", "-m", "64", "--disk", "0", "--host-label", "rack=a", "-t", "role=web"],
      {"op": "launch", "target": "w[1-2]", "tag": {}, "params": {
          "memory_mib": 64, "vcpus": 1, "disk_gib": 0, "image": None, "cloud_init": None, "ssh_keys": [],
-         "host": None, "host_labels": {"rack": "a"}, "colocate": None, "spread": False, "tags": {"role": "web"}}}),
+         "host": None, "host_labels": {"rack": "a"}, "colocate": None, "spread": False, "tags": {"role": "web"},
+         "nets": []}}),
     (["vm", "start", "web1"], {"op": "start", "target": "web1", "tag": {}, "params": {}}),
     (["vm", "kill", "--tag", "role=web"], {"op": "kill", "target": None, "tag": {"role": "web"}, "params": {}}),
     (["vm", "pause", "a,b"], {"op": "pause", "target": "a,b", "tag": {}, "params": {}}),
@@ -296,7 +297,11 @@ def test_a_namespace_with_schedules_is_not_deleted(client: RedisClient) -> None:
      {"op": "stop", "target": "x", "tag": {}, "params": {"force": True, "timeout_s": 5.0,
                                                           "force_after_timeout": False}}),
     (["vm", "set", "x", "-m", "256"],
-     {"op": "set", "target": "x", "tag": {}, "params": {"memory_mib": 256, "vcpus": None}}),
+     {"op": "set", "target": "x", "tag": {}, "params": {"memory_mib": 256, "vcpus": None, "nic": None,
+                                                        "shaping": None}}),
+    (["vm", "set", "x", "--nic", "1", "--rate", "1mbit", "--loss", "0.5%"],
+     {"op": "set", "target": "x", "tag": {}, "params": {"memory_mib": None, "vcpus": None, "nic": 1, "shaping": {
+         "delay_ms": None, "loss_pct": 0.5, "rate_kbit": 1000}}}),
     (["vm", "snapshot", "web[1-3]", "hourly"],
      {"op": "snapshot", "target": "web[1-3]", "tag": {}, "params": {"name": "hourly"}}),
     (["vm", "revert", "-", "s1", "--tag", "role=db"],
@@ -339,7 +344,7 @@ def test_every_vm_command_that_makes_jobs_can_be_scheduled() -> None:
     (["vm", "list"], "can't schedule 'vm list'"),
     (["job", "list"], "can't schedule"),
     (["vm", "pause"], "give a target"),
-    (["vm", "set", "x"], "give --memory and/or --vcpus"),
+    (["vm", "set", "x"], "give --memory, --vcpus and/or --nic"),
     (["vm", "pause", "web[1-"], "invalid target"),
     (["vm", "launch", "x", "-m", "1"], "memory_mib"),
 ])

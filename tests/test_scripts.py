@@ -27,8 +27,9 @@ from orchestrator.model.errors import (
     VmorchError,
 )
 from orchestrator.model.operation import Op, Operation
-from orchestrator.model.records import FINAL_STATES, Job
+from orchestrator.model.records import FINAL_STATES, ImageOp, Job, JobState, Quota
 from orchestrator.store import keys, refusals, scripts
+from orchestrator.store.images import ImageRecords
 from orchestrator.store.jobstore import BatchEntry, Fence, Store, Submitted
 from orchestrator.store.scripts import Keys, settle_keys
 
@@ -169,6 +170,7 @@ def test_every_error_code_in_lua_has_a_class() -> None:
     (("not_found", "job"), {"job": 7}, NotFound, 3),
     (("not_found", "vm"), {"namespace": "n", "vm": "v"}, NotFound, 3),
     (("not_found", "dependency"), {"job": 7}, NotFound, 3),
+    (("not_found", "namespace"), {"namespace": "n"}, NotFound, 3),
     (("already_exists", "vm"), {"namespace": "n", "vm": "v"}, AlreadyExists, 2),
     (("invalid_input", "moved"), {"namespace": "n", "vm": "v", "host": "h"}, InvalidInput, 2),
     (("invalid_input", "dependency_failed"), {"job": 7, "state": "failed"}, InvalidInput, 2),
@@ -227,6 +229,18 @@ def test_a_final_job_stays_as_it_is(store: Store, redis: Redis, ns: str) -> None
     assert finish(redis, a.job, f, "failed") == [0]
     assert cancel(redis, a.job) == ["succeeded"]
     assert snapshot(redis, ns) == before
+
+
+def test_a_quota_change_merges_on_the_server_and_never_makes_a_namespace(store: Store, redis: Redis,
+                                                                        ns: str) -> None:
+    with pytest.raises(NotFound, match=f"no namespace '{ns}'"):
+        store.change_namespace_quota(ns, Quota(vms=1))
+    assert not redis.exists(keys.namespace(ns))
+    launch(store, ns, "a")  # a first launch makes its namespace
+    assert store.change_namespace_quota(ns, Quota(vms=3, vcpus=8)).quota == Quota(vms=3, vcpus=8)
+    changed = store.change_namespace_quota(ns, Quota(memory_mib=512, vcpus=0))  # 0 clears; vms stays
+    assert (changed.quota, changed.vms) == (Quota(vms=3, memory_mib=512), 1)
+    assert store.change_namespace_quota(ns, Quota(disk_gib=2), replace=True).quota == Quota(disk_gib=2)
 
 
 def test_a_batch_with_a_missing_vm_writes_nothing(store: Store, redis: Redis, ns: str) -> None:
@@ -343,3 +357,32 @@ def test_a_corrected_memory_or_vcpu_count_moves_the_host_reservation(store: Stor
     store.update_vm(ns, "a", fence(redis, ns, "a"), {"state": "running"}, by="sync")  # no size: no change
     assert redis.hmget(host, "committed_mib", "committed_vcpus") == ["192", "1"]
     redis.delete(host)
+
+
+def test_the_last_hosts_removal_deletes_the_image_with_its_history(store: Store, redis: Redis, ns: str) -> None:
+    """image_done.lua: the image's record, its hosts and its own history go in one step, with the
+    removal of its last host's entry; not before."""
+    records, name = ImageRecords(redis, store.scripts), f"img-{ns}"
+    history = keys.image_history(name)
+    made: list[int] = []
+    try:
+        parent, jobs = records.submit(name, ImageOp.IMPORT, ["h1", "h2"], params={}, by="test",
+                                      record={"source": "http://example.test/i.qcow2", "sha256": "", "format": "qcow2"})
+        made += [parent or 0, *(j.id for j in jobs)]
+        for job in jobs:
+            records.done(job, None, JobState.SUCCEEDED, host_state="ready", by="test")
+        assert redis.xlen(history) == 4  # each job: queued, succeeded
+        parent, [first, last] = records.submit(name, ImageOp.REMOVE, ["h1", "h2"], params={}, by="test")
+        made += [parent or 0, first.id, last.id]
+        records.done(first, None, JobState.SUCCEEDED, host_state="", by="test")
+        assert redis.hkeys(keys.image_hosts(name)) == ["h2"] and redis.xlen(history) == 7
+        records.done(last, None, JobState.SUCCEEDED, host_state="", by="test")
+        assert redis.exists(keys.image(name), keys.image_hosts(name), history) == 0
+        assert not redis.sismember(keys.IMAGES, name)
+        assert redis.hget(keys.job(last.id), "state") == "succeeded"  # the job itself stays, with its own list
+    finally:
+        redis.srem(keys.IMAGES, name)
+        redis.zrem(keys.jobs(keys.IMAGES_NS), *made)
+        for i in made:
+            redis.delete(keys.job(i), keys.job_children(i), keys.job_history(i))
+

@@ -164,6 +164,8 @@ class ConsoleRelay:
                 running.add(key)
                 if key not in self.consoles:
                     self._add(key, str(dom.XMLDesc(0)))
+                elif self.consoles[key].pty is None:  # seen while QEMU was starting: its pty shows once it is up
+                    self.consoles[key].pty = domxml.console_of(str(dom.XMLDesc(0)))[1]
             except libvirt.libvirtError:
                 continue  # it went away meanwhile
         for key in set(self.consoles) - running:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -26,10 +27,13 @@ import libvirt
 
 from orchestrator.control.placement import GIB, no_store_room
 from orchestrator.model.errors import AlreadyExists, HypervisorError, InvalidInput, NoCapacity, NotFound
+from orchestrator.model.records import VmState
 
 from . import domxml
 from .libvirtconn import INSTALL_HINT, LibvirtConnection, state_of, translate, vmorch_error
 from .results import Reverted, Snapshotted
+
+log = logging.getLogger(__name__)
 
 IMAGES_DIR = "images"
 VMS_DIR = "vms"
@@ -88,6 +92,18 @@ def create_disk(path: Path, size_gib: int, image: str | None) -> None:
     path.unlink(missing_ok=True)
     check_room(path.parent, size)
     qemu_img(*args, str(path), str(size))
+
+
+def qcow2_snapshot_sizes(disk: Path) -> dict[str, int]:
+    """Each internal snapshot in the qcow2 ``disk``, by name: its ``vm-state-size``, the bytes of
+    guest state it saved (RAM and devices, as QEMU's migration stream wrote them: a running VM's,
+    0 for a snapshot of a VM that was off). The disk clusters it keeps are not in the number: qcow2
+    shares them with the live disk and the other snapshots and does not count them apart.
+
+    ``-U``: QEMU holds the disk open while the VM runs; only the header and the snapshot table are read.
+    """
+    info = json.loads(qemu_img("info", "-U", "--output=json", "-f", "qcow2", str(disk)))
+    return {str(s["name"]): int(s.get("vm-state-size", 0)) for s in info.get("snapshots", [])}
 
 
 def store_image(images: Path, image: str) -> Path:
@@ -179,14 +195,29 @@ class Snapshots(DiskStore):
         return Snapshotted(state_of(dom), True, snapshot=name)
 
     def snapshot_details(self, domain: str) -> list[dict[str, object]]:
-        """Each snapshot's name, when it was taken (epoch seconds) and, where libvirt knows it, its size."""
+        """Each snapshot's name, when it was taken (epoch seconds) and its size: the guest state it
+        saved in the VM's qcow2 (``qcow2_snapshot_sizes``).
+
+        The size is None where no file holds the snapshot: on libvirt's test driver a snapshot is
+        libvirt's metadata only (no QEMU writes it into the VM's qcow2, even where the VM has one),
+        and a VM without a disk has no qcow2 at all. A size that can't be read (qemu-img missing or
+        failing) is None too: the snapshot itself was taken all the same.
+        """
         dom = self._require(domain)
         out: list[dict[str, object]] = []
         with translate(domain, "list snapshots of"):
             for snap in dom.listAllSnapshots(0):
                 created = ElementTree.fromstring(snap.getXMLDesc(0)).findtext("creationTime")
-                out.append({"name": snap.getName(), "created_at": float(created) if created else None,
-                            "size_bytes": None})
+                out.append({"name": snap.getName(), "created_at": float(created) if created else None})
+        sizes: dict[str, int] = {}
+        disk = self.disk_path(domain)
+        if out and disk.is_file():
+            try:
+                sizes = qcow2_snapshot_sizes(disk)
+            except (HypervisorError, ValueError, KeyError, TypeError) as exc:
+                log.warning("cannot read the snapshot sizes of %s from %s: %s", domain, disk, exc)
+        for s in out:
+            s["size_bytes"] = sizes.get(str(s["name"]))
         return sorted(out, key=lambda s: str(s["name"]))
 
     def revert(self, domain: str, name: str) -> Reverted:
@@ -202,4 +233,10 @@ class Snapshots(DiskStore):
         if self._meta(dom, domain) != meta:
             self._write_meta(dom, domain, meta)
         status = self._status_of(dom)
-        return Reverted(status.state, True, snapshot=name, memory_mib=status.memory_mib, vcpus=status.vcpus)
+        live: tuple[int | None, int | None] = (None, None)
+        if status.state in (VmState.RUNNING, VmState.PAUSED):
+            with translate(domain, "inspect"):  # the guest restored with it, as libvirt runs it now
+                mib, vcpus = int(dom.info()[2]) // 1024, int(dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE))
+            live = (mib if mib != status.memory_mib else None, vcpus if vcpus != status.vcpus else None)
+        return Reverted(status.state, True, snapshot=name, memory_mib=status.memory_mib, vcpus=status.vcpus,
+                        memory_mib_live=live[0], vcpus_live=live[1])

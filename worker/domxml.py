@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,15 @@ class VmorchMeta:
             "fence": self.fence,
             "disk": self.disk,
         }
+
+
+@dataclass(frozen=True)
+class NicDevice:
+    """One NIC on a vmorch network: the host's bridge it plugs into, its MAC, its tap's name."""
+
+    bridge: str
+    mac: str
+    tap: str
 
 
 def check_xml_text(value: str, what: str) -> str:
@@ -155,12 +164,15 @@ def domain_xml(
     console_log: str | None = None,
     max_vcpus: int | None = None,
     seed: str | None = None,
+    nics: Sequence[NicDevice] = (),
 ) -> str:
     """A persistent domain definition for an x86_64 PC: ``virt_type`` ``kvm`` (hardware accelerated),
     ``qemu`` (software emulation, TCG) or ``test``.
 
     Every domain gets a serial console (a pty; QEMU copies all it prints to ``console_log``, by
-    default beside the disk) and a virtio-serial channel for the QEMU guest agent. vCPUs are
+    default beside the disk) and a virtio-serial channel for the QEMU guest agent. Its NICs: one on each
+    of ``nics`` (a bridge; the tap named, so link emulation finds it), or else one user-mode NIC
+    (outbound only, nothing reaches the guest). vCPUs are
     ``<vcpu current='vcpus'>max_vcpus</vcpu>`` (default :func:`max_vcpus_for`).
     """
     dom = ET.Element("domain", type=virt_type)
@@ -180,8 +192,15 @@ def domain_xml(
         _sub(disk_el, "target", dev="vda", bus="virtio")
         _seed_cdrom(devices, seed if seed is not None else seed_beside(disk))
     # <graphics type='none'/> is not valid libvirt XML: no graphics element = headless.
-    nic = _sub(devices, "interface", type="user")
-    _sub(nic, "model", type="virtio")
+    for dev in nics:
+        nic = _sub(devices, "interface", type="bridge")
+        _sub(nic, "source", bridge=dev.bridge)
+        _sub(nic, "mac", address=dev.mac)
+        _sub(nic, "target", dev=dev.tap)
+        _sub(nic, "model", type="virtio")
+    if not nics:
+        nic = _sub(devices, "interface", type="user")
+        _sub(nic, "model", type="virtio")
     if console_log is None and disk:
         console_log = str(console_log_path(Path(disk).parent, name))
     _console_devices(devices, console_log, agent_socket(name))

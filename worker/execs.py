@@ -111,6 +111,10 @@ def run_exec(driver: LibvirtConnection, domain: str, vm: str, p: ExecParams, *, 
     stderr, stderr_cut = _output(status, "err")
     signal = int(status["signal"]) if status.get("signal") is not None else None
     exit_code = 128 + signal if signal is not None else int(status.get("exitcode", -1))
+    if p.check and exit_code != 0:
+        said = (stderr or stdout).strip().splitlines()
+        raise ExecError(f"{shown!r} exited with {exit_code}" + (f": {said[-1][:200]}" if said else ""),
+                        hint="the step checks its command's exit code ('check: true')")
     return Executed(VmState.RUNNING, True, exit_code=exit_code, stdout=stdout, stderr=stderr,
                     stdout_truncated=stdout_cut, stderr_truncated=stderr_cut, pid=pid, signal=signal)
 

@@ -41,8 +41,9 @@ from orchestrator.model.records import Job, JobState, Vm, VmState
 from orchestrator.store import keys, transfer
 from orchestrator.store.images import ImageRecords
 from orchestrator.store.jobstore import Store
+from orchestrator.store.networks import NetworkRecords
 
-from . import cloudinit, console, domxml, execs, images
+from . import cloudinit, console, domxml, execs, images, nichandlers
 from .driver import DomainSpec, Driver, DriverResult
 from .results import HandedOver, Tagged
 
@@ -156,12 +157,15 @@ def _launch(ctx: Context[LaunchParams]) -> Outcome:
                                         given_user_data=p.cloud_init, ssh_keys=p.ssh_keys)
     else:  # a VM without an image has no seed: none left by a crash may be attached to it
         ctx.driver.seed_path(ctx.vm.domain).unlink(missing_ok=True)
+    assert ctx.store is not None
     spec = DomainSpec(namespace=ctx.vm.namespace, vm=ctx.vm.name, memory_mib=p.memory_mib, vcpus=p.vcpus,
                       disk_gib=p.disk_gib, image=str(image) if image else None, tags=dict(p.tags),
-                      job_id=ctx.job.id, fence=ctx.fence_token)
+                      job_id=ctx.job.id, fence=ctx.fence_token,
+                      nics=nichandlers.devices(NetworkRecords(ctx.store.redis), ctx.vm))
     ctx.check()
     try:
-        result = ctx.driver.launch(spec)
+        with nichandlers.nics_up(ctx.vm):
+            result = ctx.driver.launch(spec)
     except LockError:
         raise  # the lease is gone: touch nothing more
     except VmorchError:
@@ -176,6 +180,21 @@ def _stop(ctx: Context[StopParams]) -> Outcome:
     p = ctx.params
     result = ctx.driver.stop(ctx.vm.domain, timeout_s=p.timeout_s, force=p.force, check=ctx.check,
                              force_after_timeout=p.force_after_timeout)
+    nichandlers.released(ctx.vm)
+    return Outcome(result, _state_update(result))
+
+
+def _start(ctx: Context[NoParams]) -> Outcome:
+    ctx.check()
+    with nichandlers.nics_up(ctx.vm):
+        result = ctx.driver.start(ctx.vm.domain)
+    return Outcome(result, _state_update(result, fresh=True))
+
+
+def _kill(ctx: Context[NoParams]) -> Outcome:
+    ctx.check()
+    result = ctx.driver.kill(ctx.vm.domain)
+    nichandlers.released(ctx.vm)
     return Outcome(result, _state_update(result))
 
 
@@ -191,6 +210,7 @@ def _delete(ctx: Context[NoParams]) -> Outcome:
     ctx.check()
     found = console.domain_console(ctx.driver, ctx.vm.domain)
     result = ctx.driver.delete(ctx.vm.domain)
+    nichandlers.released(ctx.vm)
     ctx.driver.seed_path(ctx.vm.domain).unlink(missing_ok=True)  # its cloud-init seed, beside the disk
     if ctx.store is not None:  # its console output, input and log files go with it
         console.forget(ctx.store.redis, ctx.vm.namespace, ctx.vm.name, found[0] if found else None,
@@ -209,13 +229,19 @@ def _cp(ctx: Context[CpParams]) -> Outcome:
 
 def _set(ctx: Context[SetParams]) -> Outcome:
     ctx.check()
+    nic_update: dict[str, Any] = {}
+    if ctx.params.nic is not None:
+        shaped, nic_update = nichandlers.set_nic(ctx.driver, ctx.vm, ctx.params)
+        if ctx.params.memory_mib is None and ctx.params.vcpus is None:
+            return Outcome(shaped, _state_update(shaped, **nic_update))
     result = ctx.driver.set_resources(ctx.vm.domain, memory_mib=ctx.params.memory_mib, vcpus=ctx.params.vcpus)
     # The record shows what is set (the persistent definition) and, where the running VM has something
     # else (read back from libvirt), that too; "" clears it.
     live: dict[str, Any] = {
         "memory_mib_live": result.memory_mib_live if result.memory_mib_live not in (None, result.memory_mib) else "",
         "vcpus_live": result.vcpus_live if result.vcpus_live not in (None, result.vcpus) else ""}
-    return Outcome(result, _state_update(result, memory_mib=result.memory_mib, vcpus=result.vcpus, **live))
+    return Outcome(result, _state_update(result, memory_mib=result.memory_mib, vcpus=result.vcpus, **live,
+                                         **nic_update))
 
 
 def _snapshot(ctx: Context[SnapshotParams]) -> Outcome:
@@ -236,9 +262,13 @@ def _snapshot_delete(ctx: Context[SnapshotParams]) -> Outcome:
 
 def _revert(ctx: Context[SnapshotParams]) -> Outcome:
     ctx.check()
-    result = ctx.driver.revert(ctx.vm.domain, ctx.params.name)
-    # A revert restores the definition of the snapshot's time, memory and vCPUs included.
-    return Outcome(result, _state_update(result, memory_mib=result.memory_mib, vcpus=result.vcpus))
+    with nichandlers.nics_up(ctx.vm):
+        result = ctx.driver.revert(ctx.vm.domain, ctx.params.name)
+    # A revert restores the definition of the snapshot's time, memory and vCPUs included, and the
+    # running guest of that time (what it has, read back, where it differs: "" clears it).
+    return Outcome(result, _state_update(result, memory_mib=result.memory_mib, vcpus=result.vcpus,
+                                         memory_mib_live=result.memory_mib_live or "",
+                                         vcpus_live=result.vcpus_live or ""))
 
 
 def _tag(ctx: Context[TagParams]) -> Outcome:
@@ -261,7 +291,8 @@ def _move_out(ctx: Context[MoveOutParams]) -> Outcome:
     assert ctx.blobs is not None
     ctx.check()
     in_job = ctx.job.id + 1  # the move-in job: both were created in one atomic step
-    gives_back = ((ctx.vm.host, -ctx.vm.memory_mib, -ctx.vm.vcpus),)
+    # The reservations follow in the store (lua/finish.lua): the source gives back what the VM holds,
+    # the target keeps what this move reserved there; a failed move-out gives that back (settle.lua).
     if p.live:
         assert ctx.store is not None
         target = ctx.store.host(p.to)
@@ -272,8 +303,7 @@ def _move_out(ctx: Context[MoveOutParams]) -> Outcome:
         except VmGone:
             result = DriverResult(VmState.RUNNING, False)  # a re-run: it left already
         return Outcome(replace(result, note=f"live-migrated to {p.to}"),
-                       {"host": p.to, "state": result.state.value, "note": f"moving live from {ctx.vm.host} to {p.to}"},
-                       adjust=gives_back)
+                       {"host": p.to, "state": result.state.value, "note": f"moving live from {ctx.vm.host} to {p.to}"})
     try:
         xml, disk = ctx.driver.export(ctx.vm.domain)
     except VmGone:
@@ -291,8 +321,7 @@ def _move_out(ctx: Context[MoveOutParams]) -> Outcome:
             console.rotated(Path(log_file)).unlink(missing_ok=True)
             Path(log_file).unlink(missing_ok=True)
     return Outcome(HandedOver(VmState.SHUTOFF, True, f"handed over to {p.to}", bytes=size),
-                   {"host": p.to, "state": VmState.SHUTOFF.value, "note": f"moving from {ctx.vm.host} to {p.to}"},
-                   adjust=gives_back)
+                   {"host": p.to, "state": VmState.SHUTOFF.value, "note": f"moving from {ctx.vm.host} to {p.to}"})
 
 
 def _move_in(ctx: Context[MoveInParams]) -> Outcome:
@@ -323,16 +352,11 @@ def _move_in(ctx: Context[MoveInParams]) -> Outcome:
                    {"state": result.state.value, "note": f"moved from {p.source}"})
 
 
-def _move_out_gives_back(ctx: Context[MoveOutParams]) -> Adjust:
-    """A move-out that failed frees the room held on its target."""
-    return ((ctx.params.to, -ctx.vm.memory_mib, -ctx.vm.vcpus),)
-
-
 HANDLERS: dict[Op, Handler[Any]] = {
     Op.LAUNCH: Handler(LaunchParams, _launch, failure_deletes_vm=True),
-    Op.START: _simple(Driver.start, fresh=True),
+    Op.START: Handler(NoParams, _start),
     Op.STOP: Handler(StopParams, _stop),
-    Op.KILL: _simple(Driver.kill),
+    Op.KILL: Handler(NoParams, _kill),
     Op.PAUSE: _simple(Driver.pause),
     Op.RESUME: _simple(Driver.resume),
     Op.REBOOT: Handler(RebootParams, _reboot),
@@ -343,7 +367,7 @@ HANDLERS: dict[Op, Handler[Any]] = {
     Op.SNAPSHOT_DELETE: Handler(SnapshotParams, _snapshot_delete),
     Op.TAG: Handler(TagParams, _tag),
     Op.MOVE_OUT: Handler(MoveOutParams, _move_out, lambda ctx: _both_hosts(ctx, ctx.params.to),
-                         leaves_domain_here=False, failure_adjust=_move_out_gives_back),
+                         leaves_domain_here=False),
     Op.MOVE_IN: Handler(MoveInParams, _move_in, lambda ctx: _both_hosts(ctx, ctx.params.source)),
     Op.EXEC: Handler(ExecParams, _exec),
     Op.CP: Handler(CpParams, _cp),

@@ -59,6 +59,7 @@ class DomainSpec:
     tags: Mapping[str, str] = field(default_factory=dict)
     job_id: int = 0
     fence: int = 0
+    nics: tuple[domxml.NicDevice, ...] = ()  # none: one user-mode NIC
 
     @property
     def domain(self) -> str:
@@ -154,6 +155,7 @@ class Lifecycle(LibvirtConnection):
             meta=meta,
             # one place for every VM's console log, disk or not (console relay, delete, move-in agree)
             console_log=str(domxml.console_log_path(self.storage_dir, domain)),
+            nics=spec.nics,
         )
         try:
             with translate(domain, "define"):

@@ -19,7 +19,7 @@ from orchestrator.store import keys, layout
 from orchestrator.store.jobstore import Store
 from orchestrator.store.redisconn import connect
 
-from . import agent, disks, domxml, hostaccel, imagejobs
+from . import agent, disks, domxml, hostaccel, imagejobs, netdev, netsync, vmnet
 from .console import ConsoleRelay
 from .driver import Driver
 from .guestwatch import GuestWatch
@@ -27,10 +27,12 @@ from .health import LibvirtProbe
 from .heartbeat import Heartbeat
 from .hostaccel import AccelProbe
 from .janitor import Janitor
+from .netsync import NetSync
 from .reconcile import reconcile
 from .runner import Worker
 from .sync import DriftSync
 from .tasks import register
+from .vmnet import HostNet
 from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ def default_storage(settings: Settings, host: str) -> Path:
 def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4,
         storage_dir: Path | None = None, loglevel: str = "INFO", labels: dict[str, str] | None = None,
         migrate_uri: str = "", shared_storage: bool = False, metrics_port: int = 0, task_events: bool = False,
-        share: int = 1) -> None:
+        share: int = 1, underlay: str = "") -> None:
     """Run until SIGTERM/SIGINT. ``test:///default`` keeps its state in this process: never fork."""
     logs.bind_process(host=host)
     metrics.enable()
@@ -63,6 +65,9 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
     app.conf.worker_send_task_events = task_events
     register(app, worker)
     imagejobs.register(app, worker)  # image jobs: their own task on this host's queue
+    host_net = networking(settings, host, url, driver, underlay)
+    netsync.register_capture(app, worker.blobs)
+    net_sync = NetSync(host_net, locks, lock_timeout=settings.lock_wait_timeout) if host_net else None
     cpus, memory_mib = driver.capacity()
     # Hosts that share one machine (the local cluster) offer equal parts of it, so placement
     # sees equal hosts and spreads equal VMs evenly.
@@ -73,7 +78,9 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
     heartbeat = Heartbeat(store, host, libvirt_uri=libvirt_uri, cpus=cpus, memory_mib=memory_mib,
                           interval=settings.heartbeat_interval, labels=labels, migrate_uri=migrate_uri,
                           shared_storage=shared_storage, status=probe.fields,
-                          extra={"accel": accel.kind, "accel_reason": accel.reason},
+                          extra={"accel": accel.kind, "accel_reason": accel.reason,
+                                 "underlay": host_net.underlay if host_net else "",
+                                 "shaping": ",".join(sorted(netdev.shaping_support())) if host_net else ""},
                           storage_dir=driver.storage_dir)
     guests = driver.virt_type != "test"  # the test driver has no consoles and no agents
     relay = ConsoleRelay(driver, store.redis, host)
@@ -93,12 +100,16 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
         if guests:
             relay.start()
             guest_watch.start()
+        if net_sync is not None:
+            net_sync.start()
         kick_mailboxes(app, store, host)
         imagejobs.kick(app, worker)
         janitor.start()
         watchdog.start()
         consume(app, host, concurrency=concurrency, loglevel=loglevel)
     finally:
+        if net_sync is not None:
+            net_sync.stop()
         guest_watch.stop()
         relay.stop()
         if sockets is not None:
@@ -111,6 +122,32 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
         probe.stop()
         locks.close()
         driver.close()
+
+
+def networking(settings: Settings, host: str, redis_url: str, driver: Driver, underlay: str) -> HostNet | None:
+    """This host's side of vmorch networks: with real QEMU only (the test driver's domains plug into
+    nothing), as root (bridges, VXLAN, nftables). The underlay defaults to the address this host
+    reaches Redis from: the network every host of the cluster shares."""
+    if driver.virt_type == "test" or os.geteuid() != 0:
+        vmnet.configure(None)
+        return None
+    host_net = HostNet(connect(redis_url), host, underlay or source_address(redis_url),
+                       settings.home / "hosts" / host / "net")
+    vmnet.configure(host_net)
+    return host_net
+
+
+def source_address(redis_url: str) -> str:
+    """The local address the kernel would send from to Redis's host (a UDP socket sends nothing)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(redis_url)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((parts.hostname or "127.0.0.1", parts.port or 6379))
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
 
 
 def consume(app: Celery, host: str, *, concurrency: int, loglevel: str) -> None:

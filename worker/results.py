@@ -67,6 +67,10 @@ class Reverted(DriverResult):
     #: the definition of the snapshot's time
     memory_mib: int
     vcpus: int
+    #: what the running VM has where it differs from that definition, read back from libvirt (a
+    #: snapshot taken while a change waited for the next boot); None: the same, or not running
+    memory_mib_live: int | None = None
+    vcpus_live: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,3 +88,12 @@ class Tagged(DriverResult):
 class HandedOver(DriverResult):
     #: the size of what went through Redis (definition and disk)
     bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shaped(DriverResult):
+    nic: int
+    #: the NIC's link emulation now (delay_ms, loss_pct, rate_kbit; null: none)
+    shaping: dict[str, Any]
+    #: whether the running VM's NIC has it now (else: from its next start)
+    live: bool

@@ -135,8 +135,8 @@ class Images(Connection):
             pipe = self.redis.pipeline(transaction=True)
             if gone:  # hosts that no longer exist keep nothing to remove
                 pipe.hdel(keys.image_hosts(name), *gone)
-            if not targets:
-                pipe.delete(keys.image(name), keys.image_hosts(name))
+            if not targets:  # the image goes at once, with its history (as image_done.lua does)
+                pipe.delete(keys.image(name), keys.image_hosts(name), keys.image_history(name))
                 pipe.srem(keys.IMAGES, name)
             pipe.execute()
             if not targets:

@@ -9,6 +9,7 @@ from orchestrator.model.names import check_namespace
 from orchestrator.model.operation import Op, Operation
 from orchestrator.model.records import Job, Namespace, Quota
 from orchestrator.store.jobstore import BatchEntry
+from orchestrator.store.networks import NetworkRecords
 
 
 class Namespaces(Submitting):
@@ -31,13 +32,13 @@ class Namespaces(Submitting):
     def set_quota(self, name: str, quota: Quota) -> Namespace:
         """Replace a namespace's limits (0 or None: no limit). Launches already accepted stay; the next
         ones are checked against it, atomically, by the submit script."""
-        with self.locks.hold(cmd_lock(name), timeout=self.settings.submit_lock_timeout):
-            if self.store.namespace(name) is None:
-                raise NotFound(f"no namespace {name!r}", hint="see 'vmorch ns list'")
-            self.store.set_namespace_quota(name, quota.cleared())  # LOCK: cmd
-            found = self.store.namespace(name)
-        assert found is not None
-        return found
+        return self.store.change_namespace_quota(name, quota, replace=True)
+
+    def update_quota(self, name: str, changes: Quota) -> Namespace:
+        """Change some of a namespace's limits: each one given is set (0: no limit), the others stay.
+        One atomic step on the server (``Store.change_namespace_quota``), so concurrent changes of
+        different limits all hold; what comes back is the namespace as this change left it."""
+        return self.store.change_namespace_quota(name, changes)
 
     def delete_namespace(self, name: str, *, force: bool) -> list[Job]:
         """Start deleting a namespace: its VMs go through ordinary delete jobs.
@@ -53,6 +54,10 @@ class Namespaces(Submitting):
             if scheduled:  # they would fire into a namespace that is gone
                 raise InvalidInput(f"namespace {name!r} has schedules: {', '.join(scheduled)}",
                                    hint=f"remove them first ('vmorch -n {name} schedule remove NAME')")
+            nets = NetworkRecords(self.redis).names(name)
+            if nets:  # their gateways are torn down by their hosts' workers, not by a purge of keys
+                raise InvalidInput(f"namespace {name!r} has networks: {', '.join(nets)}",
+                                   hint=f"delete its VMs, then its networks ('vmorch -n {name} net delete NAME')")
             names = self.store.vm_names(name)
             if names and not force:
                 raise InvalidInput(f"namespace {name!r} has {len(names)} VMs",

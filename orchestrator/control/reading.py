@@ -15,6 +15,7 @@ from orchestrator.model.operation import Op
 from orchestrator.model.records import Event, Host, Job, JobState, Vm
 from orchestrator.store import keys, retention
 from orchestrator.store.history import History
+from orchestrator.store.networks import NetworkRecords
 from orchestrator.store.retention import PruneReport
 
 OnUpdate = Callable[[list[Job]], None]
@@ -31,7 +32,19 @@ class Reading(Connection):
         return self.store.list_jobs(namespace, vm=vm, state=state, op=op, limit=limit, before=before)
 
     def vm(self, namespace: str, name: str) -> Vm:
-        return self.store.get_vm(namespace, name)
+        """The VM; each NIC on a network with the address its guest agent reports for its MAC, or
+        else the one the network's DHCP server leased it."""
+        vm = self.store.get_vm(namespace, name)
+        if not vm.nics:
+            return vm
+        seen = {a.mac.lower(): a.ip for a in vm.addresses if ":" not in a.ip}
+        records = NetworkRecords(self.redis)
+        leases: dict[str, str] = {}
+        for net in {n.net for n in vm.nics}:
+            found = records.get(namespace, net)
+            leases.update(found.leases if found is not None else {})
+        nics = [n.model_copy(update={"ip": seen.get(n.mac) or leases.get(n.mac)}) for n in vm.nics]
+        return vm.model_copy(update={"nics": nics})
 
     def vms(self, namespace: str) -> list[Vm]:
         return self.store.list_vms(namespace)

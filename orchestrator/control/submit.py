@@ -12,11 +12,12 @@ from orchestrator.control.connection import Connection
 from orchestrator.control.images import image_lock
 from orchestrator.control.locks import LockName, cmd_lock, host_lock, vms_lock
 from orchestrator.model.errors import AlreadyExists, ClusterUnavailable, InvalidInput, NotFound
-from orchestrator.model.operation import LaunchParams, MoveOutParams, Op, Operation, SubmitOptions
+from orchestrator.model.operation import LaunchParams, MoveOutParams, Op, Operation, SetParams, SubmitOptions
 from orchestrator.model.records import Host, HostState, Job, JobState, Vm
 from orchestrator.store import keys
 from orchestrator.store.images import ImageRecords
 from orchestrator.store.jobstore import AlreadyAccepted, BatchEntry, Submitted
+from orchestrator.store.networks import NetworkRecords
 
 
 class Submitting(Connection):
@@ -107,6 +108,8 @@ class Submitting(Connection):
             if op.op is Op.MOVE_OUT:
                 # an earlier job of this batch on the same VM (a kill, say) is as good as a pending one
                 self._check_move(op, behind_others=(op.namespace, op.vm) in seen)
+            if op.op is Op.SET and isinstance(p := op.params, SetParams) and p.nic is not None:
+                self._check_nic(op, p)
             seen.add((op.namespace, op.vm))
 
     def _exist(self, ops: list[Operation], *, alone: bool) -> list[bool]:
@@ -171,7 +174,9 @@ class Submitting(Connection):
         info = self.store.namespace(ns)
         allowed = set(info.hosts) if info is not None and info.hosts else None
         limits = placement.Limits(self.settings.memory_allocation_ratio, self.settings.cpu_allocation_ratio)
-        placement.plan([placement.Request(vm.name, vm.memory_mib, vm.vcpus, host=p.to)],
+        # the room it holds where it is (lua/reserve.lua): the larger of what is set and what runs
+        held = max(vm.memory_mib, vm.memory_mib_live or 0), max(vm.vcpus, vm.vcpus_live or 0)
+        placement.plan([placement.Request(vm.name, *held, host=p.to)],
                        [h for h in self.store.hosts() if h.name == p.to], allowed=allowed, limits=limits)
         return vm.host
 
@@ -238,6 +243,7 @@ class Submitting(Connection):
         info = self.store.namespace(ns)
         if info is not None and info.state == "deleting":
             raise InvalidInput(f"namespace {ns!r} is being deleted", hint="use another namespace, or wait")
+        self._check_nets(ns, batch)  # LOCK: cmd -- a network's deletion holds it too
         taken = [op.vm for op in batch if self.redis.sismember(keys.vms(ns), op.vm)]
         if taken:
             raise AlreadyExists(f"VM {taken[0]!r} already exists in namespace {ns!r}"
@@ -261,6 +267,29 @@ class Submitting(Connection):
         if unlocked:  # only when a host came up between choosing what to lock and deciding
             raise ClusterUnavailable(f"host {unlocked[0]!r} joined during placement", hint="submit again")
         return chosen
+
+    def _check_nic(self, op: Operation, p: SetParams) -> None:
+        """Refuse link emulation on a NIC the VM doesn't have, or that its host's kernel can't do."""
+        assert p.nic is not None and p.shaping is not None
+        vm = self.store.get_vm(op.namespace, op.vm)
+        if p.nic >= len(vm.nics):
+            raise InvalidInput(f"VM {op.vm!r} has {len(vm.nics)} NIC(s) on vmorch networks; there is no NIC {p.nic}",
+                               hint=f"see 'vmorch vm show {op.vm}' (NICs count from 0; a VM gets them with --net)")
+        can = set(self.store.host(vm.host).shaping.split(",")) - {""}
+        wanted = {"delay": p.shaping.delay_ms, "loss": p.shaping.loss_pct, "rate": p.shaping.rate_kbit}
+        missing = sorted(k for k, v in wanted.items() if v and k not in can)
+        if missing:
+            raise InvalidInput(f"host {vm.host!r} can't emulate {' or '.join(missing)} (its kernel offers: "
+                               f"{', '.join(sorted(can)) or 'nothing'})",
+                               hint="tc netem is missing there (CONFIG_NET_SCH_NETEM); --rate needs only tbf")
+
+    def _check_nets(self, ns: str, batch: list[Operation]) -> None:
+        """Refuse launches onto a network that doesn't exist or is being deleted."""
+        names = sorted({n for op in batch if isinstance(p := op.params, LaunchParams) for n in p.nets})
+        records = NetworkRecords(self.redis)
+        for name in names:
+            if records.require(ns, name).state == "deleting":
+                raise InvalidInput(f"network {name!r} is being deleted", hint="pick another network")
 
     def _images_ready(self, names: list[str]) -> dict[str, frozenset[str]]:
         """The hosts where each catalog image is ready; NotFound for a name not in the catalog."""
@@ -286,6 +315,9 @@ class Submitting(Connection):
             raise InvalidInput(f"cannot move VM {op.vm!r} to {p.to!r}: its image {vm.image!r} is not ready there",
                                hint=f"have an admin import it there first ('vmorch image import {vm.image} SOURCE "
                                     f"--host {p.to}'), or pick a host that has it ('vmorch image show {vm.image}')")
+        if p.live and vm.nics:
+            raise InvalidInput(f"VM {op.vm!r} has NICs on vmorch networks; it can only move shut off",
+                               hint="stop it, move it without --live, start it (its networks follow it)")
         if p.live:
             _check_live(hosts[vm.host], hosts[p.to], vm)
         elif vm.state.value in ("running", "paused") and not behind_others and not self.store.mailbox(ns, op.vm):

@@ -15,7 +15,8 @@ from urllib.parse import quote
 import httpx
 from pydantic import TypeAdapter
 
-from orchestrator.model.errors import ClusterUnavailable, InvalidInput, VmorchError
+from orchestrator.model.errors import ClusterUnavailable, InvalidInput, NotFound, OperationTimeout, VmorchError
+from orchestrator.model.network import Network, NetworkSpec
 from orchestrator.model.operation import Op, Operation, SubmitOptions
 from orchestrator.model.records import Event, Host, Job, JobState, Namespace, Quota, Vm
 from orchestrator.model.settings import Settings
@@ -34,6 +35,7 @@ _LIST_NAMESPACE = TypeAdapter(list[Namespace])
 _LIST_RUN = TypeAdapter(list[ExperimentRun])
 _LIST_SCHEDULE = TypeAdapter(list[Schedule])
 _LIST_IMAGE = TypeAdapter(list[Image])
+_LIST_NETWORK = TypeAdapter(list[Network])
 
 #: the longest one long-poll request asks the server to hold (the server may cap it lower)
 WAIT_CHUNK = 30.0
@@ -181,6 +183,10 @@ class HttpClient:
         return Namespace.model_validate(self._call("PUT", f"{_ns(name)}/quota",
                                                    json=quota.model_dump()))
 
+    def update_quota(self, name: str, changes: Quota) -> Namespace:
+        return Namespace.model_validate(self._call("PATCH", f"{_ns(name)}/quota",
+                                                   json=changes.model_dump(exclude_none=True)))
+
     def delete_namespace(self, name: str, *, force: bool) -> list[Job]:
         return _LIST_JOB.validate_python(self._call("POST", f"{_ns(name)}/deletion",
                                             params={"force": "true" if force else "false"}))
@@ -203,9 +209,54 @@ class HttpClient:
     def remove_image(self, name: str) -> list[Job]:
         return _LIST_JOB.validate_python(self._call("DELETE", f"/api/v1/images/{quote(name, safe='')}"))
 
+    def networks(self, namespace: str) -> list[Network]:
+        return _LIST_NETWORK.validate_python(self._call("GET", f"{_ns(namespace)}/networks"))
+
+    def network(self, namespace: str, name: str) -> Network:
+        return Network.model_validate(self._call("GET", _net(namespace, name)))
+
+    def create_network(self, namespace: str, spec: NetworkSpec) -> Network:
+        return Network.model_validate(self._call("POST", f"{_ns(namespace)}/networks",
+                                                 json=spec.model_dump(mode="json")))
+
+    def delete_network(self, namespace: str, name: str) -> Network:
+        return Network.model_validate(self._call("DELETE", _net(namespace, name)))
+
+    def wait_network(self, namespace: str, name: str, *, gone: bool, timeout: float) -> Network | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                net = self.network(namespace, name)
+            except NotFound:
+                if gone:
+                    return None
+                raise
+            if not gone and net.state == "ready":
+                return net
+            if time.monotonic() >= deadline:
+                raise OperationTimeout(f"network {name!r} is still {net.state} after {timeout:g}s, waiting for its "
+                                       f"gateway host {net.gateway_host!r}" + (f": {net.error}" if net.error else ""),
+                                       hint=f"see 'vmorch host list' and 'vmorch net show {name}'")
+            time.sleep(0.3)
+
+    def capture(self, namespace: str, name: str, *, vm: str | None, seconds: float) -> bytes:
+        try:
+            response = self.http.post(f"{_net(namespace, name)}/capture", params=_query(vm=vm, seconds=seconds),
+                                      timeout=httpx.Timeout(seconds + 60, connect=5.0))
+        except httpx.TransportError as exc:
+            raise ClusterUnavailable(f"cannot reach the vmorch API at {self.url}: {exc}",
+                                     hint="check --api-url / VMORCH_API_URL, and that 'vmorch api' runs") from None
+        if response.is_success:
+            return response.content
+        raise _error(response)
+
 
 def _ns(namespace: str) -> str:
     return f"/api/v1/namespaces/{quote(namespace, safe='')}"
+
+
+def _net(namespace: str, name: str) -> str:
+    return f"{_ns(namespace)}/networks/{quote(name, safe='')}"
 
 
 def _sched(namespace: str, name: str) -> str:

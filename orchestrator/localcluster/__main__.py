@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -56,6 +57,10 @@ def _destroy_domains(args: argparse.Namespace) -> int:
             time.sleep(0.5)
     finally:
         driver.close()
+    if os.geteuid() == 0:  # the bridges and DHCP servers of its networks (a worker made them as root)
+        from worker import vmnet
+
+        vmnet.take_down_all(default_storage(resolved(Settings()), args.host).parent / "net")
     if left:
         print(f"still running: {', '.join(left)}", file=sys.stderr)
         return 1

@@ -129,8 +129,9 @@ class Supervisor:
         self.api.start()
         for name, uri in self.plan:
             # The hosts share this machine: each offers an equal part of it, so placement sees equal hosts.
+            # One kernel holds every host's bridges: their underlay is loopback (VXLAN never leaves it).
             argv = [sys.executable, "-m", "worker", "--host", name, "--libvirt-uri", uri,
-                    "--share", str(len(self.plan))]
+                    "--share", str(len(self.plan)), "--underlay", "127.0.0.1"]
             child = Child(f"{name} worker", argv, env, self.paths.host_log(name), self.paths.home)
             child.start()
             self.workers[name] = child

@@ -52,6 +52,8 @@ class VmSpec(_Strict):
     ssh_keys: list[str] = Field(default_factory=list)
     host: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    #: one NIC on each of these networks, in order (the file's ``networks:`` or existing ones)
+    nets: list[str] = Field(default_factory=list)
 
     def names(self) -> list[str]:
         if self.count is not None:
@@ -60,7 +62,18 @@ class VmSpec(_Strict):
 
     def launch_params(self) -> dict[str, Any]:
         return {"memory_mib": self.memory, "vcpus": self.vcpus, "disk_gib": self.disk, "image": self.image,
-                "cloud_init": self.cloud_init, "ssh_keys": self.ssh_keys, "host": self.host, "tags": self.tags}
+                "cloud_init": self.cloud_init, "ssh_keys": self.ssh_keys, "host": self.host, "tags": self.tags,
+                "nets": self.nets}
+
+
+class NetSpec(_Strict):
+    """A network the experiment uses: created before its VMs if missing (an existing one with the same
+    subnet is used as it is), deleted once its teardown is final if the experiment created it."""
+
+    name: Name
+    subnet: str
+    dhcp: bool = True
+    nat: bool = False
 
 
 class Step(_Strict):
@@ -101,6 +114,7 @@ class Experiment(_Strict):
     name: Name
     namespace: Namespace | None = None
     description: str = ""
+    networks: list[NetSpec] = Field(default_factory=list)
     vms: list[VmSpec] = Field(default_factory=list)
     steps: list[Step] = Field(default_factory=list)
     #: steps that run once every other step is final, or "delete": delete all the experiment's VMs
@@ -167,8 +181,8 @@ def load(text: str) -> Experiment:
 
 
 def _semantics(exp: Experiment) -> list[tuple[tuple[Any, ...], str]]:
-    """What the models can't see alone: names, ranges, step references, each op's parameters."""
-    out = _vm_problems(exp)
+    """What the models can't see alone: names, ranges, step references, each op's parameters, subnets."""
+    out = _vm_problems(exp) + _net_problems(exp)
     for section, steps in (("steps", exp.steps), ("teardown", exp.teardown_steps())):
         names_so_far: list[str] = []
         for i, step in enumerate(steps):
@@ -208,6 +222,26 @@ def _spec_problem(spec: VmSpec) -> str | None:
     except InvalidInput as exc:
         return exc.message
     return None
+
+
+def _net_problems(exp: Experiment) -> list[tuple[tuple[Any, ...], str]]:
+    from orchestrator.model.network import check_subnet, subnets_overlap
+
+    out: list[tuple[tuple[Any, ...], str]] = []
+    seen: dict[str, str] = {}
+    for i, net in enumerate(exp.networks):
+        try:
+            subnet = check_subnet(net.subnet)
+        except InvalidInput as exc:
+            out.append((("networks", i, "subnet"), exc.message))
+            continue
+        if net.name in seen:
+            out.append((("networks", i, "name"), f"network {net.name!r} is declared twice"))
+        clash = next((n for n, other in seen.items() if subnets_overlap(other, subnet)), None)
+        if clash is not None and clash != net.name:
+            out.append((("networks", i, "subnet"), f"subnet {subnet} overlaps network {clash!r}"))
+        seen[net.name] = subnet
+    return out
 
 
 def _vm_problems(exp: Experiment) -> list[tuple[tuple[Any, ...], str]]:

@@ -6,7 +6,6 @@ beside it (``orchestrator.job``) is its execution record.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Callable
 from enum import StrEnum
@@ -22,7 +21,14 @@ from orchestrator.model.guestdata import (
     check_ssh_key,
     check_user_data,
 )
+from orchestrator.model.guestops import CP_MAX_BYTES as CP_MAX_BYTES  # re-exported: every op's params are here
+from orchestrator.model.guestops import EXEC_INPUT_MAX as EXEC_INPUT_MAX
+from orchestrator.model.guestops import EXEC_OUTPUT_MAX as EXEC_OUTPUT_MAX
+from orchestrator.model.guestops import CpParams as CpParams
+from orchestrator.model.guestops import ExecParams as ExecParams
 from orchestrator.model.names import HostName, Name, Namespace, check_name, check_tag, expand_target
+from orchestrator.model.network import NICS_MAX, Shaping
+from orchestrator.model.params import Params
 
 MIB_MIN, MIB_MAX = 16, 4 * 1024 * 1024
 VCPUS_MAX = 256
@@ -51,11 +57,6 @@ class Op(StrEnum):
     CP = "cp"
 
 
-class Params(BaseModel):
-    # Built on first use (see records._Record): a command uses the params of one operation at most.
-    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
-
-
 class NoParams(Params):
     pass
 
@@ -80,6 +81,8 @@ class LaunchParams(Params):
     #: a range goes round the hosts instead of filling the emptiest first
     spread: bool = False
     tags: dict[str, str] = Field(default_factory=dict)
+    #: one NIC on each of these networks of the namespace, in order (none: a user-mode NIC)
+    nets: list[Name] = Field(default_factory=list, max_length=NICS_MAX)
 
     @model_validator(mode="after")
     def _one_placement(self) -> LaunchParams:
@@ -126,11 +129,16 @@ class StopParams(RebootParams):
 class SetParams(Params):
     memory_mib: int | None = Field(default=None, ge=MIB_MIN, le=MIB_MAX)
     vcpus: int | None = Field(default=None, ge=1, le=VCPUS_MAX)
+    #: a NIC's link emulation (its index in ``vm show``): the values given replace those set, 0 clears one
+    nic: int | None = Field(default=None, ge=0, lt=NICS_MAX)
+    shaping: Shaping | None = None
 
     @model_validator(mode="after")
     def _something(self) -> SetParams:
-        if self.memory_mib is None and self.vcpus is None:
-            raise ValueError("give --memory and/or --vcpus")
+        if (self.nic is None) != (self.shaping is None) or (self.shaping is not None and self.shaping.empty):
+            raise ValueError("give --nic N with --delay, --loss and/or --rate")
+        if self.memory_mib is None and self.vcpus is None and self.nic is None:
+            raise ValueError("give --memory, --vcpus and/or --nic N with --delay, --loss, --rate")
         return self
 
 
@@ -160,63 +168,6 @@ class MoveOutParams(Params):
 
 class MoveInParams(Params):
     source: HostName
-
-
-#: what ``exec`` brings back of each of stdout and stderr (the rest is cut, and the result says so),
-#: what it may feed the command on stdin, and the largest file ``cp`` copies either way
-EXEC_OUTPUT_MAX = 64 * 1024
-EXEC_INPUT_MAX = 64 * 1024
-CP_MAX_BYTES = 1024 * 1024
-_GUEST_TEXT_MAX = 4096
-
-
-def _guest_text(value: str, what: str) -> str:
-    if "\0" in value:
-        raise ValueError(f"{what} contains a NUL character")
-    if len(value) > _GUEST_TEXT_MAX:
-        raise ValueError(f"{what} is longer than {_GUEST_TEXT_MAX} characters")
-    return value
-
-
-class ExecParams(Params):
-    #: the program (looked up in the guest's PATH) and its arguments
-    command: list[str] = Field(min_length=1, max_length=1000)
-    #: fail the job if the command has not finished by then (waiting for the agent included)
-    timeout_s: float = Field(default=60.0, gt=0, le=3600)
-    #: given to the command on its standard input
-    input: str | None = Field(default=None, max_length=EXEC_INPUT_MAX)
-
-    @field_validator("command")
-    @classmethod
-    def _command(cls, command: list[str]) -> list[str]:
-        if not command[0]:
-            raise ValueError("the command is empty")
-        return [_guest_text(arg, "the command") for arg in command]
-
-
-class CpParams(Params):
-    #: the file in the guest (an absolute path)
-    path: str = Field(min_length=2)
-    #: base64 of the bytes to write there; None: read the file out of the guest (the job's result has it)
-    content: str | None = Field(default=None, max_length=(CP_MAX_BYTES + 2) // 3 * 4)
-    timeout_s: float = Field(default=60.0, gt=0, le=3600)
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, path: str) -> str:
-        if not path.startswith("/"):
-            raise ValueError("the path in the guest must be absolute")
-        return _guest_text(path, "the path")
-
-    @field_validator("content")
-    @classmethod
-    def _content(cls, content: str | None) -> str | None:
-        if content is not None:
-            try:
-                base64.b64decode(content, validate=True)
-            except ValueError:
-                raise ValueError("content must be base64") from None
-        return content
 
 
 def _typed_params(data: Any) -> Any:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_serializer, field_validator
 
+from orchestrator.model.network import Nic
 from orchestrator.model.operation import Op
 
 
@@ -181,6 +182,8 @@ class Address(BaseModel):
 class SnapshotInfo(_Record):
     name: str
     created_at: datetime | None = None
+    #: the guest state (RAM and devices) it saved in the VM's qcow2, 0 if the VM was off; None where no
+    #: file holds it (libvirt's test driver) or it could not be read (``worker.disks.qcow2_snapshot_sizes``)
     size_bytes: int | None = None
 
 
@@ -210,11 +213,18 @@ class Vm(_Record):
     agent: AgentState = "absent"
     #: the guest's addresses, as its agent reports them (loopback and link-local left out)
     addresses: list[Address] = []
+    #: its NICs on vmorch networks, in order (none: one user-mode NIC, outbound only)
+    nics: list[Nic] = []
 
     @field_validator("addresses", mode="before")
     @classmethod
     def _addresses(cls, value: Any) -> Any:
         # stored as JSON text in the record's hash (the Lua reader passes it on as a string)
+        return json.loads(value) if isinstance(value, str) else value
+
+    @field_validator("nics", mode="before")
+    @classmethod
+    def _nics(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value
 
     def on_down_host(self) -> Vm:
@@ -267,6 +277,10 @@ class Host(_Record):
     accel_reason: str = ""
     #: its worker shut down cleanly (a down host that was not stopped has crashed or lost Redis)
     stopped: bool = False
+    #: its address on the network between hosts (vmorch networks' VXLAN runs over it; "" = no networks)
+    underlay: str = ""
+    #: the link emulation its kernel can do for ``vm set --nic``: some of rate, delay, loss
+    shaping: str = ""
     #: free bytes in its storage directory, at its last heartbeat (None: an older worker)
     store_free_bytes: int | None = None
 
@@ -296,6 +310,8 @@ class Host(_Record):
             accel=h.get("accel", ""),
             accel_reason=h.get("accel_reason", ""),
             stopped=bool(h.get("stopped")),
+            underlay=h.get("underlay", ""),
+            shaping=h.get("shaping", ""),
         )
 
 

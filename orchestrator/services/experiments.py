@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from orchestrator.control import targets
+from orchestrator.control.networks import Networks
 from orchestrator.control.reading import Reading
 from orchestrator.control.submit import Submitting
-from orchestrator.model.errors import VmorchError
+from orchestrator.model.errors import InvalidInput, VmorchError
 from orchestrator.model.operation import Op, Operation, SubmitOptions
 from orchestrator.store.runs import ExperimentRun, RunStep, derive_state
 
@@ -15,7 +17,7 @@ if TYPE_CHECKING:
     from orchestrator.model import experiment
 
 
-class Experiments(Submitting, Reading):
+class Experiments(Submitting, Reading, Networks):
     # -- experiments ------------------------------------------------------------------------
 
     def run_experiment(self, text: str, *, namespace: str, source: str = "",
@@ -32,6 +34,7 @@ class Experiments(Submitting, Reading):
         exp = experiment.load(text)
         ns = exp.namespace or namespace
         steps: list[RunStep] = []
+        made = self._networks(ns, exp)  # before the launches that plug into them
         try:
             if exp.vms:
                 launches = [Operation.build(Op.LAUNCH, ns, n, **spec.launch_params())
@@ -64,10 +67,42 @@ class Experiments(Submitting, Reading):
         except VmorchError:
             for s in steps:
                 self.cancel(s.job)
+            for name in made:
+                with contextlib.suppress(VmorchError):
+                    self.delete_network(ns, name)
             raise
+        teardown = [s.job for s in steps if s.kind == "teardown"]
+        for name in made if teardown else []:  # the teardown's last step being final lets them go
+            self.net_records.delete_after(ns, name, teardown[-1])
         run_id = self.runs.save(name=exp.name, namespace=ns, source=source, text=text, by=self.actor, steps=steps,
                                 idempotency_key=_derived(idempotency_key, "run"))
         return self.experiment_run(run_id)
+
+    def _networks(self, ns: str, exp: experiment.Experiment) -> list[str]:
+        """The file's networks, created where missing (and waited for); the names of those it made."""
+        from orchestrator.model.network import NetworkSpec
+
+        made: list[str] = []
+        try:
+            for net in exp.networks:
+                spec = NetworkSpec(name=net.name, subnet=net.subnet, dhcp=net.dhcp, nat=net.nat)
+                found = self.net_records.get(ns, net.name)
+                if found is not None:
+                    if (found.subnet, found.dhcp, found.nat) != (spec.subnet, spec.dhcp, spec.nat):
+                        raise InvalidInput(f"network {net.name!r} exists with another setup ({found.subnet}, dhcp "
+                                           f"{found.dhcp}, nat {found.nat})",
+                                           hint="rename the experiment's network, or delete the existing one")
+                    continue
+                self.create_network(ns, spec)
+                made.append(net.name)
+            for name in made:
+                self.wait_network(ns, name, gone=False, timeout=120)
+        except VmorchError:
+            for name in made:
+                with contextlib.suppress(VmorchError):
+                    self.delete_network(ns, name)
+            raise
+        return made
 
     def _step_ops(self, ns: str, step: experiment.Step) -> list[Operation]:
         names = targets.resolve(self, ns, step.target, step.tag)

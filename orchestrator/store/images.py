@@ -142,13 +142,15 @@ class ImageRecords:
              result: Mapping[str, Any] | None = None, error: VmorchError | None = None,
              record: Mapping[str, str] | None = None) -> list[Released] | None:
         """Make an image job final and set its host's entry (``host_state`` "": the entry goes, and the
-        image with the last one, for a removal). Fenced by ``fence``; None only for a job whose wake-up
-        could not be sent (no worker has it). Returns the released jobs, or None if it was final already.
+        image with the last one, its history included, for a removal). Fenced by ``fence``; None only
+        for a job whose wake-up could not be sent (no worker has it). Returns the released jobs, or
+        None if it was final already.
 
         # LOCK: the caller holds image:<name> (``fence``).
         """
         ks = Keys(job=keys.job(job.id), image=keys.image(job.vm), image_hosts=keys.image_hosts(job.vm),
-                  images=keys.IMAGES, events=keys.events(keys.IMAGES_NS), **settle_keys())
+                  image_history=keys.image_history(job.vm), images=keys.IMAGES, events=keys.events(keys.IMAGES_NS),
+                  **settle_keys())
         if fence is not None:
             ks.name(fence=fence.key)
         res = self.scripts.run("image_done", ks, {

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 from orchestrator.model.errors import Canceled, EnqueueFailed, NotFound, VmorchError
+from orchestrator.model.network import nics_for
 from orchestrator.model.operation import LaunchParams, MoveInParams, Op
 from orchestrator.model.records import Job, JobState, Vm, domain_name
 from orchestrator.store import keys
@@ -73,7 +74,8 @@ class Store(VmStore, HistoryStore):
                 at.update(vms=ks.at(keys.vms(ns)), namespace=ks.at(keys.namespace(ns)), host=ks.at(keys.host(e.host)),
                           host_vms=ks.at(keys.host_vms(e.host)))
                 entry.update(t="launch", host=e.host, mib=p.memory_mib, vcpus=p.vcpus, disk=p.disk_gib,
-                             image=p.image or "", tags=json.dumps(p.tags), domain=domain_name(ns, vm))
+                             image=p.image or "", tags=json.dumps(p.tags), domain=domain_name(ns, vm),
+                             nics=json.dumps([n.model_dump(exclude={"ip"}) for n in nics_for(ns, vm, p.nets)]))
             elif o.op is Op.SET:  # checked against the namespace's quota, as a launch is
                 at.update(vms=ks.at(keys.vms(ns)), namespace=ks.at(keys.namespace(ns)))
             elif o.op is Op.MOVE_OUT:

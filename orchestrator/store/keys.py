@@ -41,8 +41,11 @@ P:vm:<ns>:<name>:console:writer string   who may type on the console now (``vm c
                                          id, SET NX PX ``CONSOLE_WRITER_TTL_MS``, renewed while attached
 P:hosts                         set      host names that ever registered
 P:host:<name>                   hash     one host record (heartbeat, capacity, pid, labels,
-                                         committed_mib/vcpus: what placement reserved, accel and
-                                         accel_reason: kvm or tcg, and why)
+                                         committed_mib/vcpus: what placement reserved: each VM's larger
+                                         of set and live (lua/reserve.lua), and a move's room on its
+                                         target from acceptance (the move-out job's reserved_on,
+                                         reserved_mib, reserved_vcpus), accel and accel_reason: kvm or
+                                         tcg, and why)
 P:host:<name>:vms               set      "<ns>/<name>" of the VMs placed on that host
 P:transfer:<job id>             hash     a VM on its way to another host: definition, disk size
 P:transfer:<job id>:disk        list     its disk, in chunks (deleted once imported; expires)
@@ -74,7 +77,19 @@ P:image:<name>:hosts            hash     host -> JSON {state, job, error}: the i
                                          store (state importing, ready, failed or removing)
 P:jobs:_images                  zset     image jobs' ids (``IMAGES_NS``: a namespace no user can name)
 P:events:_images                stream   image jobs' history (as a namespace's); P:vm:_images:<image>:history
-                                         is one image's (``vm history``'s key, with the image's name)
+                                         is one image's (``vm history``'s key, with the image's name), and
+                                         goes with the image's record (``image_history``)
+P:nets:<ns>                     set      the network names of a namespace
+P:net:<ns>:<name>               hash     one network: subnet, vni, dhcp, nat, state (creating, ready,
+                                         deleting), gateway_host, gateway, leases (JSON MAC -> IP, as the
+                                         gateway host's DHCP server leased them), error, created_at, by
+P:net:<ns>:<name>:hosts         hash     host -> underlay address, for each host whose bridge of the
+                                         network is up (each host writes its own field only)
+P:net-vnis                      hash     VNI -> "<ns>/<name>": the VNIs in use (a worker finds the network
+                                         of a bridge it has by it)
+P:net-vni:next                  string   the last VNI handed out (INCR, from ``VNI_MIN``)
+P:capture:<id>                  string   a finished packet capture (pcap bytes), for its asker to take
+                                         (GETDEL); expires ``CAPTURE_TTL`` after it was written
 P:fence:<lock name>             string   the lock's fencing counter (INCR on every acquire)
 P:updates                       pubsub   channel: "<job id> <state>" on every job change
 P:token:<sha256 hex>            hash     one API token: name, role, namespaces (JSON), created_at
@@ -262,6 +277,33 @@ def image(name: str) -> str:
 
 def image_hosts(name: str) -> str:
     return f"{image(name)}:hosts"
+
+
+def image_history(name: str) -> str:
+    """One image's own history: a VM's history key under ``IMAGES_NS``. Deleted in the same step as
+    the image's record (``lua/image_done.lua`` with its last host's entry, or ``control.images``)."""
+    return vm_history(IMAGES_NS, name)
+
+
+NET_VNIS = f"{PREFIX}:net-vnis"
+NET_VNI_NEXT = f"{PREFIX}:net-vni:next"
+CAPTURE_TTL = 600
+
+
+def nets(namespace: str) -> str:
+    return f"{PREFIX}:nets:{namespace}"
+
+
+def net(namespace: str, name: str) -> str:
+    return f"{PREFIX}:net:{namespace}:{name}"
+
+
+def net_hosts(namespace: str, name: str) -> str:
+    return f"{net(namespace, name)}:hosts"
+
+
+def capture(capture_id: str) -> str:
+    return f"{PREFIX}:capture:{capture_id}"
 
 
 def fence(lock_name: str) -> str:

@@ -58,6 +58,7 @@ REFUSALS: dict[tuple[str, str], Callable[[dict[str, Any]], VmorchError]] = {
     ("not_found", "job"): lambda d: NotFound(f"no job {d['job']}", hint=_JOB_HINT),
     ("not_found", "vm"): lambda d: NotFound(f"no VM {d['vm']!r} in namespace {d['namespace']!r}", hint=_VM_HINT),
     ("not_found", "dependency"): lambda d: NotFound(f"no job {d['job']} to wait for", hint=_JOB_HINT),
+    ("not_found", "namespace"): lambda d: NotFound(f"no namespace {d['namespace']!r}", hint="see 'vmorch ns list'"),
     ("already_exists", "vm"): lambda d: AlreadyExists(
         f"VM {d['vm']!r} already exists in namespace {d['namespace']!r}",
         hint="pick another name, or delete it first with 'vmorch vm delete'"),

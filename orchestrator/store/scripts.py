@@ -6,9 +6,9 @@ lock's fencing token (guarantee 3): a holder whose lock expired and was taken ov
 token and is refused.
 
 Each script is a file in ``lua/`` (package data). The helpers several scripts share (``args``,
-``now``, ``key``, ``event``, ``refuse``, ``fence``, ``settle``, ``vm_json``) are files of their own,
-concatenated in front of the script at load time (``HELPERS``): Lua has no ``require`` in Redis,
-and helpers are ``local`` functions of the one chunk Redis runs.
+``now``, ``key``, ``event``, ``refuse``, ``fence``, ``reserve``, ``settle``, ``vm_json``) are files of
+their own, concatenated in front of the script at load time (``HELPERS``): Lua has no ``require`` in
+Redis, and helpers are ``local`` functions of the one chunk Redis runs.
 
 A call passes its keys by name (``Keys``: KEYS, and their indices in the arguments) and one JSON
 object as ARGV[1]: the script's fields, the key indices, the final job states (``FINAL_STATES``:
@@ -36,17 +36,18 @@ from orchestrator.store import keys, refusals
 HELPERS: dict[str, tuple[str, ...]] = {
     "mark_waiting": ("args", "now", "key", "event"),
     "begin": ("args", "now", "key", "event", "refuse", "fence"),
-    "finish": ("args", "now", "key", "event", "refuse", "fence", "settle"),
+    "finish": ("args", "now", "key", "event", "refuse", "fence", "reserve", "settle"),
     "cancel": ("args", "now", "key", "event", "refuse", "settle"),
-    "update_vm": ("args", "now", "key", "event", "refuse", "fence"),
+    "update_vm": ("args", "now", "key", "event", "refuse", "fence", "reserve"),
     "vms_json": ("vm_json",),
     "turn": ("args", "vm_json"),
-    "submit_batch": ("args", "now", "key", "event", "refuse", "settle"),
+    "submit_batch": ("args", "now", "key", "event", "refuse", "reserve", "settle"),
     "fail_unsent": ("args", "now", "key", "event", "settle"),
     "release_due": ("args", "now", "key", "event", "settle"),
     "prune": ("args", "key"),
     "image_submit": ("args", "now", "key", "event"),
     "image_done": ("args", "now", "key", "event", "refuse", "fence", "settle"),
+    "namespace_quota": ("args", "refuse"),
 }
 
 

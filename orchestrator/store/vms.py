@@ -8,7 +8,7 @@ from typing import Any, cast
 
 from orchestrator.model.records import QUOTA_FIELDS, HostState, Namespace, Quota, Vm, vms_from_json
 from orchestrator.store import keys
-from orchestrator.store.entries import Fence, as_hash, no_vm
+from orchestrator.store.entries import Fence, as_hash, no_vm, pairs
 from orchestrator.store.hosts import HostStore
 from orchestrator.store.scripts import Keys
 
@@ -85,19 +85,19 @@ class VmStore(HostStore):
         assert created is not None
         return created
 
-    def set_namespace_quota(self, name: str, quota: Quota) -> None:
-        """Replace a namespace's limits (``quota_<field>``; a field left out = no limit).
+    def change_namespace_quota(self, name: str, changes: Quota, *, replace: bool = False) -> Namespace:
+        """Change a namespace's limits (``quota_<field>``) in one atomic step (``lua/namespace_quota.lua``)
+        and return the namespace as that step left it. A field of ``changes`` that is None stays as it
+        is (``replace``: is cleared too); 0 clears it (no limit). NotFound if there is no such namespace.
 
-        # LOCK: the caller holds cmd:<name>. The submit script reads them atomically at acceptance.
+        No lock: the script is the whole change, and it reads nothing the client sent back. The submit
+        script reads the limits atomically at acceptance.
         """
-        pipe = self.redis.pipeline()
-        for f in QUOTA_FIELDS:
-            value = getattr(quota, f)
-            if value:
-                pipe.hset(keys.namespace(name), f"quota_{f}", value)
-            else:
-                pipe.hdel(keys.namespace(name), f"quota_{f}")
-        pipe.execute()
+        given = {f"quota_{f}": getattr(changes, f) for f in QUOTA_FIELDS}
+        res = self.scripts.run("namespace_quota", Keys(namespace=keys.namespace(name), vms=keys.vms(name)), {
+            "name": name, "set": {f: v for f, v in given.items() if v},
+            "clear": [f for f, v in given.items() if v == 0 or (v is None and replace)]})
+        return Namespace.from_hash(name, pairs(res[0]), vms=int(res[1]))
 
     def mark_namespace_deleting(self, name: str) -> None:
         """# LOCK: the caller holds cmd:<name>."""

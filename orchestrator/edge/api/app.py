@@ -11,7 +11,19 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator.edge import clustermetrics, dashboard
-from orchestrator.edge.api import errors, events, experiments, guest, hosts, images, jobs, meta, namespaces, vms
+from orchestrator.edge.api import (
+    errors,
+    events,
+    experiments,
+    guest,
+    hosts,
+    images,
+    jobs,
+    meta,
+    namespaces,
+    networks,
+    vms,
+)
 from orchestrator.edge.api.auth import TokenAuth, bearer
 from orchestrator.edge.api.backend import Backend
 from orchestrator.model.settings import Settings
@@ -40,9 +52,10 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     strict_query = Depends(errors.no_unknown_query)
     app.include_router(meta.public, dependencies=[strict_query])
-    for module in (meta, events, jobs, vms, guest, namespaces, hosts, experiments, images):
+    for module in (meta, events, jobs, vms, guest, namespaces, hosts, experiments, images, networks):
         # documents the scheme on every route but the public ones (TokenAuth does the checking)
         app.include_router(module.router, dependencies=[Security(bearer), strict_query])
+    app.include_router(guest.socket)  # a WebSocket: checks its first message's token itself (consolesocket)
     # Outside /api/v1, so without a token, as Prometheus scrapes by default: cluster-wide
     # aggregates only (hosts, operations, states), never a namespace's or a VM's name.
     # At /metrics and /metrics/ alike: no redirect from one to the other.

@@ -1,6 +1,9 @@
 """``/api/v1/namespaces/{ns}/vms/{name}/console``: a VM's serial console over HTTP.
 
 Reading needs the namespace's read role; typing (the writer lease and input) its operate role.
+``GET .../console/ws`` is the same console over one WebSocket, for the dashboard (``consolesocket``);
+it is on a router of its own, ``socket``, because it authenticates its first message itself
+(``auth.TokenAuth`` and the routes' HTTP dependencies see HTTP requests only).
 ``vm exec`` and ``vm cp`` are ordinary operations (``POST .../vms/{target}/exec``, ``.../cp``).
 A read with ``block_ms`` is a long poll: it returns as soon as there is output.
 """
@@ -9,16 +12,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Path, Query
+from fastapi import APIRouter, Body, Path, Query, WebSocket
 from pydantic import BaseModel, Field, WithJsonSchema
 
 from orchestrator.edge.api.auth import Client, OperateNs, ReadNs
+from orchestrator.edge.api.backend import Backend
+from orchestrator.edge.api.consolesocket import ConsoleSocket
 from orchestrator.edge.api.errors import responses
 from orchestrator.edge.api.schemas import Name
 from orchestrator.services.console import RedisConsole
 from orchestrator.store.console import BLOCK_MAX_MS, READ_MAX, ConsoleChunk
 
 router = APIRouter(prefix="/api/v1/namespaces/{ns}/vms/{name}/console", tags=["console"])
+socket = APIRouter(prefix=router.prefix)
 
 VmName = Annotated[Name, Path(description="VM name")]
 #: a stream entry id ("0": from the start, "$": only what comes next)
@@ -89,3 +95,12 @@ def release(ns: OperateNs, name: VmName, client: Client,
              summary="Type on the console (refused unless the session holds the writer lease)")
 def send(ns: OperateNs, name: VmName, client: Client, body: Annotated[Input, Body()]) -> Sent:
     return Sent(sent=RedisConsole(client.store).send(ns, name, body.session, body.text))
+
+
+@socket.websocket("/ws")
+async def live(websocket: WebSocket, ns: str, name: str) -> None:
+    """The console over a WebSocket; the names are checked after the token (``ConsoleSocket``), never by FastAPI,
+    whose refusal would close the socket with a reason made of its validation errors."""
+    backend = websocket.app.state.backend
+    assert isinstance(backend, Backend)
+    await ConsoleSocket(websocket, backend, ns, name).run()

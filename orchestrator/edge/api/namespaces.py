@@ -12,6 +12,7 @@ from orchestrator.edge.api.jobs import accepted
 from orchestrator.edge.api.schemas import NamespaceCreate, NamespaceDeleted, QuotaIn
 from orchestrator.model.errors import NotFound
 from orchestrator.model.records import Job, Namespace
+from orchestrator.services.client import RedisClient
 from orchestrator.store.tokens import Role
 
 router = APIRouter(prefix="/api/v1/namespaces", tags=["namespaces"])
@@ -47,12 +48,26 @@ def get_namespace(ns: ReadNs, client: Client) -> Namespace:
 @router.put("/{ns}/quota", response_model=Namespace, responses=responses(403, 404, 503),
             summary="Set a namespace's quota (its limits; null or 0 = no limit)")
 def set_quota(body: QuotaIn, ns: AdminNs, client: Client) -> Namespace:
-    """Replaces every limit: a field left out is no limit. Checked atomically when launches are accepted
-    (409 ``no_capacity`` naming what ran out). Role ``admin``."""
+    """Replaces every limit: a field left out is no limit (``PATCH`` changes only the limits given).
+    Checked atomically when launches are accepted (409 ``no_capacity`` naming what ran out). Role ``admin``."""
     found = client.set_quota(ns, body)
-    client.store.add_event(ns, kind="namespace", state="quota", by=client.actor,
-                           detail=", ".join(f"{k} {v}" for k, v in found.quota.model_dump().items() if v) or "none")
+    _quota_event(client, found)
     return found
+
+
+@router.patch("/{ns}/quota", response_model=Namespace, responses=responses(403, 404, 503),
+              summary="Change some of a namespace's limits (0 = no limit; null or absent = unchanged)")
+def update_quota(body: QuotaIn, ns: AdminNs, client: Client) -> Namespace:
+    """Sets the limits given, in one atomic step on the server: concurrent changes of different limits
+    all hold (``vmorch ns quota`` uses this). Answers the namespace as this change left it. Role ``admin``."""
+    found = client.update_quota(ns, body)
+    _quota_event(client, found)
+    return found
+
+
+def _quota_event(client: RedisClient, found: Namespace) -> None:
+    client.store.add_event(found.name, kind="namespace", state="quota", by=client.actor,
+                           detail=", ".join(f"{k} {v}" for k, v in found.quota.model_dump().items() if v) or "none")
 
 
 @router.post("/{ns}/deletion", status_code=202, response_model=list[Job], responses=responses(403, 404, 503),

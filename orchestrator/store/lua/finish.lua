@@ -3,12 +3,15 @@
 --    host's VM set), target_vms (a move's new host's VM set), events, updates, released, delayed.
 -- A: token, id, state, error and result (stored as given, '' = none), vm (its name), by, detail,
 --    delete (the VM is gone), update ({field = value} for the VM record, or absent), update_text
---    (the same as JSON, for the history), adjust ([{host = index into KEYS, mib, vcpus}]: the
---    reservations a move gives back).
+--    (the same as JSON, for the history), adjust ([{host = index into KEYS, mib, vcpus}]: more
+--    reservations to change).
 -- Returns {1, released...} (see settle.lua), or {0} if the job was already final.
 -- Refused: fenced_out; not_found (what = 'job').
--- A deleted VM gives its reservation back; a changed memory/vCPU count changes it; a moved VM
--- changes host. The VM's current host is read from its record here, under its lock: its keys are
+-- The host's reservation follows what the VM holds (reserve.lua: the larger of set and live): a
+-- deleted VM gives it back, a change of what is set or live (or a VM turned off) changes it, and a
+-- moved VM's source gives it back while its target keeps it, in place of what the move-out's
+-- acceptance reserved there (submit_batch.lua; a move-out that did not move it gives that back,
+-- settle.lua). The VM's current host is read from its record here, under its lock: its keys are
 -- derived from keys.py's patterns (key.lua).
 local refused = fenced(K.fence, A.token)
 if refused then return refused end
@@ -23,18 +26,13 @@ redis.call('HSET', K.job, 'state', A.state, 'finished_at', now, 'error', A.error
 redis.call('ZREM', K.mailbox, A.id)
 event(K.events, 'job', A.id, A.vm, op, A.state, A.by, A.detail)
 local update = A.update
--- the reservation counts only change on a delete, a resize or a move: only they read the record
-local vm = {}
-if A.delete or (update and (update.memory_mib or update.vcpus or update.host)) then
-  vm = redis.call('HMGET', K.vm, 'host', 'memory_mib', 'vcpus')
-end
+local at = (A.delete or update) and redis.call('HGET', K.vm, 'host')
 for _, a in ipairs(A.adjust) do
-  redis.call('HINCRBY', KEYS[a.host], 'committed_mib', a.mib)
-  redis.call('HINCRBY', KEYS[a.host], 'committed_vcpus', a.vcpus)
+  charge(KEYS[a.host], a.mib, a.vcpus)
 end
-if A.delete and vm[1] then
-  redis.call('HINCRBY', key(P.host, vm[1]), 'committed_mib', -tonumber(vm[2]))
-  redis.call('HINCRBY', key(P.host, vm[1]), 'committed_vcpus', -tonumber(vm[3]))
+if A.delete and at then
+  local mib, vcpus = held_by(K.vm)
+  charge(key(P.host, at), -mib, -vcpus)
 end
 if A.delete then
   redis.call('DEL', K.vm)
@@ -42,14 +40,15 @@ if A.delete then
   redis.call('SREM', K.host_vms, job[4] .. '/' .. A.vm)
   event(K.events, 'vm', A.id, A.vm, op, 'deleted', A.by, '')
 elseif update and redis.call('EXISTS', K.vm) == 1 then
-  if update.memory_mib then
-    redis.call('HINCRBY', key(P.host, vm[1]), 'committed_mib', tonumber(update.memory_mib) - tonumber(vm[2]))
-  end
-  if update.vcpus then
-    redis.call('HINCRBY', key(P.host, vm[1]), 'committed_vcpus', tonumber(update.vcpus) - tonumber(vm[3]))
-  end
-  if update.host and update.host ~= vm[1] then
-    redis.call('SMOVE', key(P.host_vms, vm[1]), K.target_vms, job[4] .. '/' .. A.vm)
+  local mib0, vcpus0, mib1, vcpus1 = reheld(K.vm, update)
+  if at and update.host and update.host ~= at then
+    local r = redis.call('HMGET', K.job, 'reserved_on', 'reserved_mib', 'reserved_vcpus')
+    if r[1] ~= update.host then r = {update.host, 0, 0} end
+    charge(key(P.host, at), -mib0, -vcpus0)
+    charge(key(P.host, update.host), mib1 - tonumber(r[2]), vcpus1 - tonumber(r[3]))
+    redis.call('SMOVE', key(P.host_vms, at), K.target_vms, job[4] .. '/' .. A.vm)
+  elseif at then
+    charge(key(P.host, at), mib1 - mib0, vcpus1 - vcpus0)
   end
   local fields = {'updated_at', now}
   for field, value in pairs(update) do

@@ -1,8 +1,9 @@
 -- An image job's end: the job final, its host's entry of the image set (or gone, after a removal,
--- with the image itself once no host has it), and the image's record completed, in one fenced step;
--- then settle.lua (its parent).
+-- with the image itself once no host has it: its record, its hosts and its own history), and the
+-- image's record completed, in one fenced step; then settle.lua (its parent).
 -- LOCK: the caller holds image:<name> (K.fence; no fence only for a job whose wake-up was never sent).
--- K: job, image, image_hosts, images, events, updates, released, delayed; fence (absent: unsent).
+-- K: job, image, image_hosts, image_history, images, events, updates, released, delayed; fence
+--    (absent: unsent).
 -- A: token, id, name, host, state (the job's), host_state ('' = drop the entry), error and result
 --    (stored as given), record ({field = value} for the image), by, detail.
 -- Returns {1, released...} (see settle.lua), or {0} if the job was already final.
@@ -21,7 +22,9 @@ local mine = entry and tostring(cjson.decode(entry).job) == tostring(A.id)
 if mine and A.host_state == '' then
   redis.call('HDEL', K.image_hosts, A.host)
   if redis.call('HLEN', K.image_hosts) == 0 then
-    redis.call('DEL', K.image, K.image_hosts)
+    -- its history too (this job's last entry was just added to it): a name imported again later
+    -- starts a history of its own, and a removed image leaves no key behind
+    redis.call('DEL', K.image, K.image_hosts, K.image_history)
     redis.call('SREM', K.images, A.name)
   end
 elseif mine then

@@ -33,6 +33,17 @@ local function release(did, d, by, why, released)
   table.insert(released, d[4])
 end
 
+-- A move-out that ends without moving its VM (failed, canceled, never sent, or failed with its
+-- dependency) gives back the room its acceptance reserved on the target (submit_batch.lua: the job's
+-- reserved_* fields); one that moved the VM made it the VM's (finish.lua).
+local function unreserve_move(jid)
+  local r = redis.call('HMGET', key(P.job, jid), 'reserved_on', 'reserved_mib', 'reserved_vcpus')
+  if r[1] and r[1] ~= '' then
+    redis.call('HINCRBY', key(P.host, r[1]), 'committed_mib', -tonumber(r[2]))
+    redis.call('HINCRBY', key(P.host, r[1]), 'committed_vcpus', -tonumber(r[3]))
+  end
+end
+
 -- parent: the job's parent if the caller read it already (nil: read it here)
 local function settle(id, state, by, parent)
   local released = {}
@@ -41,6 +52,7 @@ local function settle(id, state, by, parent)
     local item = table.remove(work)
     local jid, st = item[1], item[2]
     local parent = item[3]
+    if st ~= 'succeeded' then unreserve_move(jid) end
     if parent == nil then parent = redis.call('HGET', key(P.job, jid), 'parent') end
     if parent and parent ~= '' then
       local pk = key(P.job, parent)

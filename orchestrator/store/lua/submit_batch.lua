@@ -9,7 +9,7 @@
 --    parent ({ns, params, retry_of?}, or absent),
 --    jobs ([{t = 'plain'|'launch'|'move', ns, vm, op, params, retry_of?, k = {name = index into KEYS}:
 --            vm, seq, mailbox, jobs, events; a launch: vms, namespace, host, host_vms; a move: target;
---            launch: host, mib, vcpus, disk, image, tags, domain; move: in_params, source, target}])
+--            launch: host, mib, vcpus, disk, image, tags, nics (JSON), domain; move: in_params, source, target}])
 -- The new jobs' ids (and the parent's) come from K.job_next here, so their keys come from keys.py's
 -- patterns (key.lua).
 -- Returns {parent id or 0, id, seq, host, job hash, id, seq, host, job hash, ...} (seq 0: held until its
@@ -146,6 +146,7 @@ local function new_job(j, op, params, host)
   table.insert(out, id)
   table.insert(out, seq)
   table.insert(out, host)
+  return id
 end
 
 for _, j in ipairs(A.jobs) do
@@ -161,14 +162,17 @@ for _, j in ipairs(A.jobs) do
     redis.call('HINCRBY', j.K.host, 'committed_vcpus', j.vcpus)
     redis.call('HSET', j.K.vm, 'name', j.vm, 'namespace', j.ns, 'host', j.host, 'state', 'missing',
       'memory_mib', j.mib, 'vcpus', j.vcpus, 'disk_gib', j.disk, 'image', j.image, 'tags', j.tags,
-      'snapshots', '[]', 'domain', j.domain, 'created_at', now, 'updated_at', now, 'note', 'launch queued')
+      'nics', j.nics, 'snapshots', '[]', 'domain', j.domain, 'created_at', now, 'updated_at', now, 'note', 'launch queued')
     event(j.K.events, 'vm', '', j.vm, 'launch', 'missing', by, 'registered on host ' .. j.host)
     new_job(j, 'launch', j.params, j.host)
   else
-    local vm = redis.call('HMGET', j.K.vm, 'memory_mib', 'vcpus')
-    redis.call('HINCRBY', j.K.target, 'committed_mib', vm[1])
-    redis.call('HINCRBY', j.K.target, 'committed_vcpus', vm[2])
-    new_job(j, 'move-out', j.params, j.source)
+    -- what the VM holds now (reserve.lua) is reserved on the target at once (placement decided under
+    -- its lock); the move-out job keeps what it took: finish.lua makes it the VM's once the VM moved,
+    -- settle.lua gives it back if the move-out ends without moving it
+    local mib, vcpus = held_by(j.K.vm)
+    charge(j.K.target, mib, vcpus)
+    local out_id = new_job(j, 'move-out', j.params, j.source)
+    redis.call('HSET', key(P.job, out_id), 'reserved_on', j.target, 'reserved_mib', mib, 'reserved_vcpus', vcpus)
     new_job(j, 'move-in', j.in_params, j.target)
   end
 end

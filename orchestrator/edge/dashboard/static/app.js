@@ -369,7 +369,7 @@ async function vmPage(name) {
       onclick: () => act(ns, name, op, created, err),
     }, op)))
     : null;
-  $main().replaceChildren(title, err, actions, created.el,
+  $main().replaceChildren(title, vmTabs(name, "overview"), err, actions, created.el,
     h("div", { class: "grid2" },
       h("div", { class: "panel" }, h("h2", {}, "Spec"), spec),
       h("div", { class: "panel" }, h("h2", {}, "Tags"), tags, h("h2", { style: "margin-top:14px" }, "Snapshots"), snaps)),
@@ -405,6 +405,147 @@ async function vmPage(name) {
       h("td", { class: "muted" }, e.detail))));
     return q.jobs.length ? waitFor(q.jobs, signal) : null;
   }, (e) => err.replaceChildren(errorBox(e)));
+}
+
+// -- a VM's serial console ------------------------------------------------------------------
+// One WebSocket per open console view (api/consolesocket.py): the token goes in its first
+// message, never in the URL. The server decides who types: one writer lease per VM, shared with
+// 'vmorch vm console'; a read token, or anyone while another session holds the lease, only watches.
+
+// A terminal answers "where is the cursor?" (ESC [ 6 n) by typing the answer: never pass it on (as the CLI).
+const CURSOR_QUERY = "\x1b[6n";
+const CONSOLE_LINES = 500; // the last lines shown on opening; then everything as it comes
+
+function vmTabs(name, current) {
+  const tab = (id, label, href) => h("a", { href, class: id === current ? "active" : null, "data-tab": id }, label);
+  return h("div", { class: "tabs", id: "vm-tabs" }, tab("overview", "Overview", `#/vms/${enc(name)}`),
+    tab("console", "Console", `#/vms/${enc(name)}/console`));
+}
+
+// xterm.js styles its DOM renderer with <style> elements and style attributes, which the page's CSP
+// refuses (style-src 'self', so that injected markup can't style the page either; even an empty
+// <style> is refused). The same rules go through the CSSOM instead, which the CSP allows: a <style>
+// asked for by script is an inert <template> with a constructed style sheet behind its textContent,
+// and setting a style attribute sets the element's cssText.
+const xtermSheets = new Set();
+let cssomOnly = false;
+
+function styleThroughCssom() {
+  if (cssomOnly) return;
+  cssomOnly = true;
+  const create = Document.prototype.createElement;
+  Document.prototype.createElement = function createElement(tag, options) {
+    if (String(tag).toLowerCase() !== "style") return create.call(this, tag, options);
+    const el = create.call(this, "template");
+    const doc = this;
+    const sheet = new CSSStyleSheet();
+    xtermSheets.add(sheet);
+    doc.adoptedStyleSheets = [...doc.adoptedStyleSheets, sheet];
+    Object.defineProperty(el, "textContent", {
+      get: () => [...sheet.cssRules].map((r) => r.cssText).join("\n"),
+      set: (text) => sheet.replaceSync(String(text ?? "")),
+    });
+    el.remove = function remove() {
+      xtermSheets.delete(sheet);
+      doc.adoptedStyleSheets = doc.adoptedStyleSheets.filter((x) => x !== sheet);
+      Element.prototype.remove.call(this);
+    };
+    return el;
+  };
+  const setAttribute = Element.prototype.setAttribute;
+  Element.prototype.setAttribute = function set(name, value) {
+    if (String(name).toLowerCase() === "style") this.style.cssText = String(value);
+    else setAttribute.call(this, name, value);
+  };
+}
+
+function dropXtermSheets() {
+  document.adoptedStyleSheets = document.adoptedStyleSheets.filter((x) => !xtermSheets.has(x));
+  xtermSheets.clear();
+}
+
+function consoleUrl(ns, name) {
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  return `${scheme}://${location.host}${API}/namespaces/${enc(ns)}/vms/${enc(name)}/console/ws`;
+}
+
+async function consolePage(name) {
+  if (needNs()) return;
+  const ns = session.ns;
+  const mine = session.route;
+  const { signal } = session.abort;
+  const err = h("div");
+  const mode = h("span", { class: "console-mode", id: "console-mode", "data-mode": "connecting" }, "connecting…");
+  const take = h("button", { type: "button", id: "console-take", hidden: true }, "Take the keyboard");
+  const give = h("button", { type: "button", id: "console-release", hidden: true }, "Stop typing");
+  const screen = h("div", { class: "console", id: "console" });
+  $main().replaceChildren(h("h1", {}, `VM ${name}`), vmTabs(name, "console"), err,
+    h("div", { class: "actions console-bar" }, mode, take, give), screen);
+  let Terminal;
+  try {
+    ({ Terminal } = await import("./vendor/xterm.mjs")); // only when a console is opened
+  } catch (e) {
+    err.replaceChildren(errorBox(e));
+    return;
+  }
+  if (mine !== session.route) return;
+  styleThroughCssom();
+  const term = new Terminal({ cols: 100, rows: 30, scrollback: 5000, fontSize: 13, cursorBlink: true,
+    fontFamily: "ui-monospace, SFMono-Regular, Menlo, monospace", disableStdin: true });
+  term.open(screen);
+  let socket = null;
+  let writer = false;
+  const send = (msg) => { if (socket?.readyState === WebSocket.OPEN) socket.send(JSON.stringify(msg)); };
+  take.addEventListener("click", () => send({ type: "claim" }));
+  give.addEventListener("click", () => send({ type: "release" }));
+  // A read-only session's keys go nowhere (and the server would drop them anyway).
+  term.onData((data) => { if (writer) send({ type: "input", data }); });
+  signal.addEventListener("abort", () => {
+    socket?.close(1000, "left the page");
+    term.dispose();
+    dropXtermSheets();
+  }, { once: true });
+  const show = (m) => {
+    writer = m.writer;
+    term.options.disableStdin = !writer;
+    mode.dataset.mode = writer ? "read-write" : "read-only";
+    mode.textContent = writer ? "read-write: you type on this console" : `read-only: ${m.why ?? "watching"}`;
+    take.hidden = writer || !mayOperate(ns);
+    give.hidden = !writer;
+    if (writer) term.focus();
+  };
+  // One connection; resolves when it ends (to reconnect after a pause), rejects on a refusal.
+  const connect = () => new Promise((resolve, reject) => {
+    const ws = new WebSocket(consoleUrl(ns, name));
+    socket = ws;
+    let refusal = null;
+    ws.addEventListener("open", () => ws.send(JSON.stringify({ token: session.token, lines: CONSOLE_LINES })));
+    ws.addEventListener("message", (ev) => {
+      const m = JSON.parse(ev.data);
+      if (m.type === "output") term.write(m.data.replaceAll(CURSOR_QUERY, ""));
+      else if (m.type === "ready") { term.reset(); err.replaceChildren(); show(m); }
+      else if (m.type === "mode") show(m);
+      else if (m.type === "error") refusal = m.error;
+    });
+    ws.addEventListener("close", (ev) => {
+      socket = null;
+      writer = false;
+      if (mine !== session.route) { resolve(); return; }
+      take.hidden = give.hidden = true;
+      if (ev.code >= 4000 && ev.code < 5000) {
+        mode.dataset.mode = "refused";
+        mode.textContent = "not connected";
+        const e = new ApiError(ev.code - 4000, refusal ?? { code: `ws_${ev.code}`, message: ev.reason });
+        if (e.status === 401) logout(e.message);
+        reject(e);
+        return;
+      }
+      mode.dataset.mode = "closed";
+      mode.textContent = "disconnected: reconnecting…";
+      resolve(sleep(POLL_MS, signal));
+    });
+  });
+  await live(() => connect(), (e) => err.replaceChildren(errorBox(e)));
 }
 
 async function jobsPage() {
@@ -819,6 +960,7 @@ async function route() {
   }
   const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.page === parts[0]);
+  if (parts[0] === "vms" && parts[1] && parts[2] === "console") return consolePage(parts[1]);
   if (parts[0] === "vms" && parts[1]) return vmPage(parts[1]);
   if (parts[0] === "vms") return vmsPage();
   if (parts[0] === "jobs" && parts[1]) return jobPage(Number(parts[1]));
