@@ -25,16 +25,22 @@ class Sizes:
     b5_launches: int = 1000
     b6_vms: int = 10
     b6_hosts: int = 2
+    b7_rounds: int = 7
+    b8_n: int = 400
+    b9_guests: int = 20
+    b9_rounds: int = 1
     m1_jobs: int = 100_000
     m1_vms: int = 1000
 
 
 FULL = Sizes()
 QUICK = Sizes(b1_n=40, b2_vms=40, b2_ops=200, b3_ops=40, b4_cycles=300, b4_handoffs=15, b4_expire=2,
-              b4_recoveries=1, b5_vms=1000, b5_launches=100, b6_vms=4, m1_jobs=10_000, m1_vms=200)
+              b4_recoveries=1, b5_vms=1000, b5_launches=100, b6_vms=4, b7_rounds=3, b8_n=100,
+              b9_guests=4, b9_rounds=2, m1_jobs=10_000, m1_vms=200)
 #: for the test that checks the benchmark code still runs
 TINY = Sizes(b1_n=3, b2_vms=4, b2_ops=8, b3_ops=8, b4_cycles=5, b4_handoffs=2, b4_expire=2, b4_recoveries=1,
-             b5_hosts=2, b5_vms=10, b5_launch_hosts=2, b5_launches=4, b6_vms=2, m1_jobs=40, m1_vms=4)
+             b5_hosts=2, b5_vms=10, b5_launch_hosts=2, b5_launches=4, b6_vms=2, b7_rounds=1,
+             b8_n=3, b9_guests=2, b9_rounds=1, m1_jobs=40, m1_vms=4)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from orchestrator.model.errors import VmorchError
 from orchestrator.store import keys
 
 from . import domxml
+from .background import Background
 from .libvirtconn import LibvirtConnection
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,10 @@ def rotated(log_file: Path) -> Path:
     return log_file.with_name(log_file.name + ".1")
 
 
-class ConsoleRelay:
+class ConsoleRelay(Background):
     """One thread per worker: every running domain's console log to Redis, and input to its pty."""
+
+    thread_name = "console"
 
     def __init__(self, driver: LibvirtConnection, redis: Redis, host: str, *, tick: float = 0.1,
                  scan_every: float = 1.0, log_max: int = LOG_MAX) -> None:
@@ -123,16 +126,10 @@ class ConsoleRelay:
         self.log_max = log_max
         self.consoles: dict[tuple[str, int], _Console] = {}
         self._scanned_at = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="vmorch-console", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
+        super().__init__()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
+        super().stop()
         for console in self.consoles.values():
             self._close(console)
 

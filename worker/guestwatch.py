@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from typing import cast
 
 import libvirt
@@ -28,6 +27,7 @@ from orchestrator.model.errors import VmorchError
 from orchestrator.store import keys
 
 from . import agent, domxml
+from .background import Background
 from .libvirtconn import LibvirtConnection
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,10 @@ Seen = tuple[str, str]  # (agent, addresses as JSON)
 ABSENT: Seen = ("absent", "[]")
 
 
-class GuestWatch:
+class GuestWatch(Background):
+    thread_name = "guestwatch"
+    join_timeout = 10.0
+
     def __init__(self, driver: LibvirtConnection, redis: Redis, host: str, *, interval: float = 3.0) -> None:
         self.driver = driver
         self.redis = redis
@@ -44,16 +47,7 @@ class GuestWatch:
         self.interval = interval
         #: what each VM's record says (as this thread last wrote or read it), by (namespace, vm)
         self.written: dict[tuple[str, str], Seen] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="vmorch-guestwatch", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        super().__init__()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

@@ -11,7 +11,6 @@ the safety net, and how a guest's own power-off is noticed.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any
 
@@ -27,6 +26,7 @@ from orchestrator.model.records import JobState
 from orchestrator.store import keys
 
 from . import netdev
+from .background import Background
 from .vmnet import HostNet
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,10 @@ log = logging.getLogger(__name__)
 RECHECK_S = 20.0
 
 
-class NetSync:
+class NetSync(Background):
+    thread_name = "netsync"
+    join_timeout = 10.0
+
     def __init__(self, host_net: HostNet, locks: LockManager, *, interval: float = 2.0,
                  lock_timeout: float = 10.0) -> None:
         self.net = host_net
@@ -42,16 +45,7 @@ class NetSync:
         self.interval = interval
         self.lock_timeout = lock_timeout
         self._checked: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="vmorch-netsync", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        super().__init__()
 
     def _loop(self) -> None:
         while True:

@@ -20,6 +20,8 @@ from orchestrator.model.errors import OperationTimeout
 from orchestrator.model.records import Job, JobState
 from orchestrator.store.jobstore import Fence, Store
 
+from .background import Background
+
 log = logging.getLogger(__name__)
 
 #: the worker's exit status when the hard time limit took it down (EX_TEMPFAIL)
@@ -33,7 +35,9 @@ class _Running:
     started: float
 
 
-class Watchdog:
+class Watchdog(Background):
+    thread_name = "watchdog"
+
     def __init__(self, store: Store, name: str, hard_limit: float,
                  exit_process: Callable[[int], object] = os._exit) -> None:
         self.store = store
@@ -42,8 +46,7 @@ class Watchdog:
         self._exit = exit_process
         self._running: dict[int, _Running] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="vmorch-watchdog", daemon=True)
+        super().__init__()
 
     def track(self, job: Job, fence: Fence) -> None:
         with self._lock:
@@ -52,14 +55,6 @@ class Watchdog:
     def untrack(self, job: Job) -> None:
         with self._lock:
             self._running.pop(job.id, None)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
 
     def _loop(self) -> None:
         while not self._stop.wait(min(1.0, self.hard_limit / 4)):
