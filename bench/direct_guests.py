@@ -16,7 +16,7 @@ It reads one JSON request a line on stdin and answers each with one JSON line on
   "ready": {name: s}}``: from the first disk made to the last agent that answered (``started``: to
   the last domain started; ``ready``: each agent's first answer);
 * ``{"op": "exec", "name": N, "argv": [...]}`` -> ``{"took": s, "exit_code": c}``: ``guest-exec``,
-  then ``guest-exec-status`` at once and every ``EXEC_POLL_S`` until it exited;
+  then ``guest-exec-status`` at once and on ``worker.execs``' schedule until it exited;
 * ``{"op": "delete", "names": [...]}`` -> ``{}``: destroyed, undefined, files removed.
 
 On end of input or SIGTERM every domain it made is destroyed and undefined.
@@ -38,13 +38,12 @@ import libvirt
 import libvirt_qemu  # type: ignore[import-untyped]
 
 from orchestrator.model.errors import VmorchError
-from worker import agent, cloudinit, domxml
+from worker import agent, cloudinit, domxml, execs
 from worker.eventloop import ensure_event_loop
 
 #: as ``worker.agent`` polls ``guest-ping`` while it waits for an agent
 PING_EVERY_S = 0.25
 #: the shortest interval of ``worker.execs`` between two ``guest-exec-status``
-EXEC_POLL_S = 0.05
 #: the disk vmorch's launch makes by default (``LaunchParams.disk_gib``), if the image is smaller
 DISK_GIB = 1
 _QEMU_CONF = 'user = "root"\ngroup = "root"\nstdio_handler = "file"\n'
@@ -112,8 +111,10 @@ class Guests:
         dom = self.doms[name]
         t = time.perf_counter()
         pid = _agent(dom, "guest-exec", path=argv[0], arg=argv[1:], **{"capture-output": True})["pid"]
+        poll = execs.POLL_MIN_S  # the worker's schedule: the comparison is of everything else
         while not (status := _agent(dom, "guest-exec-status", pid=pid))["exited"]:
-            time.sleep(EXEC_POLL_S)
+            time.sleep(poll)
+            poll = min(poll * 1.5, execs.POLL_MAX_S)
         return {"took": time.perf_counter() - t, "exit_code": status.get("exitcode")}
 
     def delete(self, names: list[str]) -> dict[str, Any]:

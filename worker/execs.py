@@ -38,7 +38,7 @@ from .results import DriverResult
 _CHUNK = 48 * 1024
 # A short command has often exited by the first re-poll: at 50 ms that wait was most of an exec's
 # round trip (bench B8); from 10 ms, growing by half each time, a long one costs few polls more.
-_POLL_MIN_S, _POLL_MAX_S = 0.01, 0.5
+POLL_MIN_S, POLL_MAX_S = 0.01, 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,7 +97,7 @@ def run_exec(driver: LibvirtConnection, domain: str, vm: str, p: ExecParams, *, 
         pid = int(agent.command(dom, "guest-exec", args)["pid"])
     except agent.AgentCommandFailed as exc:
         raise ExecError(f"cannot run {shown!r} in the guest: {exc.message}") from None
-    poll = _POLL_MIN_S
+    poll = POLL_MIN_S
     while True:
         check()
         status = agent.command(dom, "guest-exec-status", {"pid": pid})
@@ -108,7 +108,7 @@ def run_exec(driver: LibvirtConnection, domain: str, vm: str, p: ExecParams, *, 
                                    f"(pid {pid}): the agent cannot stop it",
                                    hint=f"give more --timeout, or end it: vmorch vm exec {vm} -- kill {pid}")
         time.sleep(poll)
-        poll = min(poll * 1.5, _POLL_MAX_S)
+        poll = min(poll * 1.5, POLL_MAX_S)
     stdout, stdout_cut = _output(status, "out")
     stderr, stderr_cut = _output(status, "err")
     signal = int(status["signal"]) if status.get("signal") is not None else None
