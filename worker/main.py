@@ -66,8 +66,8 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
     register(app, worker)
     imagejobs.register(app, worker)  # image jobs: their own task on this host's queue
     host_net = networking(settings, host, url, driver, underlay)
-    netsync.register_capture(app, worker.blobs)
     net_sync = NetSync(host_net, locks, lock_timeout=settings.lock_wait_timeout) if host_net else None
+    netsync.register(app, worker.blobs, net_sync)
     cpus, memory_mib = driver.capacity()
     # Hosts that share one machine (the local cluster) offer equal parts of it, so placement
     # sees equal hosts and spreads equal VMs evenly.

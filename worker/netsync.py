@@ -11,6 +11,7 @@ the safety net, and how a guest's own power-off is noticed.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from orchestrator.control.locks import LockManager, cmd_lock
-from orchestrator.control.networks import CAPTURE_MAX_BYTES, CAPTURE_TASK, net_lock
+from orchestrator.control.networks import CAPTURE_MAX_BYTES, CAPTURE_TASK, WAKE_TASK, net_lock
 from orchestrator.model.errors import ExecError, VmorchError
 from orchestrator.model.network import Network
 from orchestrator.model.records import JobState
@@ -45,7 +46,17 @@ class NetSync(Background):
         self.interval = interval
         self.lock_timeout = lock_timeout
         self._checked: dict[int, float] = {}
+        self._wake = threading.Event()
         super().__init__()
+
+    def wake(self) -> None:
+        """Sweep now (a network was just created or marked deleting), not at the next interval."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        super().stop()
 
     def _loop(self) -> None:
         while True:
@@ -53,7 +64,9 @@ class NetSync(Background):
                 self.round()
             except (RedisError, VmorchError, OSError) as exc:
                 log.warning("network sweep: %s", exc)
-            if self._stop.wait(self.interval):
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stop.is_set():
                 return
 
     def round(self) -> None:
@@ -148,6 +161,17 @@ class NetSync(Background):
             if seg.gateway:
                 netdev.gateway_down(seg.vni, hn.state_dir)
             netdev.remove_segment(seg.vni)
+
+
+def register(app: Celery, blobs: Redis, net_sync: NetSync | None) -> None:
+    """This host's network tasks: a sweep woken by the submit side, and captures."""
+
+    @app.task(name=WAKE_TASK, acks_late=False)  # type: ignore[untyped-decorator]
+    def wake() -> None:
+        if net_sync is not None:
+            net_sync.wake()
+
+    register_capture(app, blobs)
 
 
 def register_capture(app: Celery, blobs: Redis) -> Any:

@@ -9,6 +9,7 @@ marked deleting (``worker.netsync``); a host's bridge comes and goes with its VM
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 
@@ -23,6 +24,8 @@ from orchestrator.store.redisconn import connect
 
 #: the Celery task that captures packets on one host (args: capture id, device, seconds)
 CAPTURE_TASK = "vmorch.net-capture"
+#: the Celery task that wakes a host's network sweep (a gateway to bring up or tear down now)
+WAKE_TASK = "vmorch.net-wake"
 CAPTURE_MAX_S = 300
 #: a capture's file is cut there (it travels through Redis)
 CAPTURE_MAX_BYTES = 16 * 1024 * 1024
@@ -61,7 +64,14 @@ class Networks(Connection):
             pipe.sadd(keys.NAMESPACES, namespace)
             pipe.hsetnx(keys.namespace(namespace), "created_at", time.time())
             pipe.execute()
+        self._wake(net)
         return net
+
+    def _wake(self, net: Network) -> None:
+        """Its gateway host sweeps now rather than within its interval (best effort: the sweep comes anyway)."""
+        if net.gateway_host:
+            with contextlib.suppress(Exception):
+                self.celery.send_task(WAKE_TASK, queue=keys.queue(net.gateway_host), expires=30)
 
     def _gateway_host(self, namespace: str, spec: NetworkSpec, allowed: list[str]) -> str:
         """The host for the network's gateway: up, allowed to the namespace, and not sharing a kernel with
@@ -109,6 +119,7 @@ class Networks(Connection):
                 raise InvalidInput(f"network {name!r} has VMs on it: {', '.join(users[:5])}{more}",
                                    hint="delete those VMs first ('vmorch vm delete NAME')")
             records.mark_deleting(namespace, name)  # LOCK: cmd, net
+        self._wake(net)
         return net
 
     def wait_network(self, namespace: str, name: str, *, gone: bool, timeout: float) -> Network | None:
