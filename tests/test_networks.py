@@ -212,3 +212,19 @@ vms:
     messages = [str(p) for p in problems]
     assert any("overlaps network 'a'" in m for m in messages), messages
     assert any("not an IPv4 network" in m for m in messages), messages
+
+
+def test_the_cli_through_the_api_manages_networks(cluster: list[WorkerProc], client: RedisClient,
+                                                   settings: Settings, api_server: ApiServer) -> None:
+    ns = settings.namespace
+    token = api_server.token(f"{ns}-cli", Role.OPERATE, [ns])
+    via_api = settings.model_copy(update={"api_url": api_server.url, "token": token})
+    made = run_cli(via_api, "--json", "net", "create", "viaapi", "--subnet", "10.99.0.0/24", "--no-dhcp")
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["state"] == "ready"
+    assert "viaapi" in run_cli(via_api, "net", "list").stdout
+    nat = run_cli(via_api, "net", "create", "out", "--subnet", "10.98.0.0/24", "--nat")
+    assert nat.returncode == 2 and "role operate; this request needs admin" in nat.stderr, nat.stderr
+    gone = run_cli(via_api, "net", "delete", "viaapi")
+    assert gone.returncode == 0, gone.stderr
+    assert client.networks(ns) == []
