@@ -19,7 +19,7 @@ from orchestrator.store import keys, layout
 from orchestrator.store.jobstore import Store
 from orchestrator.store.redisconn import connect
 
-from . import agent, disks, domxml, hostaccel, imagejobs, netdev, netsync, vmnet
+from . import agent, disks, domxml, hostaccel, imagejobs, netsync, vmnet
 from .console import ConsoleRelay
 from .driver import Driver
 from .guestwatch import GuestWatch
@@ -79,8 +79,7 @@ def run(settings: Settings, host: str, libvirt_uri: str, *, concurrency: int = 4
                           interval=settings.heartbeat_interval, labels=labels, migrate_uri=migrate_uri,
                           shared_storage=shared_storage, status=probe.fields,
                           extra={"accel": accel.kind, "accel_reason": accel.reason,
-                                 "underlay": host_net.underlay if host_net else "",
-                                 "shaping": ",".join(sorted(netdev.shaping_support())) if host_net else ""},
+                                 "underlay": host_net.underlay if host_net else ""},
                           storage_dir=driver.storage_dir)
     guests = driver.virt_type != "test"  # the test driver has no consoles and no agents
     relay = ConsoleRelay(driver, store.redis, host)

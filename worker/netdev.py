@@ -14,36 +14,43 @@ Order: ``ensure_segment`` before ``set_peers`` and ``gateway_up``; ``gateway_dow
 
 from __future__ import annotations
 
-from .netgateway import gateway_down, gateway_up, leases
-from .netsegment import (
-    VXLAN_OVERHEAD,
-    VXLAN_PORT,
-    Segment,
-    bridge_name,
-    ensure_segment,
-    remove_segment,
-    segments,
-    set_peers,
-    tap_name,
-    vxlan_name,
-)
-from .netshape import capture, shape, shaping_support
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "VXLAN_OVERHEAD",
-    "VXLAN_PORT",
-    "Segment",
-    "bridge_name",
-    "capture",
-    "ensure_segment",
-    "gateway_down",
-    "gateway_up",
-    "leases",
-    "remove_segment",
-    "segments",
-    "set_peers",
-    "shape",
-    "shaping_support",
-    "tap_name",
-    "vxlan_name",
-]
+if TYPE_CHECKING:  # what the names are; at run time they are loaded on first use (below)
+    from .netgateway import gateway_down, gateway_up, leases
+    from .netsegment import (
+        VXLAN_OVERHEAD,
+        VXLAN_PORT,
+        Segment,
+        bridge_name,
+        ensure_segment,
+        remove_segment,
+        segments,
+        set_peers,
+        tap_name,
+        vxlan_name,
+    )
+    from .netshape import capture, shape, shaping_support
+
+#: each name and the module that has it. Loaded on first use: pyroute2 costs ~0.2 s of import, which
+#: every worker would pay at start (the host's heartbeat is due), most of them never using a network.
+_WHERE = {
+    **dict.fromkeys(("gateway_down", "gateway_up", "leases"), "netgateway"),
+    **dict.fromkeys(("VXLAN_OVERHEAD", "VXLAN_PORT", "Segment", "bridge_name", "ensure_segment", "remove_segment",
+                     "segments", "set_peers", "tap_name", "vxlan_name"), "netsegment"),
+    **dict.fromkeys(("capture", "shape", "shaping_support"), "netshape"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__package__}.{_WHERE[name]}"), name)
+    globals()[name] = value  # once
+    return value
+
+
+__all__ = ["VXLAN_OVERHEAD", "VXLAN_PORT", "Segment", "bridge_name", "capture", "ensure_segment", "gateway_down",
+           "gateway_up", "leases", "remove_segment", "segments", "set_peers", "shape", "shaping_support", "tap_name",
+           "vxlan_name"]

@@ -59,6 +59,10 @@ class NetSync(Background):
         super().stop()
 
     def _loop(self) -> None:
+        try:  # probed here, not before the host's first heartbeat: tc and pyroute2 take a while
+            self.net.redis.hset(keys.host(self.net.host), "shaping", ",".join(sorted(netdev.shaping_support())))
+        except (RedisError, VmorchError, OSError) as exc:
+            log.warning("link emulation probe: %s", exc)
         while True:
             try:
                 self.round()

@@ -45,7 +45,9 @@ P:host:<name>                   hash     one host record (heartbeat, capacity, p
                                          of set and live (lua/reserve.lua), and a move's room on its
                                          target from acceptance (the move-out job's reserved_on,
                                          reserved_mib, reserved_vcpus), accel and accel_reason: kvm or
-                                         tcg, and why)
+                                         tcg, and why; underlay: its address for networks' VXLAN, and
+                                         shaping: the link emulation its kernel can do, written by its
+                                         network sweep once started)
 P:host:<name>:vms               set      "<ns>/<name>" of the VMs placed on that host
 P:transfer:<job id>             hash     a VM on its way to another host: definition, disk size
 P:transfer:<job id>:disk        list     its disk, in chunks (deleted once imported; expires)
