@@ -344,3 +344,19 @@ def test_the_example_topology_pings_through_its_router_and_tears_down(topo: Topo
     for i in range(2):
         wait_until(lambda i=i: not any(f"vmbr{n.vni}" in t.links(i) for n in nets), timeout=30,
                    what=f"the experiment's bridges gone from host {i}")
+
+
+def test_a_bridge_this_host_did_not_make_is_left_alone(topo: Topology) -> None:
+    """Another vmorch on the same kernel (a second cluster, a test run beside a local cluster) has
+    bridges with names like ours: a host's sweep only ever removes the ones it made."""
+    t = topo
+    ns = t.underlay.host_ns(0)
+    t.underlay.run(ns, ["ip", "link", "add", "vmbr77", "type", "bridge"])
+    try:
+        for _ in range(2):  # two sweeps, each woken at once (bounded: a wake per create)
+            t.a.create_network("neta", NetworkSpec(name="tmp", subnet="10.77.0.0/24", dhcp=False))
+            t.a.delete_network("neta", "tmp")
+            time.sleep(2.5)  # longer than the sweep's interval: nothing to wait for but its absence
+        assert "vmbr77" in t.links(0)
+    finally:
+        t.underlay.run(ns, ["ip", "link", "del", "vmbr77"])

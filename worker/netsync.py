@@ -105,6 +105,8 @@ class NetSync(Background):
         """Each bridge here: gone if unused (or its network is), else its VXLAN peers made current."""
         hn, here = self.net, set()
         for seg in netdev.segments():
+            if not hn.owns(seg.vni):  # another vmorch's on this kernel, or one this host never made
+                continue
             here.add(seg.vni)
             found = by_vni.get(seg.vni)
             if found is None or (found.state == "deleting" and found.gateway_host != hn.host):
@@ -152,6 +154,7 @@ class NetSync(Background):
                 seg = next((s for s in netdev.segments() if s.vni == net.vni), None)
                 if seg is not None and not seg.ports:
                     netdev.remove_segment(net.vni)
+                    (hn.state_dir / f"seg-{net.vni}").unlink(missing_ok=True)
             hn.records.forget(net)  # LOCK: net
         self._checked.pop(net.vni, None)
         log.info("network %s/%s is deleted (VNI %d)", net.namespace, net.name, net.vni)
@@ -165,6 +168,7 @@ class NetSync(Background):
             if seg.gateway:
                 netdev.gateway_down(seg.vni, hn.state_dir)
             netdev.remove_segment(seg.vni)
+            (hn.state_dir / f"seg-{seg.vni}").unlink(missing_ok=True)
 
 
 def register(app: Celery, blobs: Redis, net_sync: NetSync | None) -> None:

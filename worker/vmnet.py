@@ -61,6 +61,11 @@ class HostNet:
     def networks_of(self, vm: Vm) -> list[Network]:
         return networks_of(self.records, vm)
 
+    def owns(self, vni: int) -> bool:
+        """Whether this host made the VNI's bridge (or holds its gateway). Another vmorch on this kernel
+        (a second cluster, a test run) has bridges of its own, which this host must never touch."""
+        return (self.state_dir / f"seg-{vni}").exists() or (self.state_dir / f"net-{vni}").exists()
+
     def peers(self, net: Network) -> set[str]:
         """The underlay addresses of the other kernels with the network up (a host on this kernel is none)."""
         return {addr for host, addr in net.hosts.items() if host != self.host and addr != self.underlay}
@@ -109,7 +114,7 @@ class HostNet:
         """Remove the VNI's bridge here if no VM port and no gateway is on it; True if it went."""
         with self.vni_lock(vni):
             seg = next((s for s in netdev.segments() if s.vni == vni), None)
-            if seg is None or seg.ports or seg.gateway:
+            if seg is None or seg.ports or seg.gateway or not self.owns(vni):
                 return False
             netdev.remove_segment(vni)
             (self.state_dir / f"seg-{vni}").unlink(missing_ok=True)

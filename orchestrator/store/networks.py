@@ -10,6 +10,7 @@ gateway host only ``leases`` and ``error``.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Iterable
 from typing import Any, cast
@@ -77,8 +78,12 @@ class NetworkRecords:
                 raise InvalidInput(f"subnet {spec.subnet} overlaps network {other.name!r} ({other.subnet})",
                                    hint="networks of one namespace need separate subnets; pick another range")
         vni = int(self.redis.incr(keys.NET_VNI_NEXT))
-        if vni < VNI_MIN:  # the first one: start above the VNIs people hand-configure
-            vni = int(self.redis.incrby(keys.NET_VNI_NEXT, VNI_MIN - vni))
+        if vni < VNI_MIN:
+            # A cluster's first network starts at a random VNI above those people hand-configure: two
+            # clusters whose hosts share a kernel (a test run beside a local cluster) then don't meet on
+            # one bridge name. Collisions are still possible; one cluster per host is the design.
+            start = VNI_MIN + secrets.randbelow((VNI_MAX - VNI_MIN) // 2)
+            vni = int(self.redis.incrby(keys.NET_VNI_NEXT, start - vni))
         if vni > VNI_MAX:
             raise NoCapacity("no VXLAN network identifier left (2^24 handed out)",
                              hint="an operator can reset vmorch:net-vni:next below a range of free ones")
