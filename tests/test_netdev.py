@@ -371,8 +371,9 @@ def test_capture_returns_a_pcap_of_what_crossed_the_port(underlay: Underlay, tmp
     try:
         two = call(h0, f"list(netdev.capture({b.port!r}, seconds=3, max_bytes=1_000_000, max_packets=2))")
         assert len(pcap_records(bytes(two))) == 2
-        header_only = call(h0, f"list(netdev.capture({b.port!r}, seconds=3, max_bytes=500))")
-        assert len(header_only) == 24 and pcap_records(bytes(header_only)) == []
+        cut = bytes(call(h0, f"list(netdev.capture({b.port!r}, seconds=3, max_bytes=500))"))
+        # no 542-byte ping frame fits in 500 bytes; a small ARP exchange may (the machine's load decides)
+        assert 24 <= len(cut) <= 500 and not any(is_icmp(frame) for frame in pcap_records(cut)), cut
     finally:
         ping.kill()
         ping.wait(timeout=10)
