@@ -76,9 +76,14 @@ class RedisServer:
              "--logfile", str(self.dir / "redis.log"), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        client = Redis(port=self.port, socket_connect_timeout=0.2)
-        wait_until(lambda: _pings(client), what=f"redis-server on port {self.port}")
-        client.close()
+        client = Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
+        try:
+            wait_until(lambda: _pings(client), what=f"redis-server on port {self.port}")
+        except AssertionError:
+            self.stop()  # not left running behind a failed start
+            raise
+        finally:
+            client.close()
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:
@@ -104,7 +109,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     # As the first client of a new cluster would: tests that write through the store's scripts
     # directly (test_scripts.py) must not leave a Redis that looks like an older, unversioned one.
-    with Redis(port=server.port) as first:
+    with Redis(host="127.0.0.1", port=server.port) as first:
         layout.check(first)
     yield server
     server.stop()

@@ -150,7 +150,7 @@ def sentinel(tmp_path: Path) -> Iterator[tuple[RedisServer, int]]:
     proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        probe = Redis(port=port, socket_connect_timeout=0.2, decode_responses=True)
+        probe = Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2, decode_responses=True)
 
         def knows_master() -> bool:
             try:
@@ -178,7 +178,7 @@ def test_sentinel_url_works_for_worker_cli_and_client(sentinel: tuple[RedisServe
         assert launched.returncode == 0, launched.stderr
         hosts = run_cli(settings, "host", "list")
         assert "sen1" in hosts.stdout and "up" in hosts.stdout
-        direct = Redis(port=master.port, decode_responses=True)
+        direct = Redis(host="127.0.0.1", port=master.port, decode_responses=True)
         assert direct.hget("vmorch:vm:sent:box1", "state") == "running"  # it all went to the master
         client = RedisClient(settings)
         jobs = client.submit(ops(Op.DELETE, "sent", "box1"))
@@ -200,7 +200,7 @@ def test_a_sentinel_failover_is_followed_by_worker_and_cli(tmp_path: Path) -> No
                     "sentinel down-after-milliseconds mymaster 2000\nsentinel failover-timeout mymaster 10000\n")
     proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    probe = Redis(port=port, socket_connect_timeout=0.5, decode_responses=True)
+    probe = Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, decode_responses=True)
     (tmp_path / "home").mkdir()
     settings = Settings(redis_url=f"sentinel://127.0.0.1:{port}/0?master=mymaster", home=tmp_path / "home",
                         namespace="fo", lock_expire=4, heartbeat_interval=0.5, host_down_after=3.0)
@@ -214,14 +214,14 @@ def test_a_sentinel_failover_is_followed_by_worker_and_cli(tmp_path: Path) -> No
         wait_until(replica_known, timeout=30, what="the sentinel to know the replica")
         with running_hosts(settings, start_worker(settings, "fo1")):
             assert run_cli(settings, "vm", "launch", "box1", "--memory", "64", "--wait").returncode == 0
-            wait_until(lambda: Redis(port=replica.port, decode_responses=True).exists("vmorch:vm:fo:box1") == 1,
+            wait_until(lambda: Redis(host="127.0.0.1", port=replica.port, decode_responses=True).exists("vmorch:vm:fo:box1") == 1,
                        what="the replica to catch up")
             probe.execute_command("SENTINEL", "failover", "mymaster")
             wait_until(lambda: probe.execute_command("SENTINEL", "get-master-addr-by-name", "mymaster")[1]
                        == str(replica.port), timeout=30, what="the failover")
             paused = run_cli(settings, "vm", "pause", "box1", "--wait", timeout=90)
             assert paused.returncode == 0, paused.stderr
-            assert Redis(port=replica.port, decode_responses=True).hget("vmorch:vm:fo:box1", "state") == "paused"
+            assert Redis(host="127.0.0.1", port=replica.port, decode_responses=True).hget("vmorch:vm:fo:box1", "state") == "paused"
             assert run_cli(settings, "vm", "delete", "box1", "--wait", timeout=90).returncode == 0
     finally:
         probe.close()
