@@ -214,14 +214,15 @@ def test_a_sentinel_failover_is_followed_by_worker_and_cli(tmp_path: Path) -> No
         wait_until(replica_known, timeout=30, what="the sentinel to know the replica")
         with running_hosts(settings, start_worker(settings, "fo1")):
             assert run_cli(settings, "vm", "launch", "box1", "--memory", "64", "--wait").returncode == 0
-            wait_until(lambda: Redis(host="127.0.0.1", port=replica.port, decode_responses=True).exists("vmorch:vm:fo:box1") == 1,
+            replica_client = Redis(host="127.0.0.1", port=replica.port, decode_responses=True)
+            wait_until(lambda: replica_client.exists("vmorch:vm:fo:box1") == 1,
                        what="the replica to catch up")
             probe.execute_command("SENTINEL", "failover", "mymaster")
             wait_until(lambda: probe.execute_command("SENTINEL", "get-master-addr-by-name", "mymaster")[1]
                        == str(replica.port), timeout=30, what="the failover")
             paused = run_cli(settings, "vm", "pause", "box1", "--wait", timeout=90)
             assert paused.returncode == 0, paused.stderr
-            assert Redis(host="127.0.0.1", port=replica.port, decode_responses=True).hget("vmorch:vm:fo:box1", "state") == "paused"
+            assert replica_client.hget("vmorch:vm:fo:box1", "state") == "paused"
             assert run_cli(settings, "vm", "delete", "box1", "--wait", timeout=90).returncode == 0
     finally:
         probe.close()
