@@ -353,10 +353,13 @@ def test_a_bridge_this_host_did_not_make_is_left_alone(topo: Topology) -> None:
     ns = t.underlay.host_ns(0)
     t.underlay.run(ns, ["ip", "link", "add", "vmbr77", "type", "bridge"])
     try:
-        for _ in range(2):  # two sweeps, each woken at once (bounded: a wake per create)
-            t.a.create_network("neta", NetworkSpec(name="tmp", subnet="10.77.0.0/24", dhcp=False))
+        # a network with its gateway on h0, made and torn down twice: the sweep that makes the second
+        # ready started after the whole sweep that tore down the first (which looked at every bridge)
+        for _ in range(2):
+            t.a.create_network("neta", NetworkSpec(name="tmp", subnet="10.77.0.0/24", host=t.hosts[0]))
+            t.a.wait_network("neta", "tmp", gone=False, timeout=60)
             t.a.delete_network("neta", "tmp")
-            time.sleep(2.5)  # longer than the sweep's interval: nothing to wait for but its absence
+            t.a.wait_network("neta", "tmp", gone=True, timeout=60)
         assert "vmbr77" in t.links(0)
     finally:
         t.underlay.run(ns, ["ip", "link", "del", "vmbr77"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import re
 from typing import Any, Literal
 
@@ -118,8 +119,6 @@ class Network(BaseModel):
 
     @classmethod
     def from_hash(cls, namespace: str, h: dict[str, str], hosts: dict[str, str]) -> Network:
-        import json
-
         return cls(namespace=namespace, name=h["name"], subnet=h["subnet"], vni=int(h["vni"]),
                    dhcp=h.get("dhcp") == "1", nat=h.get("nat") == "1", state=h.get("state", "creating"),  # type: ignore[arg-type]
                    gateway_host=h.get("gateway_host", ""), gateway=h.get("gateway", ""),
@@ -175,8 +174,6 @@ def nics_for(namespace: str, vm: str, nets: list[str]) -> list[Nic]:
 
 def parse_nics(value: Any) -> list[Nic]:
     """A VM record's ``nics`` (JSON text in the hash, a list once read)."""
-    import json
-
     if value in (None, ""):
         return []
     data = json.loads(value) if isinstance(value, str | bytes) else value
