@@ -179,7 +179,8 @@ def test_a_worker_cut_off_from_redis_never_changes_its_vm_after_its_lease(partit
     domain = domain_name(ns, name)
     wait_hosts_up(p.settings, p.cutoff, p.direct, timeout=30)
     [launch] = c.submit(ops(Op.LAUNCH, ns, name, memory_mib=64, host="pq"))
-    assert _wait_jobs(c, [launch.id], 60)[0].state is JobState.SUCCEEDED
+    launched = _wait_jobs(c, [launch.id], 60)[0]
+    assert launched.state is JobState.SUCCEEDED, launched.error
     [qemu] = qemu_pids(p.root)
     watch = ExitWatch(qemu)
     try:
